@@ -1,0 +1,26 @@
+# The two commands: `make run` and `make test`. Both install what is missing first.
+.PHONY: run test test-sqlite test-postgresql lint bench install
+
+PYTEST = .venv/bin/python -m pytest
+
+install:
+	./scripts/bootstrap
+
+run: install
+	.venv/bin/radloop up
+
+test: install lint test-sqlite test-postgresql
+
+test-sqlite:
+	$(PYTEST) -q
+
+# The same suite against PostgreSQL 15, which the fixtures start in a temporary directory.
+test-postgresql:
+	RADLOOP_TEST_DATABASE=postgresql $(PYTEST) -q
+
+lint:
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+
+bench: install
+	.venv/bin/python bench/ingest.py

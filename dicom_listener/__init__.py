@@ -1,0 +1,19 @@
+"""DICOM ingest: C-STORE SCP, Orthanc follower, watch folder, study assembly."""
+
+from dicom_listener.assembly import StudyAssembler
+from dicom_listener.ingest import Ingestor, IngestOutcome
+from dicom_listener.instance import InstanceHeader, InvalidInstance
+from dicom_listener.orthanc_follower import OrthancFollower
+from dicom_listener.scp import build_ae
+from dicom_listener.watch import WatchFolder
+
+__all__ = [
+    "IngestOutcome",
+    "Ingestor",
+    "InstanceHeader",
+    "InvalidInstance",
+    "OrthancFollower",
+    "StudyAssembler",
+    "WatchFolder",
+    "build_ae",
+]

@@ -1,0 +1,136 @@
+"""Follow an Orthanc's change log and pull each stable study into the ingest path.
+
+The resume point (Orthanc's change sequence number) lives in the database, saved after each
+change is fully handled, so a restart of radloop or Orthanc resumes where it stopped; a change
+handled twice finds its instances known and its revision already complete, and does nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from io import BytesIO
+from typing import Any
+
+import httpx
+from pydicom import dcmread
+from pyorthanc import Orthanc
+from sqlalchemy import select
+
+from dicom_listener.assembly import StudyAssembler
+from dicom_listener.ingest import Ingestor
+from dicom_listener.instance import InstanceHeader, InvalidInstance
+from radloop.db import Cursor, Instance, Store, Study, utcnow
+from radloop.domain import IngestSource
+
+log = logging.getLogger(__name__)
+
+CURSOR_NAME = "orthanc.changes"
+PAGE = 100
+
+
+class OrthancFollower:
+    def __init__(
+        self,
+        store: Store,
+        ingestor: Ingestor,
+        assembler: StudyAssembler,
+        client: Orthanc,
+        poll_seconds: float = 1.0,
+    ) -> None:
+        self.store = store
+        self.ingestor = ingestor
+        self.assembler = assembler
+        self.client = client
+        self.poll_seconds = poll_seconds
+
+    def cursor(self) -> int:
+        with self.store.transaction() as session:
+            row = session.get(Cursor, CURSOR_NAME)
+            return int(row.value) if row else 0
+
+    def _save_cursor(self, seq: int) -> None:
+        with self.store.transaction() as session:
+            row = session.get(Cursor, CURSOR_NAME)
+            if row is None:
+                session.add(Cursor(name=CURSOR_NAME, value=str(seq), updated_at=utcnow()))
+            else:
+                row.value, row.updated_at = str(seq), utcnow()
+
+    def poll_once(self) -> int:
+        """Handle the next page of changes; return how many were read."""
+        since = self.cursor()
+        page: dict[str, Any] = self.client.get_changes(params={"since": since, "limit": PAGE})  # type: ignore[assignment]
+        changes = page.get("Changes", [])
+        if not changes and int(page.get("Last", since)) < since:
+            # Orthanc's database was replaced: its sequence restarted below our cursor.
+            log.warning(
+                "Orthanc change log restarted (last %s < %s); following from 0",
+                page.get("Last"),
+                since,
+            )
+            self._save_cursor(0)
+            return 0
+        for change in changes:
+            if change.get("ChangeType") == "StableStudy":
+                self.import_study(str(change["ID"]))
+            self._save_cursor(int(change["Seq"]))
+        return len(changes)
+
+    def import_study(self, orthanc_id: str) -> None:
+        """Copy the study's new instances into the spool, then complete its revision."""
+        instances: list[dict[str, Any]] = self.client.get_studies_id_instances(orthanc_id)  # type: ignore[assignment]
+        study_uid = None
+        for instance in instances:
+            sop_uid = instance.get("MainDicomTags", {}).get("SOPInstanceUID", "")
+            if sop_uid and self.ingestor.is_known(sop_uid):
+                study_uid = study_uid or self._study_uid_of(sop_uid)
+                continue
+            data: bytes = self.client.get_instances_id_file(instance["ID"])  # type: ignore[assignment]
+            try:
+                dataset = dcmread(BytesIO(data))
+                header = InstanceHeader.from_dataset(
+                    dataset, str(dataset.file_meta.TransferSyntaxUID)
+                )
+            except InvalidInstance as error:
+                log.warning("skipped Orthanc instance %s: %s", instance["ID"], error)
+                continue
+            except Exception as error:
+                log.warning(
+                    "skipped Orthanc instance %s: cannot decode (%s)", instance["ID"], error
+                )
+                continue
+            self.ingestor.ingest(header, data, IngestSource.ORTHANC)
+            study_uid = header.study_uid
+        if study_uid is not None:
+            self.assembler.complete(study_uid)
+
+    def _study_uid_of(self, sop_uid: str) -> str | None:
+        with self.store.transaction() as session:
+            return session.scalar(
+                select(Study.study_uid)
+                .join(Instance, Instance.study_id == Study.id)
+                .where(Instance.sop_instance_uid == sop_uid)
+            )
+
+    def run(self, stop: threading.Event) -> None:
+        """Follow until `stop` is set; while Orthanc is unreachable, back off and retry."""
+        delay = self.poll_seconds
+        while not stop.is_set():
+            try:
+                read = self.poll_once()
+                delay = self.poll_seconds
+                if read == PAGE:
+                    continue
+            except (httpx.HTTPError, OSError) as error:
+                log.warning(
+                    "Orthanc at %s unreachable (%s); retrying in %.0f s",
+                    self.client.url,
+                    type(error).__name__,
+                    delay,
+                )
+                delay = min(delay * 2, 30.0)
+            except Exception:
+                log.exception("following Orthanc failed; retrying")
+                delay = min(delay * 2, 30.0)
+            stop.wait(delay)

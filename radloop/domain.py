@@ -1,0 +1,30 @@
+"""Closed sets of the domain: states a reader can see, and where an instance came from."""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+
+UID_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+def is_valid_uid(value: object) -> bool:
+    """A DICOM UID that is safe to use as a path component: digits and dots, at most 64."""
+    return isinstance(value, str) and len(value) <= 64 and bool(UID_PATTERN.match(value))
+
+
+class StudyState(StrEnum):
+    RECEIVING = "receiving"
+    COMPLETE = "complete"
+    ANNOTATING = "annotating"
+    DRAFTED = "drafted"
+    IN_REVIEW = "in_review"
+    VALIDATED = "validated"
+    REJECTED = "rejected"
+    FAILED = "failed"
+
+
+class IngestSource(StrEnum):
+    DIMSE = "dimse"
+    ORTHANC = "orthanc"
+    WATCH = "watch"

@@ -1,0 +1,63 @@
+"""The closed event vocabulary: `radloop.<noun>.<past-verb>`, typed payloads, UID resources.
+
+Events are written to the outbox in the same transaction as the state change they report and
+delivered to Prefect at least once (see `agents.outbox`). Payloads carry internal ids and UIDs
+only — never a patient-identifying value.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from enum import StrEnum
+
+from pydantic import BaseModel
+from sqlalchemy.orm import Session
+
+from radloop.db.models import OutboxEvent
+
+
+class EventType(StrEnum):
+    STUDY_COMPLETED = "radloop.study.completed"
+    ANNOTATION_DRAFTED = "radloop.annotation.drafted"
+    ANNOTATION_CORRECTED = "radloop.annotation.corrected"
+    LABEL_VALIDATED = "radloop.label.validated"
+    TRAINING_REQUESTED = "radloop.training.requested"
+    MODEL_REGISTERED = "radloop.model.registered"
+    MODEL_PROMOTED = "radloop.model.promoted"
+    MODEL_DEPLOYED = "radloop.model.deployed"
+    MODEL_ROLLED_BACK = "radloop.model.rolled_back"
+
+
+class StudyCompleted(BaseModel):
+    study_id: int
+    study_uid: str
+    revision: int
+    instances: int
+    series_uids: list[str]
+
+    @property
+    def resource_id(self) -> str:
+        return f"radloop.study.{self.study_uid}"
+
+    @property
+    def idempotency_key(self) -> str:
+        return f"study:{self.study_uid}:rev:{self.revision}"
+
+
+EVENT_PAYLOADS: dict[EventType, type[BaseModel]] = {EventType.STUDY_COMPLETED: StudyCompleted}
+
+
+def record_event(session: Session, event: EventType, payload: StudyCompleted) -> OutboxEvent:
+    """Add an outbox row in the caller's transaction; it is delivered only if that commits."""
+    row = OutboxEvent(
+        event_id=str(uuid.uuid4()),
+        event=event.value,
+        resource_id=payload.resource_id,
+        idempotency_key=payload.idempotency_key,
+        payload=payload.model_dump(mode="json"),
+        created_at=datetime.now(UTC),
+        next_attempt_at=datetime.now(UTC),
+    )
+    session.add(row)
+    return row

@@ -1,0 +1,83 @@
+"""Composition root of a radloop process: builds each in-process service and runs it.
+
+This is an entry-point module (like `radloop.cli`): the only core module that imports the
+folders above the core, so that they never import each other's internals.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+from pynetdicom.transport import ThreadedAssociationServer
+from pyorthanc import Orthanc
+
+from agents.outbox import OutboxDispatcher
+from dicom_listener import Ingestor, OrthancFollower, StudyAssembler, WatchFolder, build_ae
+from radloop.db import Store
+from radloop.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class Services:
+    """In-process services sharing one store and one stop signal."""
+
+    def __init__(self, settings: Settings, store: Store) -> None:
+        self.settings = settings
+        self.store = store
+        self.stop_event = threading.Event()
+        self.ingestor = Ingestor(store, settings.spool_dir)
+        self.assembler = StudyAssembler(store, settings.dicom.quiet_seconds)
+        self._threads: list[threading.Thread] = []
+        self._server: ThreadedAssociationServer | None = None
+
+    def _spawn(self, name: str, target: Callable[[threading.Event], None]) -> None:
+        thread = threading.Thread(target=target, args=(self.stop_event,), name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def start_listener(self) -> None:
+        """The C-STORE SCP and the study completion loop."""
+        dicom = self.settings.dicom
+        ae, handlers = build_ae(dicom, self.ingestor)
+        self._server = ae.start_server((dicom.host, dicom.port), block=False, evt_handlers=handlers)
+        self._spawn("assembly", self.assembler.run)
+        log.info("DICOM listener %s on %s:%d", dicom.ae_title, dicom.host, dicom.port)
+
+    def start_dispatcher(self) -> None:
+        outbox = self.settings.outbox
+        dispatcher = OutboxDispatcher(
+            self.store,
+            self.settings.prefect.effective_api_url,
+            batch_size=outbox.batch_size,
+            max_backoff_seconds=outbox.max_backoff_seconds,
+        )
+        self._spawn("outbox", lambda stop: dispatcher.run(stop, outbox.poll_seconds))
+
+    def start_follower(self) -> None:
+        orthanc = self.settings.orthanc
+        client = Orthanc(orthanc.base_url, orthanc.username or "", orthanc.password or "")
+        follower = OrthancFollower(
+            self.store, self.ingestor, self.assembler, client, orthanc.poll_seconds
+        )
+        self._spawn("orthanc-follower", follower.run)
+        log.info("following Orthanc changes at %s", orthanc.base_url)
+
+    def start_watch(self) -> None:
+        watch = WatchFolder(
+            self.settings.watch_folder,
+            self.settings.rejected_folder,
+            self.ingestor,
+            self.settings.watch.settle_seconds,
+        )
+        self._spawn("watch-folder", watch.run)
+        log.info("watching %s", self.settings.watch_folder)
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        if self._server is not None:
+            self._server.shutdown()
+        for thread in self._threads:
+            thread.join(timeout=10)

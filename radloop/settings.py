@@ -1,0 +1,218 @@
+"""One validated settings tree for every radloop process.
+
+Sources, highest first: keyword arguments, environment (`RADLOOP_` prefix, `__` for nesting,
+e.g. `RADLOOP_DICOM__PORT`), the YAML file named by `RADLOOP_CONFIG` (default
+`configs/radloop.yaml`), then the defaults on the models below — the only place defaults live.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+ENV_PREFIX = "RADLOOP_"
+PACKAGED_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "radloop.yaml"
+_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: 16 chars, no backslash
+
+
+@dataclass(frozen=True)
+class CallerRule:
+    """One allowed caller: an AE title (``*`` for any) and optionally a host or network."""
+
+    ae_title: str
+    network: ipaddress.IPv4Network | ipaddress.IPv6Network | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> CallerRule:
+        ae, _, host = text.strip().partition("@")
+        ae = ae.strip()
+        if ae != "*" and not _AE_TITLE.match(ae):
+            raise ValueError(f"{ae!r} is not a valid AE title (1-16 characters, no backslash)")
+        network = ipaddress.ip_network(host.strip(), strict=False) if host.strip() else None
+        return cls(ae_title=ae, network=network)
+
+    def allows(self, ae_title: str, address: str) -> bool:
+        if self.ae_title != "*" and self.ae_title != ae_title.strip():
+            return False
+        if self.network is None:
+            return True
+        try:
+            return ipaddress.ip_address(address) in self.network
+        except ValueError:
+            return False
+
+    def __str__(self) -> str:
+        return self.ae_title + (f"@{self.network}" if self.network else "")
+
+
+class DicomSettings(BaseModel):
+    ae_title: str = "RADLOOP"
+    host: str = "127.0.0.1"
+    port: int = Field(11112, ge=1, le=65535)
+    # Comma-separated `AE[@host-or-network]`; `*` stands for any AE title.
+    allowed_callers: Annotated[list[CallerRule], NoDecode] = Field(
+        default_factory=lambda: [CallerRule.parse("*@127.0.0.1")]
+    )
+    quiet_seconds: float = Field(30.0, gt=0)
+    max_associations: int = Field(16, ge=1)
+
+    @field_validator("ae_title")
+    @classmethod
+    def _valid_ae(cls, value: str) -> str:
+        if not _AE_TITLE.match(value) or not value.strip():
+            raise ValueError("must be 1-16 printable characters without backslash")
+        return value.strip()
+
+    @field_validator("allowed_callers", mode="before")
+    @classmethod
+    def _parse_callers(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [part for part in value.split(",") if part.strip()]
+        if isinstance(value, list):
+            return [CallerRule.parse(v) if isinstance(v, str) else v for v in value]
+        return value
+
+
+class OrthancSettings(BaseModel):
+    # Unset: `radloop up` starts its own Orthanc on the ports below.
+    url: str | None = None
+    username: str | None = None
+    password: str | None = None
+    http_port: int = Field(8042, ge=1, le=65535)
+    dicom_port: int = Field(4242, ge=1, le=65535)
+    ae_title: str = "ORTHANC"
+    stable_age_seconds: int = Field(10, ge=1)
+    follow: bool = True
+    poll_seconds: float = Field(1.0, gt=0)
+
+    @property
+    def base_url(self) -> str:
+        return self.url or f"http://127.0.0.1:{self.http_port}"
+
+
+class WatchSettings(BaseModel):
+    enabled: bool = True
+    # Unset: `<data_dir>/incoming` and `<data_dir>/rejected`.
+    folder: Path | None = None
+    rejected_folder: Path | None = None
+    settle_seconds: float = Field(2.0, gt=0)
+
+
+class PrefectSettings(BaseModel):
+    # Unset: `radloop up` starts a local Prefect server on `port`.
+    api_url: str | None = None
+    port: int = Field(4200, ge=1, le=65535)
+
+    @property
+    def effective_api_url(self) -> str:
+        return self.api_url or f"http://127.0.0.1:{self.port}/api"
+
+
+class OutboxSettings(BaseModel):
+    poll_seconds: float = Field(0.5, gt=0)
+    batch_size: int = Field(100, ge=1)
+    max_backoff_seconds: float = Field(60.0, gt=0)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_default=True,
+    )
+
+    data_dir: Path = Path.home() / ".local" / "share" / "radloop"
+    # Unset: SQLite (WAL) at `<data_dir>/radloop.db`.
+    database_url: str | None = None
+    log_level: str = "INFO"
+    dicom: DicomSettings = DicomSettings()
+    orthanc: OrthancSettings = OrthancSettings()
+    watch: WatchSettings = WatchSettings()
+    prefect: PrefectSettings = PrefectSettings()
+    outbox: OutboxSettings = OutboxSettings()
+
+    @field_validator("database_url")
+    @classmethod
+    def _known_database(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("sqlite", "postgresql")):
+            raise ValueError("must be a sqlite:/// or postgresql+psycopg:// URL")
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        if value.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+            raise ValueError("must be DEBUG, INFO, WARNING or ERROR")
+        return value.upper()
+
+    @property
+    def effective_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'radloop.db'}"
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.data_dir / "spool"
+
+    @property
+    def watch_folder(self) -> Path:
+        return self.watch.folder or self.data_dir / "incoming"
+
+    @property
+    def rejected_folder(self) -> Path:
+        return self.watch.rejected_folder or self.data_dir / "rejected"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        config_file = Path(os.environ.get(f"{ENV_PREFIX}CONFIG", PACKAGED_CONFIG))
+        return (
+            init_settings,
+            env_settings,
+            YamlConfigSettingsSource(settings_cls, yaml_file=config_file),
+        )
+
+
+class SettingsError(Exception):
+    """Start-up refused: each line names the setting (as its environment variable) and why."""
+
+
+def describe_errors(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        key = ENV_PREFIX + "__".join(str(part) for part in item["loc"]).upper()
+        lines.append(f"{key}: {item['msg']} (got {item.get('input')!r})")
+    return "\n".join(lines)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build and validate settings; raise `SettingsError` naming each wrong key."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as error:
+        raise SettingsError(describe_errors(error)) from None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return load_settings()

@@ -1,0 +1,206 @@
+"""Child processes radloop starts and stops itself: Orthanc, the Prefect server, ...
+
+Each child has a command, an environment, a log file under the data dir and a health probe.
+`Supervisor` starts children in order, waits for each to be healthy, restarts one that dies,
+and stops all of them (SIGTERM, then SIGKILL) on shutdown — tests use the same children.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from radloop.settings import Settings
+
+log = logging.getLogger(__name__)
+
+ORTHANC_BINARY = "/usr/sbin/Orthanc"
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+
+
+def http_ok(url: str) -> Callable[[], bool]:
+    def probe() -> bool:
+        try:
+            return httpx.get(url, timeout=2.0).status_code < 400
+        except httpx.HTTPError:
+            return False
+
+    return probe
+
+
+@dataclass
+class ChildSpec:
+    name: str
+    argv: list[str]
+    log_file: Path
+    healthy: Callable[[], bool]
+    url: str
+    env: dict[str, str] = field(default_factory=dict)
+    start_timeout: float = 90.0
+
+
+class Child:
+    """One running child process with its log file."""
+
+    def __init__(self, spec: ChildSpec) -> None:
+        self.spec = spec
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    def start(self) -> None:
+        self.spec.log_file.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.spec.log_file, "ab") as out:
+            self.process = subprocess.Popen(
+                self.spec.argv,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env={**os.environ, **self.spec.env},
+                start_new_session=True,  # Ctrl-C reaches radloop, which stops children in order
+            )
+        log.info("started %s (pid %d)", self.spec.name, self.process.pid)
+
+    def wait_healthy(self) -> None:
+        deadline = time.monotonic() + self.spec.start_timeout
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise RuntimeError(
+                    f"{self.spec.name} exited with {self.returncode()} during start-up; "
+                    f"see {self.spec.log_file}"
+                )
+            if self.spec.healthy():
+                return
+            time.sleep(0.25)
+        raise RuntimeError(f"{self.spec.name} not healthy after {self.spec.start_timeout:.0f} s")
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def returncode(self) -> int | None:
+        return None if self.process is None else self.process.poll()
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        log.info("stopped %s", self.spec.name)
+
+    def kill(self) -> None:
+        """SIGKILL, no goodbye: for tests that check what survives a crash."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+def orthanc_spec(settings: Settings, radloop_port: int | None = None) -> ChildSpec:
+    """An Orthanc with DICOMweb, its storage under `<data_dir>/orthanc`, HTTP on loopback."""
+    home = settings.data_dir / "orthanc"
+    home.mkdir(parents=True, exist_ok=True)
+    orthanc = settings.orthanc
+    config = {
+        "Name": "radloop",
+        "StorageDirectory": str(home / "storage"),
+        "IndexDirectory": str(home / "index"),
+        "HttpPort": orthanc.http_port,
+        "DicomPort": orthanc.dicom_port,
+        "DicomAet": orthanc.ae_title,
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        "StableAge": orthanc.stable_age_seconds,
+        "OverwriteInstances": False,
+        "DicomCheckCalledAet": True,
+        "DicomModalities": {
+            "radloop": {
+                "AET": settings.dicom.ae_title,
+                "Host": "127.0.0.1",
+                "Port": radloop_port or settings.dicom.port,
+            }
+        },
+        "Plugins": [str(DICOMWEB_PLUGIN)] if DICOMWEB_PLUGIN.exists() else [],
+        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+    }
+    config_file = home / "orthanc.json"
+    config_file.write_text(json.dumps(config, indent=2))
+    url = f"http://127.0.0.1:{orthanc.http_port}"
+    return ChildSpec(
+        name="orthanc",
+        argv=[ORTHANC_BINARY, str(config_file)],
+        log_file=settings.data_dir / "logs" / "orthanc.log",
+        healthy=http_ok(f"{url}/system"),
+        url=url,
+        # dcmtk inside Orthanc otherwise waits on Nagle + delayed ACK for every PDU.
+        env={"TCP_NODELAY": "1"},
+        start_timeout=30.0,
+    )
+
+
+def prefect_spec(settings: Settings) -> ChildSpec:
+    """A local Prefect server (SQLite under `<data_dir>/prefect`), UI and API on loopback."""
+    home = settings.data_dir / "prefect"
+    home.mkdir(parents=True, exist_ok=True)
+    port = settings.prefect.port
+    prefect = str(Path(sys.executable).with_name("prefect"))
+    return ChildSpec(
+        name="prefect",
+        argv=[prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        log_file=settings.data_dir / "logs" / "prefect.log",
+        healthy=http_ok(f"http://127.0.0.1:{port}/api/health"),
+        url=f"http://127.0.0.1:{port}",
+        env={
+            "PREFECT_HOME": str(home),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+            "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}",
+            "PREFECT_LOGGING_LEVEL": "WARNING",
+        },
+        start_timeout=120.0,
+    )
+
+
+class Supervisor:
+    """Starts children in order, restarts any that die, stops all in reverse order."""
+
+    def __init__(self, specs: list[ChildSpec]) -> None:
+        self.children = [Child(spec) for spec in specs]
+
+    def start(self) -> None:
+        for child in self.children:
+            child.start()
+            child.wait_healthy()
+
+    def watch(self, stop: threading.Event, interval: float = 2.0) -> None:
+        while not stop.wait(interval):
+            for child in self.children:
+                if not child.alive():
+                    log.error("%s exited with %s; restarting", child.spec.name, child.returncode())
+                    try:
+                        child.start()
+                        child.wait_healthy()
+                    except RuntimeError as error:
+                        log.error("%s", error)
+
+    def stop(self) -> None:
+        for child in reversed(self.children):
+            try:
+                child.stop()
+            except ProcessLookupError:
+                pass

@@ -1,0 +1,95 @@
+"""Fixtures: each test gets its own data dir, database, ports — and real peers it starts."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from radloop.db import Store
+from radloop.settings import Settings, load_settings
+from radloop.supervisor import Child, orthanc_spec
+from tests.servers import PostgresServer, RadloopProcess, free_port
+
+BACKEND = os.environ.get("RADLOOP_TEST_DATABASE", "sqlite")
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer | None]:
+    if BACKEND != "postgresql":
+        yield None
+        return
+    server = PostgresServer(Path(tempfile.mkdtemp(prefix="radloop-pg-")))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def database_url(postgres: PostgresServer | None, tmp_path: Path) -> str:
+    if postgres is None:
+        return f"sqlite:///{tmp_path / 'data' / 'radloop.db'}"
+    return postgres.create_database(f"t_{uuid.uuid4().hex[:12]}")
+
+
+@pytest.fixture
+def radloop_env(
+    tmp_path: Path, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> dict[str, str]:
+    """Environment of a radloop process for this test; also applied to this test process."""
+    for key in list(os.environ):
+        if key.startswith("RADLOOP_"):
+            monkeypatch.delenv(key)
+    values = {
+        "RADLOOP_DATA_DIR": str(tmp_path / "data"),
+        "RADLOOP_DATABASE_URL": database_url,
+        "RADLOOP_DICOM__PORT": str(free_port()),
+        "RADLOOP_DICOM__QUIET_SECONDS": "2",
+        "RADLOOP_ORTHANC__HTTP_PORT": str(free_port()),
+        "RADLOOP_ORTHANC__DICOM_PORT": str(free_port()),
+        "RADLOOP_ORTHANC__STABLE_AGE_SECONDS": "1",
+        "RADLOOP_ORTHANC__POLL_SECONDS": "0.3",
+        "RADLOOP_PREFECT__PORT": str(free_port()),
+        "RADLOOP_WATCH__SETTLE_SECONDS": "0.5",
+        "RADLOOP_OUTBOX__POLL_SECONDS": "0.2",
+        "RADLOOP_OUTBOX__MAX_BACKOFF_SECONDS": "1",
+    }
+    for key, value in values.items():
+        monkeypatch.setenv(key, value)
+    return {**os.environ, "TCP_NODELAY": "1", **values}
+
+
+@pytest.fixture
+def settings(radloop_env: dict[str, str]) -> Settings:
+    return load_settings()
+
+
+@pytest.fixture
+def store(settings: Settings) -> Iterator[Store]:
+    store = Store.open(settings.effective_database_url)
+    yield store
+    store.close()
+
+
+@pytest.fixture
+def listener(radloop_env: dict[str, str]) -> Iterator[RadloopProcess]:
+    """`radloop listen` running as its own process."""
+    process = RadloopProcess(radloop_env).start()
+    yield process
+    process.stop()
+
+
+@pytest.fixture
+def orthanc(settings: Settings) -> Iterator[Child]:
+    """A real Orthanc (Debian package) whose modality `radloop` is this test's listener."""
+    child = Child(orthanc_spec(settings))
+    child.start()
+    child.wait_healthy()
+    yield child
+    child.stop()

@@ -1,0 +1,71 @@
+"""Every DICOM file a test sends comes from here: generated series, `pydicom-data` files,
+and deliberately broken inputs."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+
+from radloop.synthetic import ct_series
+
+# Real files shipped by pydicom-data, each a distinct SOP instance: name -> what it exercises.
+# dcmtk has no JPEG 2000 codec, so storescu cannot propose J2K; pynetdicom sends those.
+# Values: the storescu option that proposes the file's own transfer syntax first.
+REAL_FILES_FOR_STORESCU = {
+    "CT_small.dcm": "-xe",  # CT, explicit VR little endian
+    "liver.dcm": "-xe",  # Segmentation Storage, 3 frames
+    "MR_small_jpeg_ls_lossless.dcm": "-xt",  # MR, JPEG-LS lossless
+    "emri_small_RLE.dcm": "-xr",  # Enhanced MR, 10 frames, RLE lossless
+}
+REAL_FILES_J2K = {
+    "693_J2KR.dcm": "CT, 512x512, JPEG 2000 lossless",
+    "MR2_J2KR.dcm": "MR, 1024x1024, JPEG 2000 lossless",
+}
+UNSUPPORTED_SOP_CLASS_FILE = "rtplan.dcm"  # RT Plan: not a class radloop accepts
+
+
+def real_file(name: str) -> Path:
+    path = get_testdata_file(name)
+    assert path is not None, f"pydicom-data does not ship {name}"
+    return Path(str(path))
+
+
+def real_dataset(name: str) -> Dataset:
+    return dcmread(real_file(name))
+
+
+def generated_ct(folder: Path, slices: int, size: int = 64, **kwargs: object) -> list[Path]:
+    return ct_series(folder, slices, size=size, **kwargs)  # type: ignore[arg-type]
+
+
+def with_uid(source: Path, keyword: str, value: str | None, target: Path) -> Path:
+    """A copy of `source` whose `keyword` is replaced (or removed when `value` is None).
+
+    The SOP Instance UID is refreshed so the copy is a new instance unless it is the one edited.
+    """
+    ds = dcmread(source)
+    ds = copy.deepcopy(ds)
+    if keyword != "SOPInstanceUID":
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    if value is None:
+        del ds[keyword]
+    else:
+        setattr(ds, keyword, value)
+        if keyword == "SOPInstanceUID":
+            ds.file_meta.MediaStorageSOPInstanceUID = value
+    target.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(target, enforce_file_format=False)
+    return target
+
+
+def truncated(source: Path, target: Path, keep: float = 0.6) -> Path:
+    data = source.read_bytes()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(data[: int(len(data) * keep)])
+    return target

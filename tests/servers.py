@@ -1,0 +1,202 @@
+"""Real peers for tests, started and stopped by the tests: PostgreSQL, the radloop listener.
+
+Orthanc and Prefect come from `radloop.supervisor`, the same code `radloop up` uses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification
+
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+RADLOOP = str(Path(sys.executable).with_name("radloop"))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(predicate: Any, timeout: float = 30.0, interval: float = 0.2) -> Any:
+    """Poll `predicate` until it returns a truthy value; fail with the last value otherwise."""
+    deadline = time.monotonic() + timeout
+    value = None
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout} s (last value: {value!r})")
+
+
+def dicom_echo(port: int, called: str = "RADLOOP", calling: str = "ECHOSCU") -> bool:
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.network_timeout = 3
+    assoc = ae.associate("127.0.0.1", port, ae_title=called)
+    if not assoc.is_established:
+        return False
+    status = assoc.send_c_echo()
+    assoc.release()
+    return bool(status and status.Status == 0)
+
+
+class PostgresServer:
+    """A throw-away PostgreSQL 15 cluster in a temporary directory, on a free port."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.data = root / "pgdata"
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+        # PostgreSQL refuses to run as root; CI runs as root, so use the `postgres` account.
+        self.as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+
+    def start(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        if self.as_user:
+            entry = pwd.getpwnam("postgres")
+            os.chown(self.root, entry.pw_uid, entry.pw_gid)
+        subprocess.run(
+            [
+                *self.as_user,
+                str(PG_BIN / "initdb"),
+                "-D",
+                str(self.data),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+            ],
+            check=True,
+            capture_output=True,
+        )
+        self.process = subprocess.Popen(
+            [
+                *self.as_user,
+                str(PG_BIN / "postgres"),
+                "-D",
+                str(self.data),
+                "-p",
+                str(self.port),
+                "-h",
+                "127.0.0.1",
+                "-k",
+                str(self.root),
+                "-c",
+                "fsync=on",
+                "-c",
+                "max_connections=200",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        wait_until(self._ready, timeout=30)
+
+    def _ready(self) -> bool:
+        probe = subprocess.run(
+            [str(PG_BIN / "pg_isready"), "-h", "127.0.0.1", "-p", str(self.port)],
+            capture_output=True,
+        )
+        return probe.returncode == 0
+
+    def create_database(self, name: str) -> str:
+        subprocess.run(
+            [
+                "psql",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+                "-U",
+                "postgres",
+                "-c",
+                f'CREATE DATABASE "{name}"',
+            ],
+            check=True,
+            capture_output=True,
+        )
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{name}"
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGINT)  # fast shutdown
+            self.process.wait(30)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+class RadloopProcess:
+    """`radloop <command>` as a real child process, so tests can SIGKILL it."""
+
+    def __init__(self, env: dict[str, str], command: Sequence[str] = ("listen",)) -> None:
+        self.env = env
+        self.command = list(command)
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log = Path(env["RADLOOP_DATA_DIR"]) / f"radloop-{self.command[0]}.log"
+
+    def start(self, calling: str = "ECHOSCU", timeout: float = 60.0) -> RadloopProcess:
+        """Start and wait until the SCP answers a C-ECHO from `calling`."""
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "ab") as out:
+            self.process = subprocess.Popen(
+                [RADLOOP, *self.command],
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        port = int(self.env["RADLOOP_DICOM__PORT"])
+        wait_until(
+            lambda: self._check_alive() and dicom_echo(port, calling=calling), timeout=timeout
+        )
+        return self
+
+    def _check_alive(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise AssertionError(f"radloop exited with {self.process.returncode}:\n{self.output()}")
+        return True
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        if self.process is None:
+            return 0
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return self.process.returncode
+
+
+def radloop_json(env: dict[str, str], *args: str) -> Any:
+    """Run a radloop CLI command with `--json` and return what it printed, parsed."""
+    result = subprocess.run(
+        [RADLOOP, *args, "--json"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr + result.stdout
+    return json.loads(result.stdout)

@@ -1,0 +1,77 @@
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from radloop.settings import SettingsError, load_settings
+from tests.servers import RADLOOP
+
+
+def test_environment_overrides_nested_keys(
+    radloop_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RADLOOP_DICOM__AE_TITLE", "HOSP_AI")
+    monkeypatch.setenv(
+        "RADLOOP_DICOM__ALLOWED_CALLERS", "PACS@10.1.2.3, CT1@10.1.5.0/24,*@127.0.0.1"
+    )
+    settings = load_settings()
+    assert settings.dicom.ae_title == "HOSP_AI"
+    callers = settings.dicom.allowed_callers
+    assert [str(rule) for rule in callers] == [
+        "PACS@10.1.2.3/32",
+        "CT1@10.1.5.0/24",
+        "*@127.0.0.1/32",
+    ]
+    assert callers[0].allows("PACS", "10.1.2.3")
+    assert not callers[0].allows("PACS", "10.1.2.4")
+    assert callers[1].allows("CT1", "10.1.5.77")
+    assert not callers[1].allows("CT2", "10.1.5.77")
+
+
+def test_database_defaults_to_sqlite_under_data_dir(
+    monkeypatch: pytest.MonkeyPatch, radloop_env: dict[str, str]
+) -> None:
+    monkeypatch.delenv("RADLOOP_DATABASE_URL")
+    settings = load_settings()
+    assert settings.effective_database_url == f"sqlite:///{settings.data_dir / 'radloop.db'}"
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("RADLOOP_DICOM__PORT", "eleven"),
+        ("RADLOOP_DICOM__PORT", "70000"),
+        ("RADLOOP_DICOM__AE_TITLE", "A_TITLE_FAR_TOO_LONG"),
+        ("RADLOOP_DICOM__ALLOWED_CALLERS", "PACS@not-an-address"),
+        ("RADLOOP_DICOM__QUIET_SECONDS", "-1"),
+        ("RADLOOP_DATABASE_URL", "mysql://x"),
+    ],
+)
+def test_wrong_value_is_refused_naming_the_key(
+    radloop_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, key: str, value: str
+) -> None:
+    monkeypatch.setenv(key, value)
+    with pytest.raises(SettingsError, match=key):
+        load_settings()
+
+
+def test_cli_stops_at_start_up_with_the_key_named(radloop_env: dict[str, str]) -> None:
+    env = {**radloop_env, "RADLOOP_DICOM__PORT": "eleven"}
+    result = subprocess.run(
+        [RADLOOP, "listen"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2
+    assert "RADLOOP_DICOM__PORT" in result.stderr
+
+
+def test_yaml_file_is_read_and_environment_wins(
+    radloop_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
+    config = tmp_path / "site.yaml"
+    config.write_text("dicom:\n  ae_title: FROM_YAML\n  quiet_seconds: 45\n")
+    monkeypatch.setenv("RADLOOP_CONFIG", str(config))
+    monkeypatch.setenv("RADLOOP_DICOM__QUIET_SECONDS", "5")
+    settings = load_settings()
+    assert settings.dicom.ae_title == "FROM_YAML"
+    assert settings.dicom.quiet_seconds == 5

@@ -1,0 +1,93 @@
+"""Ingest and study assembly against the configured backend (SQLite or PostgreSQL)."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from pathlib import Path
+
+from pydicom import dcmread
+from sqlalchemy import select
+
+from dicom_listener import Ingestor, IngestOutcome, InstanceHeader, StudyAssembler
+from radloop.db import Instance, OutboxEvent, Store, Study, utcnow
+from radloop.domain import IngestSource, StudyState
+from radloop.settings import Settings
+from tests.dicom_files import generated_ct
+
+
+def _ingest_files(ingestor: Ingestor, paths: list[Path]) -> list[IngestOutcome]:
+    outcomes = []
+    for path in paths:
+        ds = dcmread(path)
+        header = InstanceHeader.from_dataset(ds, str(ds.file_meta.TransferSyntaxUID))
+        outcomes.append(ingestor.ingest(header, path.read_bytes(), IngestSource.DIMSE))
+    return outcomes
+
+
+def test_repeated_sop_instance_is_stored_once(
+    store: Store, settings: Settings, tmp_path: Path
+) -> None:
+    ingestor = Ingestor(store, settings.spool_dir)
+    paths = generated_ct(tmp_path / "ct", 3)
+    assert _ingest_files(ingestor, paths) == [IngestOutcome.STORED] * 3
+    assert _ingest_files(ingestor, paths) == [IngestOutcome.DUPLICATE] * 3
+    with store.transaction() as session:
+        assert len(session.scalars(select(Instance)).all()) == 3
+    assert len(list(settings.spool_dir.rglob("*.dcm"))) == 3
+
+
+def test_study_completes_once_after_quiet_period(
+    store: Store, settings: Settings, tmp_path: Path
+) -> None:
+    ingestor = Ingestor(store, settings.spool_dir)
+    _ingest_files(ingestor, generated_ct(tmp_path / "ct", 2))
+    assembler = StudyAssembler(store, quiet_seconds=30)
+    assert assembler.complete_due() == []  # not quiet yet
+    later = utcnow() + timedelta(seconds=31)
+    (event,) = assembler.complete_due(now=later)
+    assert event.instances == 2 and event.revision == 1
+    # A fresh assembler (as after a restart) finds nothing more to complete.
+    assert StudyAssembler(store, quiet_seconds=30).complete_due(now=later) == []
+    with store.transaction() as session:
+        rows = session.scalars(select(OutboxEvent)).all()
+        study = session.scalars(select(Study)).one()
+    assert study.state == StudyState.COMPLETE
+    assert [row.event for row in rows] == ["radloop.study.completed"]
+    assert rows[0].idempotency_key == f"study:{study.study_uid}:rev:1"
+
+
+def test_late_instance_reopens_study_as_new_revision(
+    store: Store, settings: Settings, tmp_path: Path
+) -> None:
+    ingestor = Ingestor(store, settings.spool_dir)
+    paths = generated_ct(tmp_path / "ct", 3)
+    _ingest_files(ingestor, paths[:2])
+    assembler = StudyAssembler(store, quiet_seconds=1)
+    assert len(assembler.complete_due(now=utcnow() + timedelta(seconds=2))) == 1
+    # The same instance again changes nothing; a new one reopens the study.
+    _ingest_files(ingestor, paths[:1])
+    with store.transaction() as session:
+        assert session.scalars(select(Study)).one().state == StudyState.COMPLETE
+    _ingest_files(ingestor, paths[2:])
+    with store.transaction() as session:
+        study = session.scalars(select(Study)).one()
+        assert (study.state, study.revision) == (StudyState.RECEIVING, 2)
+    (event,) = assembler.complete_due(now=utcnow() + timedelta(seconds=2))
+    assert (event.revision, event.instances) == (2, 3)
+    with store.transaction() as session:
+        keys = [row.idempotency_key for row in session.scalars(select(OutboxEvent))]
+    assert keys == [f"study:{event.study_uid}:rev:1", f"study:{event.study_uid}:rev:2"]
+
+
+def test_events_carry_no_patient_data(store: Store, settings: Settings, tmp_path: Path) -> None:
+    ingestor = Ingestor(store, settings.spool_dir)
+    paths = generated_ct(tmp_path / "ct", 1)
+    _ingest_files(ingestor, paths)
+    StudyAssembler(store, quiet_seconds=1).complete_due(now=utcnow() + timedelta(seconds=2))
+    ds = dcmread(paths[0])
+    with store.transaction() as session:
+        row = session.scalars(select(OutboxEvent)).one()
+        text = json.dumps(row.payload) + row.resource_id + row.idempotency_key
+    for value in (str(ds.PatientName), str(ds.PatientID), "PHANTOM"):
+        assert value not in text
