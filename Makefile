@@ -21,6 +21,7 @@ test-postgresql:
 lint:
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
+	.venv/bin/mypy radloop dicom_listener agents flows model_registry tests bench
 
 bench: install
 	.venv/bin/python bench/ingest.py

@@ -60,7 +60,7 @@ class OrthancFollower:
     def poll_once(self) -> int:
         """Handle the next page of changes; return how many were read."""
         since = self.cursor()
-        page: dict[str, Any] = self.client.get_changes(params={"since": since, "limit": PAGE})  # type: ignore[assignment]
+        page: dict[str, Any] = self.client.get_changes(params={"since": since, "limit": PAGE})
         changes = page.get("Changes", [])
         if not changes and int(page.get("Last", since)) < since:
             # Orthanc's database was replaced: its sequence restarted below our cursor.
@@ -79,14 +79,14 @@ class OrthancFollower:
 
     def import_study(self, orthanc_id: str) -> None:
         """Copy the study's new instances into the spool, then complete its revision."""
-        instances: list[dict[str, Any]] = self.client.get_studies_id_instances(orthanc_id)  # type: ignore[assignment]
+        instances: list[dict[str, Any]] = self.client.get_studies_id_instances(orthanc_id)
         study_uid = None
         for instance in instances:
             sop_uid = instance.get("MainDicomTags", {}).get("SOPInstanceUID", "")
             if sop_uid and self.ingestor.is_known(sop_uid):
                 study_uid = study_uid or self._study_uid_of(sop_uid)
                 continue
-            data: bytes = self.client.get_instances_id_file(instance["ID"])  # type: ignore[assignment]
+            data: bytes = self.client.get_instances_id_file(instance["ID"])
             try:
                 dataset = dcmread(BytesIO(data))
                 header = InstanceHeader.from_dataset(

@@ -7,12 +7,10 @@ writes, indexes and answers — completion runs elsewhere (`assembly`).
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, cast
 
 from pydicom import uid as dicom_uid
-from pynetdicom import AE, evt
-from pynetdicom.events import Event
-from pynetdicom.sop_class import (
+from pydicom.uid import (
     CTImageStorage,
     EnhancedCTImageStorage,
     EnhancedMRColorImageStorage,
@@ -24,8 +22,10 @@ from pynetdicom.sop_class import (
     MRImageStorage,
     PositronEmissionTomographyImageStorage,
     SegmentationStorage,
-    Verification,
 )
+from pynetdicom import AE, evt
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.events import Event
 from sqlalchemy.exc import SQLAlchemyError
 
 from dicom_listener.ingest import Ingestor
@@ -69,6 +69,7 @@ TRANSFER_SYNTAXES = [
     dicom_uid.RLELossless,
 ]
 
+VERIFICATION = "1.2.840.10008.1.1"
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
 DOES_NOT_MATCH_SOP_CLASS = 0xA900
@@ -84,7 +85,8 @@ def handle_echo(event: Event) -> int:
 
 def handle_association_request(event: Event, callers: list[CallerRule]) -> None:
     """Refuse callers whose AE title and address match no configured rule."""
-    calling = str(event.assoc.requestor.primitive.calling_ae_title).strip()
+    request = event.assoc.requestor.primitive
+    calling = str(request.calling_ae_title).strip() if request is not None else ""
     address = str(event.assoc.requestor.address)
     if any(rule.allows(calling, address) for rule in callers):
         return
@@ -97,7 +99,8 @@ def handle_association_request(event: Event, callers: list[CallerRule]) -> None:
 
 def handle_store(event: Event, ingestor: Ingestor) -> int:
     """Store one instance; Success only once it is durable on disk and indexed."""
-    affected = str(event.request.AffectedSOPInstanceUID)
+    request = cast(C_STORE, event.request)
+    affected = str(request.AffectedSOPInstanceUID)
     try:
         dataset = event.dataset
         transfer_syntax = str(event.context.transfer_syntax)
@@ -111,7 +114,7 @@ def handle_store(event: Event, ingestor: Ingestor) -> int:
     if header.sop_instance_uid != affected:
         log.warning("refused instance %s: SOP Instance UID differs from the request", affected)
         return DOES_NOT_MATCH_SOP_CLASS
-    if header.sop_class_uid != str(event.request.AffectedSOPClassUID):
+    if header.sop_class_uid != str(request.AffectedSOPClassUID):
         log.warning("refused instance %s: SOP Class UID differs from the request", affected)
         return DOES_NOT_MATCH_SOP_CLASS
     try:
@@ -134,7 +137,7 @@ def build_ae(settings: DicomSettings, ingestor: Ingestor) -> tuple[AE, list[Any]
     ae.maximum_associations = settings.max_associations
     # Let the sender use large PDUs: fewer round trips per instance.
     ae.maximum_pdu_size = 0
-    ae.add_supported_context(Verification)
+    ae.add_supported_context(VERIFICATION)
     for sop_class in STORAGE_SOP_CLASSES:
         ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
     handlers = [

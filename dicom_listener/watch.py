@@ -98,7 +98,8 @@ class WatchFolder:
                 self._take(path)
             except (OSError, SQLAlchemyError) as error:
                 # The store is unavailable, not the file bad: keep it and try again later.
-                log.error("could not ingest %s yet: %s", path.name, error)
+                # File names from a PACS export may carry patient names: never log them.
+                log.error("could not ingest a watch-folder file yet: %s", error)
                 with self._lock:
                     self._pending[path] = now
                 continue
@@ -136,7 +137,11 @@ class WatchFolder:
             target = target.with_name(f"{target.name}.{time.time_ns()}")
         shutil.move(path, target)
         target.with_name(target.name + ".reason").write_text(reason + "\n")
-        log.warning("rejected %s from the watch folder: %s", relative, reason)
+        log.warning(
+            "rejected a watch-folder file (%s); it and its .reason are in %s",
+            reason,
+            self.rejected,
+        )
 
     def run(self, stop: threading.Event) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)

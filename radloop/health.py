@@ -6,7 +6,6 @@ from typing import Any
 
 import httpx
 from pynetdicom import AE
-from pynetdicom.sop_class import Verification
 from sqlalchemy import func, select, text
 from sqlalchemy.engine import make_url
 
@@ -24,7 +23,7 @@ def probe_dicom(settings: Settings) -> dict[str, Any]:
         "healthy": False,
     }
     ae = AE(ae_title="RADLOOP-STATUS")
-    ae.add_requested_context(Verification)
+    ae.add_requested_context("1.2.840.10008.1.1")  # Verification SOP Class
     ae.acse_timeout = ae.network_timeout = 5
     assoc = ae.associate(host, dicom.port, ae_title=dicom.ae_title)
     if assoc.is_established:

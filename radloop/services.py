@@ -58,7 +58,7 @@ class Services:
 
     def start_follower(self) -> None:
         orthanc = self.settings.orthanc
-        client = Orthanc(orthanc.base_url, orthanc.username or "", orthanc.password or "")
+        client = Orthanc(orthanc.base_url, orthanc.username, orthanc.password, timeout=30.0)
         follower = OrthancFollower(
             self.store, self.ingestor, self.assembler, client, orthanc.poll_seconds
         )

@@ -7,6 +7,7 @@ and stops all of them (SIGTERM, then SIGKILL) on shutdown — tests use the same
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -83,7 +84,10 @@ class Child:
                     f"see {self.spec.log_file}"
                 )
             if self.spec.healthy():
-                return
+                time.sleep(0.25)
+                if self.alive():  # not another process answering on the same port
+                    return
+                continue
             time.sleep(0.25)
         raise RuntimeError(f"{self.spec.name} not healthy after {self.spec.start_timeout:.0f} s")
 
@@ -200,7 +204,5 @@ class Supervisor:
 
     def stop(self) -> None:
         for child in reversed(self.children):
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 child.stop()
-            except ProcessLookupError:
-                pass

@@ -9,7 +9,7 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
-from pydicom.uid import generate_uid
+from pydicom.uid import UID, generate_uid
 
 from radloop.synthetic import ct_series
 
@@ -58,7 +58,7 @@ def with_uid(source: Path, keyword: str, value: str | None, target: Path) -> Pat
     else:
         setattr(ds, keyword, value)
         if keyword == "SOPInstanceUID":
-            ds.file_meta.MediaStorageSOPInstanceUID = value
+            ds.file_meta.MediaStorageSOPInstanceUID = UID(value)
     target.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(target, enforce_file_format=False)
     return target

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 from pynetdicom import AE
-from pynetdicom.sop_class import Verification
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 RADLOOP = str(Path(sys.executable).with_name("radloop"))
@@ -45,7 +44,7 @@ def wait_until(predicate: Any, timeout: float = 30.0, interval: float = 0.2) -> 
 
 def dicom_echo(port: int, called: str = "RADLOOP", calling: str = "ECHOSCU") -> bool:
     ae = AE(ae_title=calling)
-    ae.add_requested_context(Verification)
+    ae.add_requested_context("1.2.840.10008.1.1")  # Verification SOP Class
     ae.acse_timeout = ae.network_timeout = 3
     assoc = ae.associate("127.0.0.1", port, ae_title=called)
     if not assoc.is_established:

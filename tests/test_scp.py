@@ -15,7 +15,6 @@ from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from pynetdicom import _config as pynetdicom_config
-from pynetdicom.sop_class import CTImageStorage as CTStorageContext
 from sqlalchemy import select
 
 from radloop.db import Instance, OutboxEvent, Store
@@ -51,10 +50,11 @@ def completed_study(env: dict[str, str], study_uid: str, instances: int) -> dict
         for study in radloop_json(env, "studies", "list"):
             if study["study_uid"] == study_uid and study["state"] == "complete":
                 assert study["instances"] == instances
-                return study
+                return dict(study)
         return None
 
-    return wait_until(done, timeout=30, interval=0.5)
+    found: dict[str, object] = wait_until(done, timeout=30, interval=0.5)
+    return found
 
 
 def test_storescu_push_of_ct_series_ends_as_complete_study(
@@ -137,7 +137,7 @@ def test_bad_instances_are_refused_while_the_rest_of_the_association_is_stored(
         "not a dataset": _file_with_garbage_dataset(tmp_path / "b5.dcm"),
     }
     ae = AE(ae_title="STORESCU")
-    ae.add_requested_context(CTStorageContext, ExplicitVRLittleEndian)
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
     assoc = ae.associate("127.0.0.1", int(radloop_env["RADLOOP_DICOM__PORT"]), ae_title="RADLOOP")
     assert assoc.is_established
     statuses = {"good 1": assoc.send_c_store(good[0]).Status}
@@ -221,7 +221,7 @@ def test_every_acknowledged_instance_survives_kill_9_and_the_study_completes(
 
     def push() -> None:
         ae = AE(ae_title="PACS")
-        ae.add_requested_context(CTStorageContext, ExplicitVRLittleEndian)
+        ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
         assoc = ae.associate(
             "127.0.0.1", int(radloop_env["RADLOOP_DICOM__PORT"]), ae_title="RADLOOP"
         )

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -66,7 +67,7 @@ def test_cli_stops_at_start_up_with_the_key_named(radloop_env: dict[str, str]) -
 
 
 def test_yaml_file_is_read_and_environment_wins(
-    radloop_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, tmp_path
+    radloop_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     config = tmp_path / "site.yaml"
     config.write_text("dicom:\n  ae_title: FROM_YAML\n  quiet_seconds: 45\n")

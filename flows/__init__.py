@@ -1,0 +1,1 @@
+"""Prefect flows: thin sequences of idempotent calls into agents and the registry."""

@@ -1,0 +1,1 @@
+"""MLflow registry and the Triton model repository."""

@@ -1,0 +1,96 @@
+"""A real Orthanc (Debian package) as a peer: pushing to radloop, and being followed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+from pydicom import dcmread
+from sqlalchemy import select
+
+from radloop.db import OutboxEvent, Store
+from radloop.services import Services
+from radloop.settings import Settings
+from radloop.supervisor import Child
+from tests.dicom_files import generated_ct
+from tests.servers import RadloopProcess, radloop_json, wait_until
+
+
+def upload(orthanc: Child, files: list[Path]) -> str:
+    """POST files to Orthanc's REST API; return the Orthanc id of their study."""
+    study_id = ""
+    for path in files:
+        response = httpx.post(f"{orthanc.spec.url}/instances", content=path.read_bytes())
+        response.raise_for_status()
+        study_id = response.json()["ParentStudy"]
+    return study_id
+
+
+def completed_events(store: Store) -> list[dict[str, object]]:
+    with store.transaction() as session:
+        return [
+            row.payload
+            for row in session.scalars(
+                select(OutboxEvent).where(OutboxEvent.event == "radloop.study.completed")
+            )
+        ]
+
+
+def test_orthanc_push_to_radloop_ends_as_complete_study(
+    orthanc: Child, listener: RadloopProcess, radloop_env: dict[str, str], tmp_path: Path
+) -> None:
+    files = generated_ct(tmp_path / "ct", 12)
+    study_id = upload(orthanc, files)
+    response = httpx.post(
+        f"{orthanc.spec.url}/modalities/radloop/store", json={"Resources": [study_id]}, timeout=60
+    )
+    assert response.status_code == 200, response.text
+    study_uid = str(dcmread(files[0]).StudyInstanceUID)
+
+    def complete() -> bool:
+        studies = radloop_json(radloop_env, "studies", "list")
+        return any(
+            s["study_uid"] == study_uid and s["state"] == "complete" and s["instances"] == 12
+            for s in studies
+        )
+
+    wait_until(complete, timeout=30, interval=0.5)
+
+
+def test_follower_completes_each_stable_study_once_and_resumes_after_restarts(
+    orthanc: Child, settings: Settings, store: Store, tmp_path: Path
+) -> None:
+    first = generated_ct(tmp_path / "a", 6, seed=1)
+    study_uid = str(dcmread(first[0]).StudyInstanceUID)
+    services = Services(settings, store)
+    services.start_follower()
+    try:
+        upload(orthanc, first[:5])
+        wait_until(lambda: len(completed_events(store)) == 1, timeout=30)
+        (event,) = completed_events(store)
+        assert (event["study_uid"], event["revision"], event["instances"]) == (study_uid, 1, 5)
+        assert len(list((settings.spool_dir / study_uid).rglob("*.dcm"))) == 5
+    finally:
+        services.stop()
+
+    # radloop restarts: the cursor is in the database, the study is not completed again.
+    services = Services(settings, store)
+    services.start_follower()
+    try:
+        # Orthanc restarts too; a late instance then reaches it.
+        orthanc.stop()
+        orthanc.start()
+        orthanc.wait_healthy()
+        upload(orthanc, first[5:])
+        wait_until(lambda: len(completed_events(store)) == 2, timeout=60)
+        second = generated_ct(tmp_path / "b", 3, seed=2)
+        upload(orthanc, second)
+        wait_until(lambda: len(completed_events(store)) == 3, timeout=60)
+    finally:
+        services.stop()
+    events = completed_events(store)
+    assert [(e["study_uid"], e["revision"], e["instances"]) for e in events] == [
+        (study_uid, 1, 5),
+        (study_uid, 2, 6),
+        (str(dcmread(second[0]).StudyInstanceUID), 1, 3),
+    ]
