@@ -1,9 +1,10 @@
 """Ingest benchmark (issue 2): the same CT slices pushed by dcmtk's storescu to three receivers.
 
-Receivers: dcmtk `storescp` (no fsync: a ceiling, not a peer with the same promise), Orthanc
-(its defaults: SyncStorageArea on) and `radloop listen` (fsync + rename + directory fsync and
-an SQLite commit with synchronous=FULL before Success). Each receiver starts empty for every
-(mode, repeat) and gets a freshly generated series, so no instance is ever a duplicate.
+Receivers: dcmtk `storescp --fork` (no fsync: a ceiling, not a peer with the same promise),
+Orthanc (its defaults: SyncStorageArea, one fdatasync per instance file) and `radloop listen`
+(fsync + rename + directory fsync and an SQLite commit with synchronous=FULL before Success).
+Each receiver starts empty for every (mode, repeat) and gets a freshly generated series, so no
+instance is ever a duplicate.
 Modes: one association, and four storescu processes at once on a quarter of the files each.
 
     python bench/ingest.py --slices 200 --repeat 2 --json-out bench/results/ingest.json
@@ -15,7 +16,6 @@ import argparse
 import json
 import os
 import platform
-import signal
 import socket
 import statistics
 import subprocess
@@ -24,7 +24,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,7 @@ from rich.console import Console
 from rich.table import Table
 
 from radloop.settings import load_settings
-from radloop.supervisor import Child, orthanc_spec
+from radloop.supervisor import Child, ChildSpec, orthanc_spec
 from radloop.synthetic import ct_series
 
 STORESCU, ECHOSCU, STORESCP = "/usr/bin/storescu", "/usr/bin/echoscu", "/usr/bin/storescp"
@@ -59,42 +59,21 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_for_echo(
-    aet: str, port: int, process: subprocess.Popen[bytes], timeout: float = 60.0
-) -> None:
-    deadline = time.monotonic() + timeout
+def answers_echo(aet: str, port: int) -> Callable[[], bool]:
     argv = [ECHOSCU, "-aec", aet, "127.0.0.1", str(port)]
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{aet} exited with {process.returncode} during start-up")
-        if subprocess.run(argv, env=NODELAY, capture_output=True).returncode == 0:
-            return
-        time.sleep(0.2)
-    raise RuntimeError(f"{aet} on port {port} did not answer C-ECHO within {timeout:.0f} s")
+    return lambda: subprocess.run(argv, env=NODELAY, capture_output=True).returncode == 0
 
 
 @contextmanager
-def spawned(argv: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """A child in its own process group, SIGTERM'd (then SIGKILL'd) with its children on exit."""
-    with open(log, "ab") as out:
-        process = subprocess.Popen(
-            argv,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+def running(spec: ChildSpec) -> Iterator[None]:
+    """A child in its own process group, healthy once it answers; SIGTERM'd (then SIGKILL'd)."""
+    child = Child(spec)
+    child.start()
     try:
-        yield process
+        child.wait_healthy()
+        yield
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        child.stop()
 
 
 @contextmanager
@@ -104,30 +83,25 @@ def storescp(work: Path) -> Iterator[Receiver]:
     out, port = work / "received", free_port()
     out.mkdir()
     argv = [STORESCP, "--fork", "-aet", "STORESCP", "--output-directory", str(out), str(port)]
-    with spawned(argv, NODELAY, work / "storescp.log") as process:
-        wait_for_echo("STORESCP", port, process)
+    url = f"dicom://127.0.0.1:{port}"
+    ready = answers_echo("STORESCP", port)
+    with running(ChildSpec("storescp", argv, work / "storescp.log", ready, url, NODELAY)):
         yield Receiver("STORESCP", port, lambda: sum(1 for p in out.iterdir() if p.is_file()))
 
 
 @contextmanager
 def orthanc(work: Path) -> Iterator[Receiver]:
-    settings = load_settings(
-        data_dir=work, orthanc={"http_port": free_port(), "dicom_port": free_port()}
-    )
-    child = Child(orthanc_spec(settings))
-    child.start()
-    try:
-        child.wait_healthy()
-        url = child.spec.url
+    ports = {"http_port": free_port(), "dicom_port": free_port()}
+    settings = load_settings(data_dir=work, orthanc=ports)
+    config, spec = settings.orthanc, orthanc_spec(settings)
+    http_ok, echo_ok = spec.healthy, answers_echo(config.ae_title, config.dicom_port)
+    spec = replace(spec, healthy=lambda: http_ok() and echo_ok())
 
-        def stored() -> int:
-            return int(httpx.get(f"{url}/statistics", timeout=10).json()["CountInstances"])
+    def stored() -> int:
+        return int(httpx.get(f"{spec.url}/statistics", timeout=10).json()["CountInstances"])
 
-        assert child.process is not None
-        wait_for_echo(settings.orthanc.ae_title, settings.orthanc.dicom_port, child.process)
-        yield Receiver(settings.orthanc.ae_title, settings.orthanc.dicom_port, stored)
-    finally:
-        child.stop()
+    with running(spec):
+        yield Receiver(config.ae_title, config.dicom_port, stored)
 
 
 @contextmanager
@@ -142,17 +116,12 @@ def radloop(work: Path) -> Iterator[Receiver]:
     }
 
     def stored() -> int:
-        listing = subprocess.run(
-            [RADLOOP, "studies", "list", "--json"],
-            env=env,
-            capture_output=True,
-            check=True,
-            text=True,
-        )
-        return sum(int(study["instances"]) for study in json.loads(listing.stdout))
+        listing = subprocess.check_output([RADLOOP, "studies", "list", "--json"], env=env)
+        return sum(int(study["instances"]) for study in json.loads(listing))
 
-    with spawned([RADLOOP, "listen"], env, work / "radloop.log") as process:
-        wait_for_echo("RADLOOP", port, process)
+    ready = answers_echo("RADLOOP", port)
+    spec = ChildSpec("radloop", [RADLOOP, "listen"], work / "radloop.log", ready, "", env, 60.0)
+    with running(spec):
         yield Receiver("RADLOOP", port, stored)
 
 
@@ -163,19 +132,11 @@ def push(files: list[Path], receiver: Receiver, streams: int) -> float:
     """Seconds from the start of the first storescu to the end of the last."""
     size = -(-len(files) // streams)
     groups = [files[i : i + size] for i in range(0, len(files), size)]
+    argv = [STORESCU, "-aet", "BENCH", "-aec", receiver.aet, "127.0.0.1", str(receiver.port)]
     start = time.perf_counter()
     senders = [
         subprocess.Popen(
-            [
-                STORESCU,
-                "-aet",
-                "BENCH",
-                "-aec",
-                receiver.aet,
-                "127.0.0.1",
-                str(receiver.port),
-                *map(str, group),
-            ],
+            [*argv, *map(str, group)],
             env=NODELAY,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -206,22 +167,10 @@ def run_once(peer: str, streams: int, slices: int, seed: int) -> tuple[float, in
 
 
 def machine() -> dict[str, Any]:
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        platform.processor(),
-    )
-    memory_kb = int(Path("/proc/meminfo").read_text().split()[1])
-    return {
-        "cpus": os.cpu_count(),
-        "cpu": cpu,
-        "memory_gib": round(memory_kb / 2**20, 1),
-        "kernel": platform.release(),
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-    }
+    lines = Path("/proc/cpuinfo").read_text().splitlines()
+    cpu = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "")
+    when = datetime.now(UTC).isoformat(timespec="seconds")
+    return {"cpus": os.cpu_count(), "cpu": cpu, "kernel": platform.release(), "date": when}
 
 
 def measure(slices: int, repeat: int) -> dict[str, Any]:
@@ -233,35 +182,23 @@ def measure(slices: int, repeat: int) -> dict[str, Any]:
             for peer in order:
                 seconds, size = run_once(peer, streams, slices, seed=round_)
                 runs[peer][streams].append(seconds)
-    results: dict[str, Any] = {}
-    for peer in PEERS:
-        results[peer] = {}
-        for streams in MODES:
-            rate = statistics.median(slices / s for s in runs[peer][streams])
-            results[peer][str(streams)] = {
-                "instances_per_s": round(rate, 1),
-                "mb_per_s": round(rate * size / slices / 1e6, 1),
-                "runs_s": [round(s, 3) for s in runs[peer][streams]],
+    rate = {(p, m): statistics.median(slices / s for s in runs[p][m]) for p in PEERS for m in MODES}
+    results = {
+        p: {
+            str(m): {
+                "instances_per_s": round(rate[p, m], 1),
+                "mb_per_s": round(rate[p, m] * size / slices / 1e6, 1),
+                "runs_s": [round(s, 3) for s in runs[p][m]],
             }
-    ratios = {
-        str(m): {
-            p: round(
-                results["radloop"][str(m)]["instances_per_s"]
-                / results[p][str(m)]["instances_per_s"],
-                2,
-            )
-            for p in PEERS[:2]
+            for m in MODES
         }
-        for m in MODES
+        for p in PEERS
+    }
+    ratios = {
+        str(m): {p: round(rate["radloop", m] / rate[p, m], 2) for p in PEERS[:2]} for m in MODES
     }
     targets = [
-        {
-            "associations": m,
-            "peer": p,
-            "minimum": t,
-            "ratio": ratios[str(m)][p],
-            "met": ratios[str(m)][p] >= t,
-        }
+        dict(associations=m, peer=p, minimum=t, ratio=ratios[str(m)][p], met=ratios[str(m)][p] >= t)
         for m, (p, t) in TARGETS.items()
     ]
     return {
@@ -286,13 +223,8 @@ def table(report: dict[str, Any]) -> Table:
         for streams in MODES:
             cell = report["results"][peer][str(streams)]
             ratio = report["radloop_ratio"][str(streams)].get(peer)
-            out.add_row(
-                peer,
-                str(streams),
-                f"{cell['instances_per_s']:.1f}",
-                f"{cell['mb_per_s']:.1f}",
-                "" if ratio is None else f"{ratio:.2f}×",
-            )
+            rate, mb = f"{cell['instances_per_s']:.1f}", f"{cell['mb_per_s']:.1f}"
+            out.add_row(peer, str(streams), rate, mb, "" if ratio is None else f"{ratio:.2f}×")
     return out
 
 

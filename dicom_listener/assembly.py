@@ -28,7 +28,7 @@ class StudyAssembler:
     def complete_due(self, now: datetime | None = None) -> list[StudyCompleted]:
         """Complete every receiving study quiet for at least the quiet period."""
         cutoff = (now or utcnow()) - self.quiet
-        with self.store.transaction() as session:
+        with self.store.read() as session:
             due = session.scalars(
                 select(Study.study_uid)
                 .where(Study.state == StudyState.RECEIVING, Study.last_received_at <= cutoff)

@@ -84,7 +84,8 @@ def _check_native_pixel_data(ds: Dataset, transfer_syntax_uid: str) -> None:
         bits = int(ds.BitsAllocated)
         samples = int(ds.get("SamplesPerPixel", 1))
         frames = int(ds.get("NumberOfFrames", 1) or 1)
-        actual = len(ds.PixelData)
+        # The raw element's length: no conversion (and copy) of megabytes of pixels.
+        actual = len(ds.get_item("PixelData").value or b"")
     except (AttributeError, TypeError, ValueError) as error:
         raise InvalidInstance(
             f"image pixel attributes unreadable: {type(error).__name__}"

@@ -45,7 +45,7 @@ class OrthancFollower:
         self.poll_seconds = poll_seconds
 
     def cursor(self) -> int:
-        with self.store.transaction() as session:
+        with self.store.read() as session:
             row = session.get(Cursor, CURSOR_NAME)
             return int(row.value) if row else 0
 
@@ -106,7 +106,7 @@ class OrthancFollower:
             self.assembler.complete(study_uid)
 
     def _study_uid_of(self, sop_uid: str) -> str | None:
-        with self.store.transaction() as session:
+        with self.store.read() as session:
             return session.scalar(
                 select(Study.study_uid)
                 .join(Instance, Instance.study_id == Study.id)

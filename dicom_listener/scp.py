@@ -7,6 +7,7 @@ writes, indexes and answers — completion runs elsewhere (`assembly`).
 from __future__ import annotations
 
 import logging
+from io import BytesIO
 from typing import Any, cast
 
 from pydicom import uid as dicom_uid
@@ -25,6 +26,7 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, evt
 from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.events import Event
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -118,11 +120,18 @@ def handle_store(event: Event, ingestor: Ingestor) -> int:
         log.warning("refused instance %s: SOP Class UID differs from the request", affected)
         return DOES_NOT_MATCH_SOP_CLASS
     try:
-        ingestor.ingest(header, event.encoded_dataset(), IngestSource.DIMSE)
+        ingestor.ingest(header, _part10_chunks(event, request), IngestSource.DIMSE)
     except (OSError, SQLAlchemyError) as error:
         log.error("could not store instance %s: %s", affected, error)
         return OUT_OF_RESOURCES
     return SUCCESS
+
+
+def _part10_chunks(event: Event, request: C_STORE) -> list[bytes | memoryview]:
+    """The instance as a DICOM file, as `event.encoded_dataset()` gives it, but in two chunks
+    so the received dataset (often megabytes) is not copied to be joined to its header."""
+    header = b"\x00" * 128 + b"DICM" + encode_file_meta(event.file_meta)
+    return [header, cast(BytesIO, request.DataSet).getbuffer()]
 
 
 def _loggable(value: str) -> str:

@@ -135,7 +135,7 @@ def _print_endpoints(settings: Settings) -> None:
 
 
 def _study_rows(store: Store, state: StudyState | None) -> list[dict[str, Any]]:
-    with store.transaction() as session:
+    with store.read() as session:
         counts = (
             select(Instance.study_id, func.count(Instance.id).label("n"))
             .group_by(Instance.study_id)
@@ -209,7 +209,7 @@ def studies_show(study_uid: str, as_json: JsonOption = False) -> None:
     """One study with its series and the events it produced."""
     settings = _settings()
     store = _open_store(settings)
-    with store.transaction() as session:
+    with store.read() as session:
         study = session.scalar(select(Study).where(Study.study_uid == study_uid))
         if study is None:
             err_console.print(f"no study with UID {study_uid}")

@@ -60,7 +60,7 @@ def probe_all(settings: Settings) -> dict[str, Any]:
     outbox: dict[str, Any] = {}
     try:
         store = Store.open(url, migrate=False)
-        with store.transaction() as session:
+        with store.read() as session:
             session.execute(text("SELECT 1"))
             outbox["pending"] = session.scalar(
                 select(func.count(OutboxEvent.id)).where(OutboxEvent.delivered_at.is_(None))
