@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+import ssl
 from typing import Any
 
 import httpx
@@ -25,7 +27,15 @@ def probe_dicom(settings: Settings) -> dict[str, Any]:
     ae = AE(ae_title="RADLOOP-STATUS")
     ae.add_requested_context("1.2.840.10008.1.1")  # Verification SOP Class
     ae.acse_timeout = ae.network_timeout = 5
-    assoc = ae.associate(host, dicom.port, ae_title=dicom.ae_title)
+    tls_args = None
+    if dicom.tls is not None:
+        entry["url"] = entry["url"].replace("dicom://", "dicom+tls://")
+        # Liveness only: the probe does not authenticate the server.
+        client = ssl.create_default_context()
+        client.check_hostname = False
+        client.verify_mode = ssl.CERT_NONE
+        tls_args = (client, host)
+    assoc = ae.associate(host, dicom.port, ae_title=dicom.ae_title, tls_args=tls_args)
     if assoc.is_established:
         result = assoc.send_c_echo()
         assoc.release()
@@ -33,9 +43,19 @@ def probe_dicom(settings: Settings) -> dict[str, Any]:
     elif assoc.is_rejected:
         # It answered DICOM; this host just isn't an allowed caller.
         entry.update(healthy=True, detail="answering; status probe not an allowed caller")
+    elif dicom.tls is not None and _accepts_tcp(host, dicom.port):
+        entry.update(healthy=True, detail="answering TLS; the probe has no client certificate")
     else:
         entry["detail"] = "no answer"
     return entry
+
+
+def _accepts_tcp(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=3):
+            return True
+    except OSError:
+        return False
 
 
 def probe_http(name: str, url: str, path: str) -> dict[str, Any]:

@@ -42,9 +42,20 @@ class Services:
         """The C-STORE SCP and the study completion loop."""
         dicom = self.settings.dicom
         ae, handlers = build_ae(dicom, self.ingestor)
-        self._server = ae.start_server((dicom.host, dicom.port), block=False, evt_handlers=handlers)
+        self._server = ae.start_server(
+            (dicom.host, dicom.port),
+            block=False,
+            evt_handlers=handlers,
+            ssl_context=dicom.tls.server_context() if dicom.tls else None,
+        )
         self._spawn("assembly", self.assembler.run)
-        log.info("DICOM listener %s on %s:%d", dicom.ae_title, dicom.host, dicom.port)
+        log.info(
+            "DICOM listener %s on %s:%d%s",
+            dicom.ae_title,
+            dicom.host,
+            dicom.port,
+            " (TLS)" if dicom.tls else "",
+        )
 
     def start_dispatcher(self) -> None:
         outbox = self.settings.outbox

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import ssl
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -59,6 +60,31 @@ class CallerRule:
         return self.ae_title + (f"@{self.network}" if self.network else "")
 
 
+class TlsSettings(BaseModel):
+    """DICOM TLS (PS3.15 B.1): the server's certificate and key; with `ca_file`, callers must
+    present a certificate signed by that CA (mutual TLS)."""
+
+    cert_file: Path
+    key_file: Path
+    ca_file: Path | None = None
+
+    @field_validator("cert_file", "key_file", "ca_file")
+    @classmethod
+    def _readable(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"{value} is not a readable file")
+        return value
+
+    def server_context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(self.cert_file, self.key_file)
+        if self.ca_file is not None:
+            context.load_verify_locations(self.ca_file)
+            context.verify_mode = ssl.CERT_REQUIRED
+        return context
+
+
 class DicomSettings(BaseModel):
     ae_title: str = "RADLOOP"
     host: str = "127.0.0.1"
@@ -69,6 +95,8 @@ class DicomSettings(BaseModel):
     )
     quiet_seconds: float = Field(30.0, gt=0)
     max_associations: int = Field(16, ge=1)
+    # Unset: plain TCP. Set cert_file and key_file (RADLOOP_DICOM__TLS__CERT_FILE, ...) for TLS.
+    tls: TlsSettings | None = None
 
     @field_validator("ae_title")
     @classmethod

@@ -54,6 +54,14 @@ def dicom_echo(port: int, called: str = "RADLOOP", calling: str = "ECHOSCU") -> 
     return bool(status and status.Status == 0)
 
 
+def _accepts(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
 class PostgresServer:
     """A throw-away PostgreSQL 15 cluster in a temporary directory, on a free port."""
 
@@ -166,6 +174,21 @@ class RadloopProcess:
         )
         return self
 
+    def start_without_echo(self, timeout: float = 60.0) -> RadloopProcess:
+        """Start and wait until the port accepts connections (for a TLS listener)."""
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "ab") as out:
+            self.process = subprocess.Popen(
+                [RADLOOP, *self.command],
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        port = int(self.env["RADLOOP_DICOM__PORT"])
+        wait_until(lambda: self._check_alive() and _accepts(port), timeout=timeout)
+        return self
+
     def _check_alive(self) -> bool:
         assert self.process is not None
         if self.process.poll() is not None:
@@ -192,10 +215,10 @@ class RadloopProcess:
         return self.process.returncode
 
 
-def radloop_json(env: dict[str, str], *args: str) -> Any:
+def radloop_json(env: dict[str, str], *args: str, exit_codes: tuple[int, ...] = (0,)) -> Any:
     """Run a radloop CLI command with `--json` and return what it printed, parsed."""
     result = subprocess.run(
         [RADLOOP, *args, "--json"], env=env, capture_output=True, text=True, timeout=60
     )
-    assert result.returncode == 0, result.stderr + result.stdout
+    assert result.returncode in exit_codes, result.stderr + result.stdout
     return json.loads(result.stdout)

@@ -275,3 +275,64 @@ def test_completion_timer_survives_a_restart(
     with store.transaction() as session:
         events = session.scalars(select(OutboxEvent.event)).all()
     assert events == ["radloop.study.completed"]
+
+
+def _certificate(folder: Path, name: str) -> tuple[Path, Path]:
+    key, cert = folder / f"{name}.key", folder / f"{name}.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-subj",
+            f"/CN={name}",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return key, cert
+
+
+def test_tls_listener_takes_studies_from_a_trusted_caller_only(
+    radloop_env: dict[str, str], store: Store, tmp_path: Path
+) -> None:
+    server_key, server_cert = _certificate(tmp_path, "radloop")
+    client_key, client_cert = _certificate(tmp_path, "pacs")
+    env = {
+        **radloop_env,
+        "RADLOOP_DICOM__TLS__CERT_FILE": str(server_cert),
+        "RADLOOP_DICOM__TLS__KEY_FILE": str(server_key),
+        "RADLOOP_DICOM__TLS__CA_FILE": str(client_cert),  # the PACS's certificate is trusted
+    }
+    process = RadloopProcess(env)
+    process.start_without_echo()
+    try:
+        files = generated_ct(tmp_path / "ct", 3)
+        trusted = storescu(
+            env, files, "+tls", str(client_key), str(client_cert), "+cf", str(server_cert)
+        )
+        assert trusted.returncode == 0, trusted.stderr
+        plain = storescu(env, files[:1])
+        assert plain.returncode != 0
+        anonymous = storescu(env, files[:1], "+tla", "+cf", str(server_cert))
+        assert anonymous.returncode != 0
+        # Orthanc and Prefect are not running here, so status exits 1; the SCP must be healthy.
+        status = radloop_json(env, "status", exit_codes=(1,))
+        (dicom,) = [s for s in status["services"] if s["name"] == "dicom"]
+        assert dicom["healthy"] and dicom["url"].startswith("dicom+tls://")
+    finally:
+        process.stop()
+    with store.transaction() as session:
+        kept = set(session.scalars(select(Instance.sop_instance_uid)))
+    assert kept == {str(dcmread(p).SOPInstanceUID) for p in files}

@@ -47,6 +47,7 @@ def test_database_defaults_to_sqlite_under_data_dir(
         ("RADLOOP_DICOM__ALLOWED_CALLERS", "PACS@not-an-address"),
         ("RADLOOP_DICOM__QUIET_SECONDS", "-1"),
         ("RADLOOP_DATABASE_URL", "mysql://x"),
+        ("RADLOOP_DICOM__TLS__CERT_FILE", "/nonexistent/cert.pem"),
     ],
 )
 def test_wrong_value_is_refused_naming_the_key(
