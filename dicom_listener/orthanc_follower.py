@@ -97,7 +97,9 @@ class OrthancFollower:
                 continue
             except Exception as error:
                 log.warning(
-                    "skipped Orthanc instance %s: cannot decode (%s)", instance["ID"], error
+                    "skipped Orthanc instance %s: cannot decode (%s)",
+                    instance["ID"],
+                    type(error).__name__,
                 )
                 continue
             self.ingestor.ingest(header, data, IngestSource.ORTHANC)

@@ -32,7 +32,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from dicom_listener.ingest import Ingestor
 from dicom_listener.instance import InstanceHeader, InvalidInstance
-from radloop.domain import IngestSource
+from radloop.domain import IngestSource, is_valid_uid
 from radloop.settings import CallerRule, DicomSettings
 
 log = logging.getLogger(__name__)
@@ -111,13 +111,20 @@ def handle_store(event: Event, ingestor: Ingestor) -> int:
         log.warning("refused instance %s: %s", _loggable(affected), error)
         return CANNOT_UNDERSTAND if error.undecodable else DOES_NOT_MATCH_SOP_CLASS
     except Exception as error:
-        log.warning("refused instance %s: cannot decode (%s)", _loggable(affected), error)
+        # The exception text may quote element values: log its type only.
+        log.warning(
+            "refused instance %s: cannot decode (%s)", _loggable(affected), type(error).__name__
+        )
         return CANNOT_UNDERSTAND
     if header.sop_instance_uid != affected:
-        log.warning("refused instance %s: SOP Instance UID differs from the request", affected)
+        log.warning(
+            "refused instance %s: SOP Instance UID differs from the request", _loggable(affected)
+        )
         return DOES_NOT_MATCH_SOP_CLASS
     if header.sop_class_uid != str(request.AffectedSOPClassUID):
-        log.warning("refused instance %s: SOP Class UID differs from the request", affected)
+        log.warning(
+            "refused instance %s: SOP Class UID differs from the request", _loggable(affected)
+        )
         return DOES_NOT_MATCH_SOP_CLASS
     try:
         ingestor.ingest(header, _part10_chunks(event, request), IngestSource.DIMSE)
@@ -135,8 +142,9 @@ def _part10_chunks(event: Event, request: C_STORE) -> list[bytes | memoryview]:
 
 
 def _loggable(value: str) -> str:
-    """UIDs are safe to log; anything else (e.g. a path-traversal attempt) is shown escaped."""
-    return value if len(value) <= 64 else value[:64] + "…"
+    """UIDs are safe to log as they are; anything else (e.g. a path-traversal attempt) is
+    shown escaped and cut short."""
+    return value if is_valid_uid(value) else ascii(value[:64])
 
 
 def build_ae(settings: DicomSettings, ingestor: Ingestor) -> tuple[AE, list[Any]]:

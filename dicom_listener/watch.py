@@ -124,19 +124,22 @@ class WatchFolder:
             self._reject(path, str(error))
             return
         except Exception as error:
-            self._reject(path, f"cannot decode: {type(error).__name__}: {error}")
+            self._reject(path, f"cannot decode: {type(error).__name__}", detail=str(error))
             return
         self.ingestor.ingest(header, data, IngestSource.WATCH)
         path.unlink(missing_ok=True)
 
-    def _reject(self, path: Path, reason: str) -> None:
+    def _reject(self, path: Path, reason: str, detail: str = "") -> None:
+        """Move `path` to the rejected folder beside `<name>.reason`. `detail` (free text that
+        may quote the file's content) goes into the .reason file only, never the log."""
         relative = path.relative_to(self.folder)
         target = self.rejected / relative
         target.parent.mkdir(parents=True, exist_ok=True)
         if target.exists():
             target = target.with_name(f"{target.name}.{time.time_ns()}")
         shutil.move(path, target)
-        target.with_name(target.name + ".reason").write_text(reason + "\n")
+        text = reason + (f"\n{detail}" if detail else "") + "\n"
+        target.with_name(target.name + ".reason").write_text(text)
         log.warning(
             "rejected a watch-folder file (%s); it and its .reason are in %s",
             reason,
