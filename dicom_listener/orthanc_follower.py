@@ -118,13 +118,19 @@ class OrthancFollower:
     def run(self, stop: threading.Event) -> None:
         """Follow until `stop` is set; while Orthanc is unreachable, back off and retry."""
         delay = self.poll_seconds
+        failures = 0
         while not stop.is_set():
             try:
                 read = self.poll_once()
-                delay = self.poll_seconds
+                delay, failures = self.poll_seconds, 0
                 if read == PAGE:
                     continue
             except (httpx.HTTPError, OSError) as error:
+                failures += 1
+                if failures == 1:
+                    # Often a kept-alive connection the server has just closed: retry at once.
+                    log.debug("Orthanc request failed (%s); retrying", type(error).__name__)
+                    continue
                 log.warning(
                     "Orthanc at %s unreachable (%s); retrying in %.0f s",
                     self.client.url,

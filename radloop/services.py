@@ -10,6 +10,7 @@ import logging
 import threading
 from collections.abc import Callable
 
+import httpx
 from pynetdicom.transport import ThreadedAssociationServer
 from pyorthanc import Orthanc
 
@@ -69,7 +70,15 @@ class Services:
 
     def start_follower(self) -> None:
         orthanc = self.settings.orthanc
-        client = Orthanc(orthanc.base_url, orthanc.username, orthanc.password, timeout=30.0)
+        # Orthanc closes idle HTTP connections after about a second, the poll interval: drop
+        # them sooner on this side rather than reuse one that is being closed.
+        client = Orthanc(
+            orthanc.base_url,
+            orthanc.username,
+            orthanc.password,
+            timeout=30.0,
+            limits=httpx.Limits(keepalive_expiry=0.5),
+        )
         follower = OrthancFollower(
             self.store, self.ingestor, self.assembler, client, orthanc.poll_seconds
         )
