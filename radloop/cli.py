@@ -134,7 +134,7 @@ def _print_endpoints(settings: Settings) -> None:
     console.print(table)
 
 
-def _study_rows(store: Store, state: StudyState | None) -> list[dict[str, Any]]:
+def _study_rows(store: Store, state: StudyState | None, limit: int) -> list[dict[str, Any]]:
     with store.read() as session:
         counts = (
             select(Instance.study_id, func.count(Instance.id).label("n"))
@@ -151,6 +151,7 @@ def _study_rows(store: Store, state: StudyState | None) -> list[dict[str, Any]]:
             .outerjoin(counts, counts.c.study_id == Study.id)
             .outerjoin(series, series.c.study_id == Study.id)
             .order_by(Study.last_received_at.desc())
+            .limit(limit)
         )
         if state is not None:
             query = query.where(Study.state == state.value)
@@ -181,11 +182,12 @@ def _study_json(study: Study, instances: int, series: int) -> dict[str, Any]:
 def studies_list(
     as_json: JsonOption = False,
     state: Annotated[StudyState | None, typer.Option(help="Only studies in this state.")] = None,
+    limit: Annotated[int, typer.Option(min=1, help="At most this many studies.")] = 500,
 ) -> None:
     """List studies, most recently received first."""
     settings = _settings()
     store = _open_store(settings)
-    rows = _study_rows(store, state)
+    rows = _study_rows(store, state, limit)
     if as_json:
         print(json.dumps(rows, indent=2))
         return

@@ -157,8 +157,9 @@ class RadloopProcess:
         self.process: subprocess.Popen[bytes] | None = None
         self.log = Path(env["RADLOOP_DATA_DIR"]) / f"radloop-{self.command[0]}.log"
 
-    def start(self, calling: str = "ECHOSCU", timeout: float = 60.0) -> RadloopProcess:
-        """Start and wait until the SCP answers a C-ECHO from `calling`."""
+    def start(self, calling: str | None = "ECHOSCU", timeout: float = 60.0) -> RadloopProcess:
+        """Start and wait until the SCP answers a C-ECHO from `calling` — or, with `calling`
+        None (a TLS listener), until its port accepts connections."""
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log, "ab") as out:
             self.process = subprocess.Popen(
@@ -169,24 +170,13 @@ class RadloopProcess:
                 start_new_session=True,
             )
         port = int(self.env["RADLOOP_DICOM__PORT"])
-        wait_until(
-            lambda: self._check_alive() and dicom_echo(port, calling=calling), timeout=timeout
-        )
-        return self
 
-    def start_without_echo(self, timeout: float = 60.0) -> RadloopProcess:
-        """Start and wait until the port accepts connections (for a TLS listener)."""
-        self.log.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log, "ab") as out:
-            self.process = subprocess.Popen(
-                [RADLOOP, *self.command],
-                env=self.env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        port = int(self.env["RADLOOP_DICOM__PORT"])
-        wait_until(lambda: self._check_alive() and _accepts(port), timeout=timeout)
+        def ready() -> bool:
+            if calling is None:
+                return _accepts(port)
+            return dicom_echo(port, calling=calling)
+
+        wait_until(lambda: self._check_alive() and ready(), timeout=timeout)
         return self
 
     def _check_alive(self) -> bool:

@@ -315,8 +315,7 @@ def test_tls_listener_takes_studies_from_a_trusted_caller_only(
         "RADLOOP_DICOM__TLS__KEY_FILE": str(server_key),
         "RADLOOP_DICOM__TLS__CA_FILE": str(client_cert),  # the PACS's certificate is trusted
     }
-    process = RadloopProcess(env)
-    process.start_without_echo()
+    process = RadloopProcess(env).start(calling=None)
     try:
         files = generated_ct(tmp_path / "ct", 3)
         trusted = storescu(
