@@ -93,6 +93,7 @@ def probe_all(settings: Settings) -> dict[str, Any]:
         probe_dicom(settings),
         database,
         probe_http("orthanc", settings.orthanc.base_url, "/system"),
+        probe_http("triton", settings.triton.base_url, "/v2/health/ready"),
         probe_http(
             "prefect", settings.prefect.effective_api_url.removesuffix("/api"), "/api/health"
         ),

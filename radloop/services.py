@@ -14,9 +14,12 @@ import httpx
 from pynetdicom.transport import ThreadedAssociationServer
 from pyorthanc import Orthanc
 
+from agents.inference import TritonBackend
 from agents.outbox import OutboxDispatcher
 from dicom_listener import Ingestor, OrthancFollower, StudyAssembler, WatchFolder, build_ae
+from model_registry.repository import TritonRepository
 from radloop.db import Store
+from radloop.modelspec import ModelSpec
 from radloop.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -101,3 +104,16 @@ class Services:
             self._server.shutdown()
         for thread in self._threads:
             thread.join(timeout=10)
+
+
+def load_served_models(settings: Settings, specs: dict[str, ModelSpec]) -> None:
+    """Ask Triton (explicit model control) to load every spec'd model that has a version."""
+    repository = TritonRepository(settings.model_repository)
+    backend = TritonBackend(settings.triton.base_url, settings.triton.timeout_seconds)
+    for name in specs:
+        versions = repository.versions(name)
+        if not versions:
+            log.info("model %s has no version yet: studies will be queued without a draft", name)
+            continue
+        backend.load(name)
+        log.info("Triton serves %s version %d", name, versions[-1])

@@ -150,6 +150,21 @@ class PrefectSettings(BaseModel):
         return self.api_url or f"http://127.0.0.1:{self.port}/api"
 
 
+class TritonSettings(BaseModel):
+    # Unset: `radloop up` starts the `tritonserver` of the nvidia-pytriton wheel on these ports.
+    url: str | None = None
+    http_port: int = Field(8000, ge=1, le=65535)
+    grpc_port: int = Field(8001, ge=1, le=65535)
+    metrics_port: int = Field(8002, ge=1, le=65535)
+    # Unset: `<data_dir>/model-repository`.
+    repository: Path | None = None
+    timeout_seconds: float = Field(300.0, gt=0)
+
+    @property
+    def base_url(self) -> str:
+        return self.url or f"http://127.0.0.1:{self.http_port}"
+
+
 class OutboxSettings(BaseModel):
     poll_seconds: float = Field(0.5, gt=0)
     batch_size: int = Field(100, ge=1)
@@ -167,11 +182,14 @@ class Settings(BaseSettings):
     data_dir: Path = Path.home() / ".local" / "share" / "radloop"
     # Unset: SQLite (WAL) at `<data_dir>/radloop.db`.
     database_url: str | None = None
+    # Unset: the specs shipped in `configs/models/`.
+    models_dir: Path | None = None
     log_level: str = "INFO"
     dicom: DicomSettings = DicomSettings()
     orthanc: OrthancSettings = OrthancSettings()
     watch: WatchSettings = WatchSettings()
     prefect: PrefectSettings = PrefectSettings()
+    triton: TritonSettings = TritonSettings()
     outbox: OutboxSettings = OutboxSettings()
 
     @field_validator("database_url")
@@ -191,6 +209,14 @@ class Settings(BaseSettings):
     @property
     def effective_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.data_dir / 'radloop.db'}"
+
+    @property
+    def effective_models_dir(self) -> Path:
+        return self.models_dir or PACKAGED_CONFIG.parent / "models"
+
+    @property
+    def model_repository(self) -> Path:
+        return self.triton.repository or self.data_dir / "model-repository"
 
     @property
     def spool_dir(self) -> Path:

@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -49,6 +50,8 @@ class ChildSpec:
     url: str
     env: dict[str, str] = field(default_factory=dict)
     start_timeout: float = 90.0
+    # Runs once the child is healthy, after every (re)start: e.g. Triton's explicit model loads.
+    after_start: Callable[[], None] | None = None
 
 
 class Child:
@@ -180,6 +183,65 @@ def prefect_spec(settings: Settings) -> ChildSpec:
     )
 
 
+def _prepare_triton_backends(home: Path) -> tuple[Path, Path, Path]:
+    """The wheel's server binary, its libraries, and a backends folder holding the python
+    backend with the stub built for this Python (copied once under `home`)."""
+    import pytriton
+
+    root = Path(pytriton.__file__).resolve().parent / "tritonserver"
+    libraries = root.parent.parent / "nvidia_pytriton.libs"
+    backend = home / "backends" / "python"
+    backend.mkdir(parents=True, exist_ok=True)
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    sources = [
+        *(root / "backends" / "python").glob("*.*"),
+        root / "python_backend_stubs" / version / "triton_python_backend_stub",
+    ]
+    for source in sources:
+        target = backend / source.name
+        if source.is_file() and not target.exists():
+            shutil.copy2(source, target)
+    return root / "bin" / "tritonserver", libraries, home / "backends"
+
+
+def triton_spec(settings: Settings) -> ChildSpec:
+    """Triton Inference Server from the nvidia-pytriton wheel, explicit model control, on the
+    repository radloop manages. Models are loaded by radloop, never by polling."""
+    triton = settings.triton
+    home = settings.data_dir / "triton"
+    binary, libraries, backends = _prepare_triton_backends(home)
+    repository = settings.model_repository
+    repository.mkdir(parents=True, exist_ok=True)
+    url = f"http://127.0.0.1:{triton.http_port}"
+    venv_bin = str(Path(sys.executable).parent)
+    return ChildSpec(
+        name="triton",
+        argv=[
+            str(binary),
+            f"--model-repository={repository}",
+            f"--backend-directory={backends}",
+            "--model-control-mode=explicit",
+            f"--http-port={triton.http_port}",
+            f"--grpc-port={triton.grpc_port}",
+            f"--metrics-port={triton.metrics_port}",
+            "--http-address=127.0.0.1",
+            "--grpc-address=127.0.0.1",
+            "--allow-metrics=true",
+            "--log-verbose=0",
+        ],
+        log_file=settings.data_dir / "logs" / "triton.log",
+        healthy=http_ok(f"{url}/v2/health/ready"),
+        url=url,
+        env={
+            "LD_LIBRARY_PATH": str(libraries),
+            # The python backend's stub finds its interpreter as `python3` on PATH: put this
+            # venv's first so models import the venv's torch and MONAI.
+            "PATH": venv_bin + os.pathsep + os.environ.get("PATH", ""),
+        },
+        start_timeout=60.0,
+    )
+
+
 class Supervisor:
     """Starts children in order, restarts any that die, stops all in reverse order."""
 
@@ -190,6 +252,8 @@ class Supervisor:
         for child in self.children:
             child.start()
             child.wait_healthy()
+            if child.spec.after_start is not None:
+                child.spec.after_start()
 
     def watch(self, stop: threading.Event, interval: float = 2.0) -> None:
         while not stop.wait(interval):
@@ -199,8 +263,10 @@ class Supervisor:
                     try:
                         child.start()
                         child.wait_healthy()
-                    except RuntimeError as error:
-                        log.error("%s", error)
+                        if child.spec.after_start is not None:
+                            child.spec.after_start()
+                    except Exception as error:
+                        log.error("%s did not come back: %s", child.spec.name, error)
 
     def stop(self) -> None:
         for child in reversed(self.children):

@@ -6,10 +6,12 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+import numpy as np
+from highdicom.legacy import LegacyConvertedEnhancedCTImage
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
-from pydicom.uid import UID, generate_uid
+from pydicom.uid import UID, RLELossless, generate_uid
 
 from radloop.synthetic import ct_series
 
@@ -69,3 +71,72 @@ def truncated(source: Path, target: Path, keep: float = 0.6) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_bytes(data[: int(len(data) * keep)])
     return target
+
+
+# --- Multi-frame inputs for volume loading (agents.volume) ---------------------------------
+
+# pydicom-data's Enhanced MR files ship without plane geometry; `enhanced_mr_with_planes`
+# gives one of them a sagittal orientation and a position per frame.
+ENHANCED_MR_FILES = (
+    "emri_small.dcm",  # explicit VR little endian
+    "emri_small_RLE.dcm",  # RLE lossless: pydicom's own decoder
+    "emri_small_jpeg_2k_lossless.dcm",  # JPEG 2000: needs Pillow/openjpeg or pylibjpeg
+    "emri_small_jpeg_ls_lossless.dcm",  # JPEG-LS: needs pyjpegls or pylibjpeg
+)
+ENHANCED_MR_ORIENTATION = (0.0, 1.0, 0.0, 0.0, 0.0, -1.0)  # normal (row x column) is -x
+ENHANCED_MR_ORIGIN = (10.0, -20.0, 30.0)
+
+
+def enhanced_mr_with_planes(
+    name: str,
+    target: Path,
+    slots: list[int],
+    spacing: float = 1.2,
+    pixel_spacing: tuple[float, float] = (0.9, 0.8),
+) -> Path:
+    """A copy of a pydicom-data Enhanced MR whose frame i lies `slots[i]` steps of `spacing`
+    mm along the slice normal from `ENHANCED_MR_ORIGIN` (orientation and pixel measures in
+    the shared functional groups, positions per frame)."""
+    ds = real_dataset(name)
+    orientation = Dataset()
+    orientation.ImageOrientationPatient = list(ENHANCED_MR_ORIENTATION)
+    measures = Dataset()
+    measures.PixelSpacing = list(pixel_spacing)
+    measures.SliceThickness = spacing
+    shared = Dataset()
+    shared.PlaneOrientationSequence = [orientation]
+    shared.PixelMeasuresSequence = [measures]
+    ds.SharedFunctionalGroupsSequence = [shared]
+    cosines = np.array(ENHANCED_MR_ORIENTATION)
+    normal = np.cross(cosines[:3], cosines[3:])
+    frames = []
+    for slot in slots:
+        position = Dataset()
+        xyz = np.array(ENHANCED_MR_ORIGIN) + slot * spacing * normal
+        position.ImagePositionPatient = [round(float(v), 4) for v in xyz]
+        frame = Dataset()
+        frame.PlanePositionSequence = [position]
+        frames.append(frame)
+    ds.PerFrameFunctionalGroupsSequence = frames
+    target.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(target, enforce_file_format=True)
+    return target
+
+
+def enhanced_ct(folder: Path, slices: int, size: int = 32) -> tuple[Path, list[Path]]:
+    """A generated CT series and its legacy-converted Enhanced CT (highdicom), RLE compressed.
+
+    Returns the multi-frame file and the single-frame files it was built from.
+    """
+    paths = generated_ct(folder / "single", slices, size=size)
+    converted = LegacyConvertedEnhancedCTImage(
+        [dcmread(path) for path in paths],
+        series_instance_uid=generate_uid(),
+        series_number=2,
+        sop_instance_uid=generate_uid(),
+        instance_number=1,
+    )
+    converted.compress(RLELossless)
+    target = folder / "enhanced.dcm"
+    converted.save_as(target, enforce_file_format=True)
+    return target, paths

@@ -28,7 +28,7 @@ def test_up_starts_every_part_ingests_from_each_source_and_stops_on_ctrl_c(
     try:
         status = radloop_json(radloop_env, "status")
         services = {s["name"]: s for s in status["services"]}
-        assert set(services) >= {"dicom", "database", "orthanc", "prefect"}
+        assert set(services) >= {"dicom", "database", "orthanc", "prefect", "triton"}
         assert all(s["healthy"] for s in services.values()), services
 
         pushed = generated_ct(tmp_path / "push", 4, seed=1)

@@ -1,0 +1,133 @@
+"""Draft segmentations as files a viewer and a trainer can use: DICOM SEG (highdicom) + NIfTI.
+
+The SEG references the source series and its frame of reference, carries one segment per spec
+label with its coded concepts, and says who made it: SegmentAlgorithmType AUTOMATIC with the
+model's name and version. The NIfTI copy has the same voxels in RAS orientation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib.metadata import version as package_version
+from pathlib import Path
+from typing import Any
+
+import highdicom as hd
+import nibabel as nib
+import numpy as np
+from numpy.typing import NDArray
+from pydicom.sr.codedict import codes
+from pydicom.uid import generate_uid
+
+from agents.volume import LoadedSeries
+from radloop.modelspec import Code, ModelSpec
+
+# NIfTI is RAS, DICOM patient space LPS: flip the first two axes.
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+# NIfTI voxel (i, j, k) = (column, row, slice) -> radloop's (slice, row, column).
+_NIFTI_TO_SRC = np.array([[0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]], dtype=np.float64)
+DRAFT_SERIES_NUMBER = 9901
+
+
+@dataclass(frozen=True)
+class DraftFiles:
+    seg_path: Path
+    nifti_path: Path
+    seg_sop_instance_uid: str
+    seg_series_uid: str
+
+
+def _concept(code: Code) -> hd.sr.CodedConcept:
+    return hd.sr.CodedConcept(value=code.code, scheme_designator=code.scheme, meaning=code.meaning)
+
+
+def segment_descriptions(spec: ModelSpec, model_version: str) -> list[hd.seg.SegmentDescription]:
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name=spec.name, family=codes.cid7162.ArtificialIntelligence, version=model_version
+    )
+    return [
+        hd.seg.SegmentDescription(
+            segment_number=label.value,
+            segment_label=label.name,
+            segmented_property_category=_concept(label.category),
+            segmented_property_type=_concept(label.type),
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm,
+            display_color=hd.color.CIELabColor.from_rgb(*label.color) if label.color else None,
+        )
+        for label in spec.labels
+    ]
+
+
+def nifti_affine(series: LoadedSeries) -> NDArray[Any]:
+    """The NIfTI (RAS) affine of a label map stored as (column, row, slice)."""
+    return _LPS_TO_RAS @ series.affine @ _NIFTI_TO_SRC
+
+
+def write_draft(
+    series: LoadedSeries,
+    label_map: NDArray[Any],
+    spec: ModelSpec,
+    model_version: str,
+    out_dir: Path,
+) -> DraftFiles:
+    """Write `label_map` (same shape as `series.array`, values 0..len(labels)) as SEG + NIfTI.
+
+    The files are named after the SEG's SOP Instance UID under `out_dir`.
+    """
+    if label_map.shape != series.array.shape:
+        raise ValueError(f"label map {label_map.shape} does not match series {series.array.shape}")
+    labels = label_map.astype(np.uint8)
+    if int(labels.max(initial=0)) > len(spec.labels):
+        raise ValueError("label map holds values the spec does not define")
+    seg_uid, seg_series_uid = generate_uid(), generate_uid()
+    if len(series.source) == 1 and len(series.source_frames) > 1:
+        # Multi-frame source: SEG frames follow the source's frame order.
+        order = np.argsort(np.asarray(series.source_frames))
+        pixels = labels[order]
+    else:
+        pixels = labels
+    seg = hd.seg.Segmentation(
+        source_images=series.source,
+        pixel_array=pixels,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=segment_descriptions(spec, model_version),
+        series_instance_uid=seg_series_uid,
+        series_number=DRAFT_SERIES_NUMBER,
+        sop_instance_uid=seg_uid,
+        instance_number=1,
+        manufacturer="radloop",
+        manufacturer_model_name=spec.name,
+        software_versions=f"radloop {package_version('radloop')}; model {model_version}",
+        device_serial_number="radloop",
+        series_description=f"radloop draft {spec.name} v{model_version}"[:64],
+        omit_empty_frames=False,
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    seg_path = out_dir / f"{seg_uid}.dcm"
+    seg.save_as(seg_path)
+    nifti_path = out_dir / f"{seg_uid}.nii.gz"
+    image = nib.Nifti1Image(labels.transpose(2, 1, 0), nifti_affine(series))  # type: ignore[no-untyped-call]
+    image.header.set_xyzt_units("mm")  # type: ignore[no-untyped-call]
+    nib.save(image, nifti_path)
+    return DraftFiles(seg_path, nifti_path, str(seg_uid), str(seg_series_uid))
+
+
+def read_seg_label_map(seg_path: Path, series: LoadedSeries) -> NDArray[Any]:
+    """The label map a SEG holds, in `series`' slice order (for checks and corrections)."""
+    seg = hd.seg.segread(seg_path)
+    if len(series.source) == 1:
+        source_uid = str(series.source[0].SOPInstanceUID)
+        frames = seg.get_pixels_by_source_frame(
+            source_sop_instance_uid=source_uid,
+            source_frame_numbers=list(series.source_frames),
+            combine_segments=True,
+        )
+        return np.asarray(frames, dtype=np.uint8)
+    return np.asarray(
+        seg.get_pixels_by_source_instance(
+            source_sop_instance_uids=[str(ds.SOPInstanceUID) for ds in series.source],
+            combine_segments=True,
+        ),
+        dtype=np.uint8,
+    )

@@ -1,0 +1,129 @@
+"""Inference backends behind one small protocol: Triton for the product, in-process for tests.
+
+Both run `model_registry/triton_model.py`'s `segment`, so a unit test and the served model
+compute the same thing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import tritonclient.http as triton_http
+from numpy.typing import NDArray
+from tritonclient.utils import InferenceServerException
+
+
+class InferenceUnavailable(RuntimeError):
+    """The server could not be reached or refused the request; retrying later may work."""
+
+
+@dataclass(frozen=True)
+class InferenceResult:
+    labels: NDArray[Any]  # uint8, the input's shape
+    uncertainty: float
+    model_version: str
+
+
+class InferenceBackend(Protocol):
+    def infer(self, model: str, image: NDArray[Any], spacing: Sequence[float]) -> InferenceResult:
+        """Label map and uncertainty for one volume (float32 HU, slices × rows × columns)."""
+        ...
+
+
+def _host_port(url: str) -> str:
+    return url.split("://", 1)[-1].rstrip("/")
+
+
+class TritonBackend:
+    """Triton over HTTP (tritonclient). Models are loaded explicitly, never by polling."""
+
+    def __init__(self, url: str, timeout_seconds: float = 300.0) -> None:
+        self.client = triton_http.InferenceServerClient(
+            _host_port(url),
+            connection_timeout=10.0,
+            network_timeout=timeout_seconds,
+        )
+
+    def infer(self, model: str, image: NDArray[Any], spacing: Sequence[float]) -> InferenceResult:
+        volume = np.ascontiguousarray(image, dtype=np.float32)
+        inputs = [
+            triton_http.InferInput("IMAGE", list(volume.shape), "FP32"),
+            triton_http.InferInput("SPACING", [3], "FP32"),
+        ]
+        inputs[0].set_data_from_numpy(volume, binary_data=True)
+        inputs[1].set_data_from_numpy(np.asarray(spacing, dtype=np.float32), binary_data=True)
+        outputs = [
+            triton_http.InferRequestedOutput(name, binary_data=True)
+            for name in ("LABELS", "UNCERTAINTY", "MODEL_VERSION")
+        ]
+        try:
+            result = self.client.infer(model, inputs, outputs=outputs)
+        except (InferenceServerException, OSError) as error:
+            raise InferenceUnavailable(f"Triton inference of {model} failed: {error}") from error
+        version = result.as_numpy("MODEL_VERSION")
+        labels = result.as_numpy("LABELS")
+        score = result.as_numpy("UNCERTAINTY")
+        assert labels is not None and score is not None and version is not None
+        raw = version[0]
+        return InferenceResult(
+            labels=labels,
+            uncertainty=float(score[0]),
+            model_version=raw.decode() if isinstance(raw, bytes) else str(raw),
+        )
+
+    def load(self, model: str) -> None:
+        """Load (or reload: swap to the newest version of) `model`."""
+        try:
+            self.client.load_model(model)
+        except (InferenceServerException, OSError) as error:
+            raise InferenceUnavailable(f"Triton could not load {model}: {error}") from error
+
+    def ready(self, model: str, version: str = "") -> bool:
+        try:
+            return bool(self.client.is_model_ready(model, version))
+        except (InferenceServerException, OSError):
+            return False
+
+    def served_versions(self, model: str) -> list[str]:
+        """Versions of `model` Triton reports READY."""
+        try:
+            index: list[dict[str, Any]] = self.client.get_model_repository_index()
+        except (InferenceServerException, OSError) as error:
+            raise InferenceUnavailable(f"Triton unreachable: {error}") from error
+        return [
+            str(entry.get("version"))
+            for entry in index
+            if entry.get("name") == model and entry.get("state") == "READY"
+        ]
+
+
+class InProcessBackend:
+    """Runs a repository version in this process. For unit tests only: the product serves
+    through Triton."""
+
+    def __init__(self, repository: Path) -> None:
+        self.repository = repository
+        self._loaded: dict[str, tuple[str, Any, dict[str, Any]]] = {}
+
+    def infer(self, model: str, image: NDArray[Any], spacing: Sequence[float]) -> InferenceResult:
+        import torch
+
+        from model_registry.triton_model import load, segment
+
+        versions = sorted(
+            (p for p in (self.repository / model).iterdir() if p.name.isdigit()),
+            key=lambda p: int(p.name),
+        )
+        if not versions:
+            raise InferenceUnavailable(f"no version of {model} in {self.repository}")
+        newest = versions[-1]
+        if model not in self._loaded or self._loaded[model][0] != newest.name:
+            network, config = load(newest, torch.device("cpu"))
+            self._loaded[model] = (newest.name, network, config)
+        version, network, config = self._loaded[model]
+        labels, score = segment(network, image, spacing, config)
+        return InferenceResult(labels=labels, uncertainty=score, model_version=version)

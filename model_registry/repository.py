@@ -1,0 +1,85 @@
+"""The Triton model repository radloop manages: `<root>/<model>/<version>/` folders holding
+TorchScript weights, the spec they were trained for and the python-backend `model.py`.
+
+A version folder appears atomically (written beside, then renamed), so a Triton load never
+sees half a version. The layout is Triton's own, so NVIDIA's Triton container serves the same
+folder on a GPU (see deploy/triton/README.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from radloop.modelspec import ModelSpec
+
+MODEL_CODE = Path(__file__).resolve().with_name("triton_model.py")
+
+_CONFIG = """\
+# Written by radloop for model spec {name!r}; regenerated on every export.
+name: "{name}"
+backend: "python"
+max_batch_size: 0
+input [
+  {{ name: "IMAGE", data_type: TYPE_FP32, dims: [ -1, -1, -1 ] }},
+  {{ name: "SPACING", data_type: TYPE_FP32, dims: [ 3 ] }}
+]
+output [
+  {{ name: "LABELS", data_type: TYPE_UINT8, dims: [ -1, -1, -1 ] }},
+  {{ name: "UNCERTAINTY", data_type: TYPE_FP32, dims: [ 1 ] }},
+  {{ name: "MODEL_VERSION", data_type: TYPE_STRING, dims: [ 1 ] }}
+]
+# The newest version is served; loading the model again swaps to a newer one.
+version_policy: {{ latest: {{ num_versions: 1 }} }}
+# model.py moves the network to a GPU itself when torch sees one.
+instance_group [ {{ kind: KIND_CPU, count: 1 }} ]
+"""
+
+
+def inference_config(spec: ModelSpec) -> dict[str, Any]:
+    """What `model.py` needs of the spec, as JSON (it does not import radloop)."""
+    return spec.model_dump(
+        mode="json", include={"name", "preprocessing", "inference", "uncertainty", "labels"}
+    )
+
+
+class TritonRepository:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def versions(self, name: str) -> list[int]:
+        folder = self.root / name
+        if not folder.is_dir():
+            return []
+        return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit() and p.is_dir())
+
+    def export(
+        self, spec: ModelSpec, model: torch.jit.ScriptModule, version: int | None = None
+    ) -> int:
+        """Write `model` as a new version of `spec.name` (next free number unless given)."""
+        existing = self.versions(spec.name)
+        version = version if version is not None else (existing[-1] + 1 if existing else 1)
+        if version in existing:
+            raise FileExistsError(f"{spec.name} version {version} already exists")
+        model_dir = self.root / spec.name
+        model_dir.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=model_dir, prefix=".staging-"))
+        try:
+            torch.jit.save(model, str(staging / "model.pt"))
+            (staging / "spec.json").write_text(json.dumps(inference_config(spec), indent=2))
+            shutil.copyfile(MODEL_CODE, staging / "model.py")
+            for path in staging.iterdir():
+                with open(path, "rb") as handle:
+                    os.fsync(handle.fileno())
+            os.rename(staging, model_dir / str(version))
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        (model_dir / "config.pbtxt").write_text(_CONFIG.format(name=spec.name))
+        return version

@@ -1,0 +1,42 @@
+"""What every `radloop` sub-command shares: settings that stop with a clear message, consoles,
+the `--json` option."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from radloop.db import Store
+from radloop.modelspec import ModelSpec, ModelSpecError, load_specs
+from radloop.settings import Settings, SettingsError, load_settings
+
+console = Console()
+err_console = Console(stderr=True)
+
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+def cli_settings() -> Settings:
+    """Validated settings, or exit 2 naming each wrong key."""
+    try:
+        return load_settings()
+    except SettingsError as error:
+        err_console.print(f"[red]radloop: invalid settings[/red]\n{error}", highlight=False)
+        raise typer.Exit(2) from None
+
+
+def open_store(settings: Settings) -> Store:
+    """The state store, migrated to the current schema."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    return Store.open(settings.effective_database_url)
+
+
+def cli_model_specs(settings: Settings) -> dict[str, ModelSpec]:
+    """Every model spec, validated, or exit 2 naming the file and key of each error."""
+    try:
+        return load_specs(settings.effective_models_dir)
+    except ModelSpecError as error:
+        err_console.print(f"[red]invalid model spec[/red]\n{error}", highlight=False)
+        raise typer.Exit(2) from None

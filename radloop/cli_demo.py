@@ -1,0 +1,43 @@
+"""`radloop demo …`: run the loop without patient data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from radloop.cli_common import JsonOption, cli_settings, console, err_console
+
+demo_app = typer.Typer(help="Demo data: run the loop without patient data.", no_args_is_help=True)
+
+
+@demo_app.command("data")
+def demo_data(
+    studies: Annotated[int, typer.Option(min=1, help="How many phantom studies.")] = 8,
+    out: Annotated[
+        Path | None, typer.Option(help="Where to write (default <data_dir>/demo/phantoms).")
+    ] = None,
+    seed: Annotated[int, typer.Option(min=0, help="Seed of the first study; then +1 each.")] = 0,
+    as_json: JsonOption = False,
+) -> None:
+    """Write CT phantom studies (DICOM) with their ground-truth masks (NIfTI + truth.json)."""
+    from rich.progress import Progress
+
+    from radloop.phantom import PhantomLabel, write_study
+
+    root = out or cli_settings().data_dir / "demo" / "phantoms"
+    written = []
+    with Progress(console=err_console if as_json else console, transient=as_json) as progress:
+        task = progress.add_task("writing phantom studies", total=studies)
+        for index in range(studies):
+            written.append(write_study(root, index, seed=seed + index))
+            progress.advance(task)
+    if as_json:
+        print(json.dumps([study.summary() for study in written], indent=2))
+        return
+    slices = sum(study.slices for study in written)
+    console.print(f"{studies} phantom studies ({slices} CT slices) in {root}")
+    labels = ", ".join(f"{label.value} {label.name.lower()}" for label in PhantomLabel)
+    console.print(f"each: dicom/*.dcm, truth.nii.gz (labels {labels}), truth.json")

@@ -1,0 +1,214 @@
+"""Model specs (`configs/models/<name>.yaml`): the declared contract of every model radloop
+serves — network, input rules, preprocessing, coded labels, inference and uncertainty.
+
+Specs are validated when radloop starts; a wrong spec stops start-up with the file and key.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Self
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PACKAGED_MODELS = Path(__file__).resolve().parent.parent / "configs" / "models"
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+
+
+class Orientation(StrEnum):
+    AXIAL = "axial"
+    ANY = "any"
+
+
+class UncertaintyMethod(StrEnum):
+    ENTROPY = "entropy"
+    MC_DROPOUT = "mc_dropout"
+    FLIP_TTA = "flip_tta"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NetworkSpec(_Strict):
+    name: str
+    args: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _known_network(cls, value: str) -> str:
+        from monai.networks import nets
+
+        if not isinstance(getattr(nets, value, None), type):
+            raise ValueError(f"{value!r} is not a network in monai.networks.nets")
+        return value
+
+    @model_validator(mode="after")
+    def _builds(self) -> Self:
+        # The declared arguments must build the declared network; a typo fails here, at start.
+        try:
+            self.build()
+        except (TypeError, ValueError, AssertionError) as error:
+            raise ValueError(f"{self.name}(**args) fails: {error}") from None
+        return self
+
+    def build(self) -> Any:
+        """Instantiate the MONAI network (a `torch.nn.Module`)."""
+        from monai.networks import nets
+
+        return getattr(nets, self.name)(**self.args)
+
+
+class InputRules(_Strict):
+    modality: str
+    series_description: str = ".*"
+    min_slices: int = Field(1, ge=1)
+    orientation: Orientation = Orientation.AXIAL
+
+    @field_validator("series_description")
+    @classmethod
+    def _compiles(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as error:
+            raise ValueError(f"not a regular expression: {error}") from None
+        return value
+
+    def matches_description(self, description: str | None) -> bool:
+        return re.fullmatch(self.series_description, description or "", re.IGNORECASE) is not None
+
+
+class Window(_Strict):
+    min: float
+    max: float
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Self:
+        if self.min >= self.max:
+            raise ValueError("min must be below max")
+        return self
+
+
+class Preprocessing(_Strict):
+    spacing: tuple[float, float, float]
+    window: Window
+
+    @field_validator("spacing")
+    @classmethod
+    def _positive(cls, value: tuple[float, float, float]) -> tuple[float, float, float]:
+        if any(v <= 0 for v in value):
+            raise ValueError("spacing must be positive")
+        return value
+
+
+class Code(_Strict):
+    """A coded concept, as DICOM SEG's segmented property category and type need."""
+
+    code: str
+    scheme: str
+    meaning: str
+
+
+class Label(_Strict):
+    value: int = Field(ge=1, le=255)
+    name: str
+    category: Code
+    type: Code
+    color: tuple[int, int, int] | None = None
+
+
+class Inference(_Strict):
+    roi_size: tuple[int, int, int]
+    overlap: float = Field(0.25, ge=0, lt=1)
+    sw_batch_size: int = Field(1, ge=1)
+
+    @field_validator("roi_size")
+    @classmethod
+    def _positive(cls, value: tuple[int, int, int]) -> tuple[int, int, int]:
+        if any(v <= 0 for v in value):
+            raise ValueError("roi_size must be positive")
+        return value
+
+
+class Uncertainty(_Strict):
+    method: UncertaintyMethod = UncertaintyMethod.ENTROPY
+    samples: int = Field(4, ge=1)
+
+
+class Retraining(_Strict):
+    threshold: int = Field(ge=1)
+
+
+class ModelSpec(_Strict):
+    name: str
+    description: str = ""
+    network: NetworkSpec
+    input: InputRules
+    preprocessing: Preprocessing
+    labels: list[Label] = Field(min_length=1)
+    inference: Inference
+    uncertainty: Uncertainty = Uncertainty()
+    retraining: Retraining
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError("must be lowercase letters, digits, '-' or '_' (at most 63)")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        values = [label.value for label in self.labels]
+        if sorted(values) != list(range(1, len(values) + 1)):
+            raise ValueError(f"label values must be 1..{len(values)}, each once (got {values})")
+        out_channels = self.network.args.get("out_channels")
+        if out_channels is not None and out_channels != len(values) + 1:
+            raise ValueError(
+                f"network.args.out_channels is {out_channels}; background plus "
+                f"{len(values)} labels needs {len(values) + 1}"
+            )
+        if self.uncertainty.method != UncertaintyMethod.ENTROPY and self.uncertainty.samples < 2:
+            raise ValueError(f"uncertainty.samples must be >= 2 for {self.uncertainty.method}")
+        return self
+
+
+class ModelSpecError(Exception):
+    """A spec file is unreadable or invalid; the message names the file and each key."""
+
+
+def load_spec(path: Path) -> ModelSpec:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as error:
+        raise ModelSpecError(f"{path}: cannot read: {error}") from None
+    try:
+        spec = ModelSpec.model_validate(data)
+    except ValidationError as error:
+        lines = [
+            f"{path}: {'.'.join(str(p) for p in item['loc']) or '(top)'}: {item['msg']}"
+            for item in error.errors()
+        ]
+        raise ModelSpecError("\n".join(lines)) from None
+    if spec.name != path.stem:
+        raise ModelSpecError(f"{path}: name: {spec.name!r} differs from the file name")
+    return spec
+
+
+def load_specs(folder: Path) -> dict[str, ModelSpec]:
+    """Every `*.yaml` spec in `folder`, by name; all errors reported together."""
+    specs: dict[str, ModelSpec] = {}
+    errors: list[str] = []
+    for path in sorted(folder.glob("*.yaml")):
+        try:
+            spec = load_spec(path)
+        except ModelSpecError as error:
+            errors.append(str(error))
+            continue
+        specs[spec.name] = spec
+    if errors:
+        raise ModelSpecError("\n".join(errors))
+    return specs
