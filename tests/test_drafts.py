@@ -15,6 +15,12 @@ from radloop.modelspec import PACKAGED_MODELS, ModelSpec, load_spec
 from radloop.phantom import write_study
 
 
+def _nifti(path: Path) -> nib.Nifti1Image:
+    image = nib.load(path)
+    assert isinstance(image, nib.Nifti1Image)
+    return image
+
+
 @pytest.fixture(scope="module")
 def spec() -> ModelSpec:
     return load_spec(PACKAGED_MODELS / "phantom-abdomen.yaml")
@@ -25,7 +31,7 @@ def test_seg_reads_back_as_the_label_map_with_coded_segments_and_provenance(
 ) -> None:
     study = write_study(tmp_path / "phantoms", 0, seed=3)
     series = load_series(sorted(study.dicom_dir.glob("*.dcm")))
-    truth = nib.load(study.truth).get_fdata().astype(np.uint8).transpose(2, 1, 0)
+    truth = _nifti(study.truth).get_fdata().astype(np.uint8).transpose(2, 1, 0)
     assert truth.shape == series.array.shape
 
     files = write_draft(series, truth, spec, "7", tmp_path / "drafts")
@@ -53,14 +59,14 @@ def test_seg_reads_back_as_the_label_map_with_coded_segments_and_provenance(
 def test_nifti_copy_has_the_same_voxels_in_the_same_place(spec: ModelSpec, tmp_path: Path) -> None:
     study = write_study(tmp_path / "phantoms", 0, seed=4)
     series = load_series(sorted(study.dicom_dir.glob("*.dcm")))
-    truth = nib.load(study.truth).get_fdata().astype(np.uint8).transpose(2, 1, 0)
+    truth = _nifti(study.truth).get_fdata().astype(np.uint8).transpose(2, 1, 0)
 
     files = write_draft(series, truth, spec, "1", tmp_path / "drafts")
 
-    draft = nib.load(files.nifti_path)
+    draft = _nifti(files.nifti_path)
     assert np.array_equal(np.asarray(draft.dataobj).transpose(2, 1, 0), truth)
     # The same voxel lands at the same RAS point as the ground truth radloop generated.
-    np.testing.assert_allclose(draft.affine, nib.load(study.truth).affine, atol=1e-3)
+    np.testing.assert_allclose(draft.affine, _nifti(study.truth).affine, atol=1e-3)
 
 
 def test_label_map_of_the_wrong_shape_is_refused(spec: ModelSpec, tmp_path: Path) -> None:
