@@ -20,7 +20,7 @@ from sqlalchemy import select
 from dicom_listener.assembly import StudyAssembler
 from dicom_listener.ingest import Ingestor
 from dicom_listener.instance import InstanceHeader, InvalidInstance
-from radloop.db import Cursor, Instance, Store, Study, utcnow
+from radloop.db import Annotation, Cursor, Instance, Store, Study, utcnow
 from radloop.domain import IngestSource
 
 log = logging.getLogger(__name__)
@@ -83,6 +83,9 @@ class OrthancFollower:
         study_uid = None
         for instance in instances:
             sop_uid = instance.get("MainDicomTags", {}).get("SOPInstanceUID", "")
+            if sop_uid and self._is_own_draft(sop_uid):
+                # radloop put its draft SEG there: not a new instance of the study.
+                continue
             if sop_uid and self.ingestor.is_known(sop_uid):
                 study_uid = study_uid or self._study_uid_of(sop_uid)
                 continue
@@ -106,6 +109,13 @@ class OrthancFollower:
             study_uid = header.study_uid
         if study_uid is not None:
             self.assembler.complete(study_uid)
+
+    def _is_own_draft(self, sop_uid: str) -> bool:
+        with self.store.read() as session:
+            found = session.scalar(
+                select(Annotation.id).where(Annotation.seg_sop_instance_uid == sop_uid)
+            )
+        return found is not None
 
     def _study_uid_of(self, sop_uid: str) -> str | None:
         with self.store.read() as session:

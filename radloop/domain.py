@@ -24,6 +24,18 @@ class StudyState(StrEnum):
     FAILED = "failed"
 
 
+class AnnotationState(StrEnum):
+    """One study revision × model version. QUEUED: in the review queue without a draft (no
+    model version yet); NOT_APPLICABLE: no series fits the model, `reason` says why."""
+
+    QUEUED = "queued"
+    DRAFTED = "drafted"
+    CLAIMED = "claimed"
+    CORRECTED = "corrected"
+    VALIDATED = "validated"
+    NOT_APPLICABLE = "not_applicable"
+
+
 class IngestSource(StrEnum):
     DIMSE = "dimse"
     ORTHANC = "orthanc"

@@ -45,10 +45,34 @@ class StudyCompleted(BaseModel):
         return f"study:{self.study_uid}:rev:{self.revision}"
 
 
-EVENT_PAYLOADS: dict[EventType, type[BaseModel]] = {EventType.STUDY_COMPLETED: StudyCompleted}
+class AnnotationDrafted(BaseModel):
+    annotation_id: int
+    study_uid: str
+    revision: int
+    series_uid: str
+    model: str
+    model_version: str
+    seg_sop_instance_uid: str
+    uncertainty: float
+
+    @property
+    def resource_id(self) -> str:
+        return f"radloop.annotation.{self.annotation_id}"
+
+    @property
+    def idempotency_key(self) -> str:
+        return f"study:{self.study_uid}:rev:{self.revision}:model:{self.model}:{self.model_version}"
 
 
-def record_event(session: Session, event: EventType, payload: StudyCompleted) -> OutboxEvent:
+EVENT_PAYLOADS: dict[EventType, type[BaseModel]] = {
+    EventType.STUDY_COMPLETED: StudyCompleted,
+    EventType.ANNOTATION_DRAFTED: AnnotationDrafted,
+}
+
+
+def record_event(
+    session: Session, event: EventType, payload: StudyCompleted | AnnotationDrafted
+) -> OutboxEvent:
     """Add an outbox row in the caller's transaction; it is delivered only if that commits."""
     row = OutboxEvent(
         event_id=str(uuid.uuid4()),

@@ -1,9 +1,10 @@
 """The state store: tables, engine, migrations."""
 
 from radloop.db.engine import Store, make_engine, upgrade
-from radloop.db.models import Base, Cursor, Instance, OutboxEvent, Series, Study, utcnow
+from radloop.db.models import Annotation, Base, Cursor, Instance, OutboxEvent, Series, Study, utcnow
 
 __all__ = [
+    "Annotation",
     "Base",
     "Cursor",
     "Instance",

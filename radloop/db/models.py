@@ -9,6 +9,7 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -95,6 +96,31 @@ class Instance(Base):
     revision: Mapped[int] = mapped_column(Integer)
     source: Mapped[str] = mapped_column(String(16))
     received_at: Mapped[datetime]
+
+
+class Annotation(Base):
+    """A draft (or its absence) for one study revision and model version."""
+
+    __tablename__ = "annotations"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    # study:<uid>:rev:<n>:model:<name>:<version|none> — at most one per key.
+    draft_key: Mapped[str] = mapped_column(String(200), unique=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    study_revision: Mapped[int] = mapped_column(Integer)
+    series_uid: Mapped[str | None] = mapped_column(UID)
+    model_name: Mapped[str] = mapped_column(String(64))
+    model_version: Mapped[str | None] = mapped_column(String(32))
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    priority: Mapped[float | None] = mapped_column(Float, index=True)
+    uncertainty: Mapped[float | None] = mapped_column(Float)
+    seg_sop_instance_uid: Mapped[str | None] = mapped_column(UID, unique=True)
+    seg_series_uid: Mapped[str | None] = mapped_column(UID)
+    seg_path: Mapped[str | None] = mapped_column(String(256))
+    nifti_path: Mapped[str | None] = mapped_column(String(256))
+    reason: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
 
 
 class OutboxEvent(Base):

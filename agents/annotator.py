@@ -1,0 +1,230 @@
+"""Annotate one completed study revision with one model: pick the series the model's spec
+accepts, infer, write the draft (SEG + NIfTI), record it, put the SEG in Orthanc.
+
+Every step is idempotent, keyed on study revision and model: a second call for a revision
+that already has a draft only makes sure its SEG is in Orthanc. Inference errors propagate
+(`InferenceUnavailable`) so the caller — the flow — retries with backoff.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from pyorthanc import Orthanc
+from sqlalchemy import select
+
+from agents.drafts import write_draft
+from agents.inference import InferenceBackend
+from agents.volume import LoadedSeries, SeriesRejected, load_series, series_files
+from model_registry.repository import TritonRepository
+from radloop.db import Annotation, Series, Store, Study, utcnow
+from radloop.domain import AnnotationState, StudyState
+from radloop.events import AnnotationDrafted, EventType, record_event
+from radloop.modelspec import ModelSpec, Orientation
+
+log = logging.getLogger(__name__)
+
+_REVIEWABLE = (
+    AnnotationState.DRAFTED,
+    AnnotationState.CLAIMED,
+    AnnotationState.CORRECTED,
+    AnnotationState.VALIDATED,
+)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    annotation_id: int
+    state: AnnotationState
+    reason: str | None = None
+
+
+def draft_key(study_uid: str, revision: int, model: str, version: str | None) -> str:
+    return f"study:{study_uid}:rev:{revision}:model:{model}:{version or 'none'}"
+
+
+def _is_axial(series: LoadedSeries) -> bool:
+    normal = series.affine[:3, 0] / np.linalg.norm(series.affine[:3, 0])
+    return abs(float(normal[2])) > 0.95
+
+
+class Annotator:
+    def __init__(
+        self,
+        store: Store,
+        spool_dir: Path,
+        drafts_dir: Path,
+        repository: TritonRepository,
+        backend: InferenceBackend,
+        orthanc: Orthanc | None,
+    ) -> None:
+        self.store = store
+        self.spool_dir = spool_dir
+        self.drafts_dir = drafts_dir
+        self.repository = repository
+        self.backend = backend
+        self.orthanc = orthanc
+
+    def annotate(self, study_uid: str, revision: int, spec: ModelSpec) -> Outcome:
+        """Draft (or queue, or refuse with a reason) study revision `revision` for `spec`."""
+        done = self._existing(study_uid, revision, spec.name)
+        if done is not None:
+            if done.state in _REVIEWABLE and done.seg_path:
+                self._store_in_orthanc(Path(done.seg_path))
+            return Outcome(done.id, AnnotationState(done.state), done.reason)
+        series, reasons = self._pick_series(study_uid, spec)
+        versions = self.repository.versions(spec.name)
+        if series is None:
+            reason = "; ".join(reasons) or "the study has no series"
+            return self._record_without_draft(
+                study_uid, revision, spec, None, AnnotationState.NOT_APPLICABLE, reason
+            )
+        if not versions:
+            # Cold start: readers label from scratch; drafts come once a model exists.
+            return self._record_without_draft(
+                study_uid, revision, spec, series.series_uid, AnnotationState.QUEUED, None
+            )
+        result = self.backend.infer(spec.name, series.array, series.spacing)
+        files = write_draft(
+            series, result.labels, spec, result.model_version, self.drafts_dir / study_uid
+        )
+        key = draft_key(study_uid, revision, spec.name, result.model_version)
+        with self.store.transaction() as session:
+            study = session.execute(select(Study).where(Study.study_uid == study_uid)).scalar_one()
+            now = utcnow()
+            annotation = Annotation(
+                draft_key=key,
+                study_id=study.id,
+                study_revision=revision,
+                series_uid=series.series_uid,
+                model_name=spec.name,
+                model_version=result.model_version,
+                state=AnnotationState.DRAFTED.value,
+                priority=result.uncertainty,
+                uncertainty=result.uncertainty,
+                seg_sop_instance_uid=files.seg_sop_instance_uid,
+                seg_series_uid=files.seg_series_uid,
+                seg_path=str(files.seg_path),
+                nifti_path=str(files.nifti_path),
+                created_at=now,
+                updated_at=now,
+            )
+            session.add(annotation)
+            session.flush()
+            if study.revision == revision:
+                study.state = StudyState.DRAFTED.value
+            record_event(
+                session,
+                EventType.ANNOTATION_DRAFTED,
+                AnnotationDrafted(
+                    annotation_id=annotation.id,
+                    study_uid=study_uid,
+                    revision=revision,
+                    series_uid=series.series_uid,
+                    model=spec.name,
+                    model_version=result.model_version,
+                    seg_sop_instance_uid=files.seg_sop_instance_uid,
+                    uncertainty=result.uncertainty,
+                ),
+            )
+            annotation_id = annotation.id
+        # Recorded first, so the Orthanc follower recognises the SEG as radloop's own draft.
+        self._store_in_orthanc(files.seg_path)
+        log.info(
+            "drafted study %s rev %d with %s v%s (uncertainty %.3f)",
+            study_uid,
+            revision,
+            spec.name,
+            result.model_version,
+            result.uncertainty,
+        )
+        return Outcome(annotation_id, AnnotationState.DRAFTED)
+
+    def _existing(self, study_uid: str, revision: int, model: str) -> Annotation | None:
+        with self.store.read() as session:
+            return session.scalars(
+                select(Annotation)
+                .join(Study, Study.id == Annotation.study_id)
+                .where(
+                    Study.study_uid == study_uid,
+                    Annotation.study_revision == revision,
+                    Annotation.model_name == model,
+                    Annotation.state != AnnotationState.QUEUED,
+                )
+                .order_by(Annotation.id.desc())
+            ).first()
+
+    def _pick_series(
+        self, study_uid: str, spec: ModelSpec
+    ) -> tuple[LoadedSeries | None, list[str]]:
+        """The first series that meets the spec's input rules, or the reason each failed."""
+        with self.store.read() as session:
+            candidates = session.execute(
+                select(Series.series_uid, Series.modality, Series.description)
+                .join(Study, Study.id == Series.study_id)
+                .where(Study.study_uid == study_uid)
+                .order_by(Series.id)
+            ).all()
+        reasons = []
+        rules = spec.input
+        for series_uid, modality, description in candidates:
+            if modality != rules.modality:
+                reasons.append(f"series {series_uid}: modality {modality}, needs {rules.modality}")
+                continue
+            if not rules.matches_description(description):
+                reasons.append(f"series {series_uid}: description does not match the spec")
+                continue
+            try:
+                files = series_files(self.store, self.spool_dir, series_uid)
+                series = load_series(files, min_slices=rules.min_slices)
+            except SeriesRejected as rejected:
+                reasons.append(f"series {series_uid}: {rejected}")
+                continue
+            if rules.orientation == Orientation.AXIAL and not _is_axial(series):
+                reasons.append(f"series {series_uid}: not axial")
+                continue
+            return series, reasons
+        return None, reasons
+
+    def _record_without_draft(
+        self,
+        study_uid: str,
+        revision: int,
+        spec: ModelSpec,
+        series_uid: str | None,
+        state: AnnotationState,
+        reason: str | None,
+    ) -> Outcome:
+        key = draft_key(study_uid, revision, spec.name, None)
+        with self.store.transaction() as session:
+            found = session.scalars(select(Annotation).where(Annotation.draft_key == key)).first()
+            if found is not None:
+                return Outcome(found.id, AnnotationState(found.state), found.reason)
+            study = session.execute(select(Study).where(Study.study_uid == study_uid)).scalar_one()
+            now = utcnow()
+            annotation = Annotation(
+                draft_key=key,
+                study_id=study.id,
+                study_revision=revision,
+                series_uid=series_uid,
+                model_name=spec.name,
+                state=state.value,
+                reason=reason,
+                created_at=now,
+                updated_at=now,
+            )
+            session.add(annotation)
+            session.flush()
+            annotation_id = annotation.id
+        if reason:
+            log.info(
+                "study %s rev %d: no draft from %s: %s", study_uid, revision, spec.name, reason
+            )
+        return Outcome(annotation_id, state, reason)
+
+    def _store_in_orthanc(self, seg_path: Path) -> None:
+        if self.orthanc is not None:
+            self.orthanc.post_instances(seg_path.read_bytes())

@@ -1,0 +1,139 @@
+"""Annotating a completed study: one draft per revision and model, its SEG in a real Orthanc,
+a reason when no series fits, and the review queue without a draft at cold start."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from pydicom import dcmread
+from pyorthanc import Orthanc
+from sqlalchemy import func, select
+
+from agents.annotator import Annotator
+from agents.drafts import read_seg_label_map
+from agents.inference import InProcessBackend
+from agents.volume import load_series
+from dicom_listener import Ingestor, InstanceHeader, OrthancFollower, StudyAssembler
+from model_registry.repository import TritonRepository
+from radloop.db import Annotation, OutboxEvent, Store, Study
+from radloop.domain import AnnotationState, IngestSource
+from radloop.modelspec import PACKAGED_MODELS, ModelSpec, load_spec
+from radloop.phantom import WrittenStudy, write_study
+from radloop.settings import Settings
+from radloop.supervisor import Child
+from tests.servers import wait_until
+
+
+@pytest.fixture
+def spec() -> ModelSpec:
+    return load_spec(PACKAGED_MODELS / "phantom-abdomen.yaml")
+
+
+def received_phantom(store: Store, settings: Settings, tmp_path: Path, seed: int) -> WrittenStudy:
+    """A phantom study ingested and completed, as after a push."""
+    study = write_study(tmp_path / "phantoms", seed, seed=seed)
+    ingestor = Ingestor(store, settings.spool_dir)
+    for path in sorted(study.dicom_dir.glob("*.dcm")):
+        ds = dcmread(path)
+        header = InstanceHeader.from_dataset(ds, str(ds.file_meta.TransferSyntaxUID))
+        ingestor.ingest(header, path.read_bytes(), IngestSource.DIMSE)
+    assert StudyAssembler(store, 1).complete(study.study_uid) is not None
+    return study
+
+
+def annotator(store: Store, settings: Settings, orthanc: Orthanc | None) -> Annotator:
+    return Annotator(
+        store,
+        settings.spool_dir,
+        settings.data_dir / "drafts",
+        TritonRepository(settings.model_repository),
+        InProcessBackend(settings.model_repository),
+        orthanc,
+    )
+
+
+def export_model(settings: Settings, spec: ModelSpec) -> None:
+    torch.manual_seed(0)
+    network = torch.jit.script(spec.network.build().eval())
+    TritonRepository(settings.model_repository).export(spec, network)
+
+
+def test_completed_study_gets_one_draft_whose_seg_is_in_orthanc_and_reads_back(
+    store: Store, settings: Settings, orthanc: Child, spec: ModelSpec, tmp_path: Path
+) -> None:
+    export_model(settings, spec)
+    study = received_phantom(store, settings, tmp_path, seed=21)
+    client = Orthanc(orthanc.spec.url)
+    worker = annotator(store, settings, client)
+
+    first = worker.annotate(study.study_uid, 1, spec)
+    again = worker.annotate(study.study_uid, 1, spec)
+
+    assert first.state == AnnotationState.DRAFTED and again.annotation_id == first.annotation_id
+    with store.read() as session:
+        (row,) = session.scalars(select(Annotation)).all()
+        events = session.scalars(
+            select(OutboxEvent.event).where(OutboxEvent.event == "radloop.annotation.drafted")
+        ).all()
+        state = session.scalar(select(Study.state))
+    assert len(events) == 1 and state == "drafted"
+    assert row.model_version == "1" and row.priority is not None and 0 <= row.priority <= 1
+    assert row.series_uid == study.series_uid
+    found = httpx.post(f"{orthanc.spec.url}/tools/lookup", content=row.seg_sop_instance_uid)
+    assert [item["Type"] for item in found.json()] == ["Instance"]
+
+    series = load_series(sorted(study.dicom_dir.glob("*.dcm")))
+    produced = InProcessBackend(settings.model_repository).infer(
+        spec.name, series.array, series.spacing
+    )
+    assert row.seg_path is not None
+    assert np.array_equal(read_seg_label_map(Path(row.seg_path), series), produced.labels)
+
+    # The follower sees the SEG appear in Orthanc and must not take it for a new instance.
+    follower = OrthancFollower(
+        store, Ingestor(store, settings.spool_dir), StudyAssembler(store, 1), client
+    )
+
+    def stable_study_handled() -> bool:
+        follower.poll_once()
+        changes = httpx.get(f"{orthanc.spec.url}/changes", params={"limit": 100}).json()
+        stable = [c["Seq"] for c in changes["Changes"] if c["ChangeType"] == "StableStudy"]
+        return bool(stable) and follower.cursor() >= stable[0]
+
+    wait_until(stable_study_handled, timeout=30, interval=0.3)
+    with store.read() as session:
+        assert session.scalar(select(Study.revision)) == 1
+        assert session.scalar(select(func.count(Annotation.id))) == 1
+
+
+def test_series_that_the_spec_does_not_accept_gets_no_draft_and_a_reason(
+    store: Store, settings: Settings, spec: ModelSpec, tmp_path: Path
+) -> None:
+    export_model(settings, spec)
+    study = received_phantom(store, settings, tmp_path, seed=22)
+    mr_only = spec.model_copy(update={"input": spec.input.model_copy(update={"modality": "MR"})})
+    thick = spec.model_copy(update={"input": spec.input.model_copy(update={"min_slices": 500})})
+
+    refused = annotator(store, settings, None).annotate(study.study_uid, 1, mr_only)
+    assert refused.state == AnnotationState.NOT_APPLICABLE
+    assert refused.reason is not None and "modality CT, needs MR" in refused.reason
+
+    with store.transaction() as session:
+        session.query(Annotation).delete()
+    too_few = annotator(store, settings, None).annotate(study.study_uid, 1, thick)
+    assert too_few.reason is not None and "too few slices" in too_few.reason
+
+
+def test_cold_start_puts_the_study_in_the_queue_without_a_draft(
+    store: Store, settings: Settings, spec: ModelSpec, tmp_path: Path
+) -> None:
+    study = received_phantom(store, settings, tmp_path, seed=23)
+    outcome = annotator(store, settings, None).annotate(study.study_uid, 1, spec)
+    assert outcome.state == AnnotationState.QUEUED
+    with store.read() as session:
+        row = session.scalars(select(Annotation)).one()
+    assert row.seg_sop_instance_uid is None and row.series_uid == study.series_uid
