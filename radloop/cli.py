@@ -15,6 +15,7 @@ from sqlalchemy.engine import make_url
 from radloop.cli_common import JsonOption, cli_model_specs, cli_settings, console, open_store
 from radloop.cli_demo import demo_app
 from radloop.cli_models import models_app
+from radloop.cli_queue import queue_app
 from radloop.cli_studies import studies_app
 from radloop.settings import Settings
 
@@ -22,6 +23,7 @@ app = typer.Typer(help="radloop: the radiology active-learning loop.", no_args_i
 app.add_typer(studies_app, name="studies")
 app.add_typer(models_app, name="models")
 app.add_typer(demo_app, name="demo")
+app.add_typer(queue_app, name="queue")
 
 
 def _configure_logging(settings: Settings) -> None:

@@ -25,7 +25,7 @@ from radloop.modelspec import PACKAGED_MODELS, ModelSpec, load_spec
 from radloop.phantom import WrittenStudy, write_study
 from radloop.settings import Settings
 from radloop.supervisor import Child
-from tests.servers import wait_until
+from tests.servers import radloop_json, wait_until
 
 
 @pytest.fixture
@@ -63,7 +63,12 @@ def export_model(settings: Settings, spec: ModelSpec) -> None:
 
 
 def test_completed_study_gets_one_draft_whose_seg_is_in_orthanc_and_reads_back(
-    store: Store, settings: Settings, orthanc: Child, spec: ModelSpec, tmp_path: Path
+    store: Store,
+    settings: Settings,
+    orthanc: Child,
+    spec: ModelSpec,
+    tmp_path: Path,
+    radloop_env: dict[str, str],
 ) -> None:
     export_model(settings, spec)
     study = received_phantom(store, settings, tmp_path, seed=21)
@@ -83,6 +88,11 @@ def test_completed_study_gets_one_draft_whose_seg_is_in_orthanc_and_reads_back(
     assert len(events) == 1 and state == "drafted"
     assert row.model_version == "1" and row.priority is not None and 0 <= row.priority <= 1
     assert row.series_uid == study.series_uid
+    (queued,) = radloop_json(radloop_env, "queue", "list")
+    assert queued["annotation_id"] == row.id and queued["state"] == "drafted"
+    assert queued["priority"] == pytest.approx(row.priority)
+    assert (queued["model"], queued["model_version"]) == ("phantom-abdomen", "1")
+    assert queued["seg_sop_instance_uid"] == row.seg_sop_instance_uid
     found = httpx.post(f"{orthanc.spec.url}/tools/lookup", content=row.seg_sop_instance_uid)
     assert [item["Type"] for item in found.json()] == ["Instance"]
 
