@@ -14,6 +14,7 @@ from sqlalchemy.engine import make_url
 
 from radloop.cli_common import JsonOption, cli_model_specs, cli_settings, console, open_store
 from radloop.cli_demo import demo_app
+from radloop.cli_flows import flows_app
 from radloop.cli_models import models_app
 from radloop.cli_queue import queue_app
 from radloop.cli_studies import studies_app
@@ -24,6 +25,7 @@ app.add_typer(studies_app, name="studies")
 app.add_typer(models_app, name="models")
 app.add_typer(demo_app, name="demo")
 app.add_typer(queue_app, name="queue")
+app.add_typer(flows_app, name="flows")
 
 
 def _configure_logging(settings: Settings) -> None:
@@ -74,7 +76,13 @@ def up() -> None:
     """Start everything on embedded defaults: Orthanc, Prefect, Triton, listener, follower,
     watch folder."""
     from radloop.services import Services, load_served_models
-    from radloop.supervisor import Supervisor, orthanc_spec, prefect_spec, triton_spec
+    from radloop.supervisor import (
+        Supervisor,
+        flows_spec,
+        orthanc_spec,
+        prefect_spec,
+        triton_spec,
+    )
 
     settings = cli_settings()
     _configure_logging(settings)
@@ -89,6 +97,7 @@ def up() -> None:
         triton = triton_spec(settings)
         triton.after_start = lambda: load_served_models(settings, model_specs)
         specs.append(triton)
+    specs.append(flows_spec(settings))
     supervisor = Supervisor(specs)
     stop = _wait_for_signal()
     services = Services(settings, store)

@@ -242,6 +242,24 @@ def triton_spec(settings: Settings) -> ChildSpec:
     )
 
 
+def flows_spec(settings: Settings) -> ChildSpec:
+    """`radloop flows serve`: radloop's Prefect deployments, healthy once registered."""
+    api = settings.prefect.effective_api_url
+    return ChildSpec(
+        name="flows",
+        argv=[str(Path(sys.executable).with_name("radloop")), "flows", "serve"],
+        log_file=settings.data_dir / "logs" / "flows.log",
+        healthy=http_ok(f"{api}/deployments/name/annotate-study/on-study-completed"),
+        url=f"{api.removesuffix('/api')}/deployments",
+        env={
+            "PREFECT_API_URL": api,
+            "PREFECT_HOME": str(settings.data_dir / "prefect-client"),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        },
+        start_timeout=120.0,
+    )
+
+
 class Supervisor:
     """Starts children in order, restarts any that die, stops all in reverse order."""
 

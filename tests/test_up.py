@@ -7,8 +7,13 @@ import signal
 from pathlib import Path
 
 import httpx
+import torch
 from pydicom import dcmread
 
+from model_registry.repository import TritonRepository
+from radloop.modelspec import PACKAGED_MODELS, load_spec
+from radloop.phantom import write_study
+from radloop.settings import Settings
 from tests.dicom_files import generated_ct
 from tests.servers import RadloopProcess, radloop_json, wait_until
 from tests.test_scp import storescu
@@ -21,10 +26,14 @@ def study_state(env: dict[str, str], study_uid: str) -> str | None:
     return None
 
 
-def test_up_starts_every_part_ingests_from_each_source_and_stops_on_ctrl_c(
-    radloop_env: dict[str, str], tmp_path: Path
+def test_up_starts_every_part_ingests_from_each_source_drafts_and_stops_on_ctrl_c(
+    radloop_env: dict[str, str], settings: Settings, tmp_path: Path
 ) -> None:
-    up = RadloopProcess(radloop_env, command=("up",)).start(timeout=180)
+    spec = load_spec(PACKAGED_MODELS / "phantom-abdomen.yaml")
+    torch.manual_seed(0)
+    network = torch.jit.script(spec.network.build().eval())
+    TritonRepository(settings.model_repository).export(spec, network)
+    up = RadloopProcess(radloop_env, command=("up",)).start(timeout=240)
     try:
         status = radloop_json(radloop_env, "status")
         services = {s["name"]: s for s in status["services"]}
@@ -42,7 +51,25 @@ def test_up_starts_every_part_ingests_from_each_source_and_stops_on_ctrl_c(
 
         for files in (pushed, uploaded, dropped):
             uid = str(dcmread(files[0]).StudyInstanceUID)
+            wait_until(lambda uid=uid: study_state(radloop_env, uid) is not None, timeout=60)
             wait_until(lambda uid=uid: study_state(radloop_env, uid) == "complete", timeout=60)
+
+        # A phantom CT pushed with storescu is drafted by the served model, no human step.
+        phantom = write_study(tmp_path / "phantoms", 0, seed=5)
+        assert storescu(radloop_env, sorted(phantom.dicom_dir.glob("*.dcm"))).returncode == 0
+
+        def drafted() -> dict[str, object] | None:
+            for row in radloop_json(radloop_env, "queue", "list"):
+                if row["study_uid"] == phantom.study_uid and row["state"] == "drafted":
+                    return dict(row)
+            return None
+
+        draft = wait_until(drafted, timeout=240, interval=2)
+        assert draft["model_version"] == "1" and draft["seg_sop_instance_uid"]
+        found = httpx.post(
+            f"{orthanc_url}/tools/lookup", content=str(draft["seg_sop_instance_uid"])
+        )
+        assert [item["Type"] for item in found.json()] == ["Instance"]
     finally:
         code = up.stop(sig=signal.SIGINT, timeout=60)
     assert code == 0, up.output()
