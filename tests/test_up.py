@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import shutil
 import signal
+import subprocess
+import time
 from pathlib import Path
 
 import httpx
@@ -79,3 +81,41 @@ def test_up_starts_every_part_ingests_from_each_source_drafts_and_stops_on_ctrl_
             raise AssertionError(f"{url} still answers after radloop up stopped")
         except httpx.ConnectError:
             pass
+
+
+def test_triton_killed_during_a_study_the_flow_retries_and_drafts_once(
+    radloop_env: dict[str, str], settings: Settings, tmp_path: Path
+) -> None:
+    spec = load_spec(PACKAGED_MODELS / "phantom-abdomen.yaml")
+    torch.manual_seed(0)
+    TritonRepository(settings.model_repository).export(
+        spec, torch.jit.script(spec.network.build().eval())
+    )
+    up = RadloopProcess(radloop_env, command=("up",)).start(timeout=240)
+    try:
+        phantom = write_study(tmp_path / "phantoms", 0, seed=6)
+        assert storescu(radloop_env, sorted(phantom.dicom_dir.glob("*.dcm"))).returncode == 0
+        # The study completes 2 s later and its flow starts a few seconds after that. Triton
+        # is killed as soon as radloop up restarts it, for long enough that the flow's first
+        # attempt finds no Triton; then it is left to come back.
+        kills = 0
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            pattern = f"tritonserver.*{settings.model_repository}"
+            kills += subprocess.run(["pkill", "-KILL", "-f", pattern]).returncode == 0
+            time.sleep(0.5)
+        assert kills >= 2
+
+        def drafts() -> list[dict[str, object]]:
+            rows = radloop_json(radloop_env, "queue", "list", "--all")
+            return [r for r in rows if r["study_uid"] == phantom.study_uid]
+
+        (draft,) = wait_until(drafts, timeout=300, interval=2)
+        assert draft["state"] == "drafted", draft
+        time.sleep(5)  # a duplicate would show up here
+        assert len(drafts()) == 1
+        assert "triton exited" in (Path(settings.data_dir) / "radloop-up.log").read_text()
+        flow_log = (Path(settings.data_dir) / "logs" / "flows.log").read_text()
+        assert "Retry 1/8" in flow_log  # the task failed while Triton was down, then retried
+    finally:
+        assert up.stop(sig=signal.SIGINT, timeout=60) == 0, up.output()
