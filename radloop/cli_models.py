@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
+from rich.console import Console
 from rich.table import Table
 
-from radloop.cli_common import JsonOption, cli_model_specs, cli_settings, console
+from radloop.cli_common import JsonOption, cli_model_specs, cli_settings, console, err_console
+from radloop.modelspec import ModelSpec
+from radloop.settings import Settings
 
 models_app = typer.Typer(help="Model specs and versions.", no_args_is_help=True)
 
@@ -16,19 +20,32 @@ models_app = typer.Typer(help="Model specs and versions.", no_args_is_help=True)
 @models_app.command("list")
 def models_list(as_json: JsonOption = False) -> None:
     """One row per model version; a spec with no version yet appears once with version null."""
-    specs = cli_model_specs(cli_settings())
-    # No registry yet (issue 5): every spec is listed without a version.
-    rows: list[dict[str, Any]] = [
-        {
-            "name": spec.name,
-            "version": None,
-            "aliases": [],
-            "served": False,
-            "labels": [label.name for label in spec.labels],
-            "modality": spec.input.modality,
-        }
-        for spec in specs.values()
-    ]
+    from agents.inference import InferenceUnavailable, TritonBackend
+    from model_registry.repository import TritonRepository
+
+    settings = cli_settings()
+    specs = cli_model_specs(settings)
+    repository = TritonRepository(settings.model_repository)
+    backend = TritonBackend(settings.triton.base_url)
+    rows: list[dict[str, Any]] = []
+    for spec in specs.values():
+        try:
+            served = set(backend.served_versions(spec.name))
+        except InferenceUnavailable:
+            served = set()
+        # Aliases (champion, challenger) come with the MLflow registry.
+        versions: list[int | None] = [*repository.versions(spec.name)] or [None]
+        rows += [
+            {
+                "name": spec.name,
+                "version": version,
+                "aliases": [],
+                "served": str(version) in served,
+                "labels": [label.name for label in spec.labels],
+                "modality": spec.input.modality,
+            }
+            for version in versions
+        ]
     if as_json:
         print(json.dumps(rows, indent=2))
         return
@@ -52,3 +69,112 @@ def models_check() -> None:
     specs = cli_model_specs(cli_settings())
     for spec in specs.values():
         console.print(f"{spec.name}: ok ({len(spec.labels)} labels, {spec.network.name})")
+
+
+def _spec(settings: Settings, name: str) -> ModelSpec:
+    specs = cli_model_specs(settings)
+    if name not in specs:
+        err_console.print(f"no model spec named {name!r} (known: {', '.join(specs) or 'none'})")
+        raise typer.Exit(2)
+    return specs[name]
+
+
+def _publish(settings: Settings, spec: ModelSpec, network: Any, out: Console = console) -> int:
+    """Export a new repository version and, if Triton is up, load it."""
+    from agents.inference import InferenceUnavailable, TritonBackend
+    from model_registry.repository import TritonRepository
+
+    version = TritonRepository(settings.model_repository).export(spec, network)
+    try:
+        TritonBackend(settings.triton.base_url).load(spec.name)
+        out.print(f"Triton at {settings.triton.base_url} now serves {spec.name} v{version}")
+    except InferenceUnavailable:
+        out.print("Triton is not running: the version is served from the next `radloop up`")
+    return version
+
+
+@models_app.command("bootstrap")
+def bootstrap(
+    model: str,
+    studies: Annotated[int, typer.Option(min=1, help="Phantom studies to train on.")] = 10,
+    holdout: Annotated[int, typer.Option(min=1, help="Phantom studies to report Dice on.")] = 3,
+    epochs: Annotated[int, typer.Option(min=1)] = 60,
+    steps: Annotated[int, typer.Option(min=1, help="Batches per epoch.")] = 8,
+    seed: Annotated[int, typer.Option(min=0)] = 0,
+    as_json: JsonOption = False,
+) -> None:
+    """Train a starter model on generated phantoms (minutes on a CPU) and serve it."""
+    import torch
+    from rich.progress import Progress
+
+    from agents.trainer import TrainingConfig, evaluate, prepare, train
+    from radloop.phantom import Phantom, PhantomLabel, generate
+
+    settings = cli_settings()
+    spec = _spec(settings, model)
+    phantom_labels = {label.name.lower(): label.value for label in PhantomLabel}
+    if {label.name.lower(): label.value for label in spec.labels} != phantom_labels:
+        err_console.print(
+            f"{model}: its labels are not the phantom's ({', '.join(phantom_labels)})"
+        )
+        raise typer.Exit(2)
+    config = TrainingConfig(epochs=epochs, steps_per_epoch=steps, seed=seed)
+    out = err_console if as_json else console
+    with Progress(console=out, transient=as_json) as progress:
+        task = progress.add_task("generating phantoms", total=studies + holdout)
+        train_set: list[Phantom] = []
+        held: list[Phantom] = []
+        for index in range(studies + holdout):
+            phantom = generate(seed * 1000 + index)
+            (train_set if index < studies else held).append(phantom)
+            progress.advance(task)
+        examples = [prepare(p.hu, p.labels, p.spacing, spec) for p in train_set]
+        task = progress.add_task("training", total=epochs)
+
+        def on_epoch(epoch: int, loss: float) -> None:
+            progress.update(task, completed=epoch, description=f"training (loss {loss:.3f})")
+
+        network, report = train(spec, examples, config, on_epoch=on_epoch)
+        dice = evaluate(network, [(p.hu, p.labels, p.spacing) for p in held], spec)
+    version = _publish(settings, spec, torch.jit.script(network), out)
+    result = {
+        "name": spec.name,
+        "version": version,
+        "trained_on": studies,
+        "seed": seed,
+        "epochs": epochs,
+        "final_loss": report.epoch_losses[-1],
+        "holdout_dice": dice,
+    }
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    scores = ", ".join(f"{name} {score:.2f}" for name, score in dice.items())
+    console.print(f"{spec.name} v{version}: Dice on {holdout} held-out phantoms: {scores}")
+
+
+@models_app.command("import")
+def import_model(model: str, path: Path) -> None:
+    """Add TorchScript weights a site already has as the next version of MODEL."""
+    import torch
+
+    settings = cli_settings()
+    spec = _spec(settings, model)
+    try:
+        network = torch.jit.load(str(path), map_location="cpu")  # type: ignore[no-untyped-call]
+    except (RuntimeError, ValueError, OSError) as error:
+        err_console.print(f"{path}: not TorchScript weights: {error}")
+        raise typer.Exit(2) from None
+    probe = torch.zeros((1, 1, *spec.inference.roi_size))
+    try:
+        with torch.inference_mode():
+            shape = tuple(network.eval()(probe).shape)
+    except RuntimeError as error:
+        err_console.print(f"{path}: does not run on a {spec.inference.roi_size} patch: {error}")
+        raise typer.Exit(2) from None
+    expected = (1, len(spec.labels) + 1, *spec.inference.roi_size)
+    if shape != expected:
+        err_console.print(f"{path}: outputs {shape}, the spec needs {expected}")
+        raise typer.Exit(2)
+    version = _publish(settings, spec, network)
+    console.print(f"{spec.name} v{version} imported from {path}")

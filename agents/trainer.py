@@ -1,0 +1,134 @@
+"""Training with MONAI on labelled volumes: the starter model of `radloop models bootstrap`
+(and, later, fine-tuning from the champion).
+
+Inputs go through the served model's own `preprocess` (window, resample to the spec spacing),
+so a trained network sees at training time exactly what Triton feeds it. Randomness is chosen
+and recorded: one seed drives patch sampling and initialisation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.losses.dice import DiceCELoss
+from numpy.typing import NDArray
+
+from model_registry.repository import inference_config
+from model_registry.triton_model import preprocess, segment
+from radloop.modelspec import ModelSpec
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training volume at the spec's spacing: image (1, S, R, C) in [0, 1], labels likewise."""
+
+    image: torch.Tensor
+    labels: torch.Tensor
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    epochs: int = 30
+    steps_per_epoch: int = 8
+    batch_size: int = 2
+    learning_rate: float = 2e-3
+    seed: int = 0
+
+
+@dataclass
+class TrainingReport:
+    config: TrainingConfig
+    epoch_losses: list[float] = field(default_factory=list)
+
+
+def prepare(
+    hu: NDArray[Any], labels: NDArray[Any], spacing: Sequence[float], spec: ModelSpec
+) -> Example:
+    """A labelled HU volume (slices, rows, columns) as the network will see it."""
+    config = inference_config(spec)
+    image = preprocess(hu, spacing, config, torch.device("cpu"))[0]
+    target = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.float32))[None, None]
+    target = F.interpolate(target, size=tuple(image.shape[-3:]), mode="nearest")[0]
+    return Example(image=image, labels=target)
+
+
+def _patch(example: Example, roi: Sequence[int], rng: np.random.Generator) -> Example:
+    """A random ROI-sized patch (zero-padded where the volume is smaller)."""
+    image, labels = example.image, example.labels
+    pads: list[int] = []
+    for size, want in zip(reversed(image.shape[-3:]), reversed(roi), strict=True):
+        short = max(0, want - size)
+        pads += [short // 2, short - short // 2]
+    if any(pads):
+        image, labels = F.pad(image, pads), F.pad(labels, pads)
+    starts = [int(rng.integers(0, n - r + 1)) for n, r in zip(image.shape[-3:], roi, strict=True)]
+    window = tuple(slice(s, s + r) for s, r in zip(starts, roi, strict=True))
+    return Example(image=image[(slice(None), *window)], labels=labels[(slice(None), *window)])
+
+
+def train(
+    spec: ModelSpec,
+    examples: Sequence[Example],
+    config: TrainingConfig,
+    initial: torch.nn.Module | None = None,
+    on_epoch: Callable[[int, float], None] | None = None,
+) -> tuple[torch.nn.Module, TrainingReport]:
+    """Train (or fine-tune `initial`) on `examples`; returns the network in eval mode."""
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    network = initial if initial is not None else spec.network.build()
+    network.train()
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    optimiser = torch.optim.Adam(network.parameters(), lr=config.learning_rate)
+    roi = spec.inference.roi_size
+    report = TrainingReport(config)
+    for epoch in range(config.epochs):
+        total = 0.0
+        for _ in range(config.steps_per_epoch):
+            picks = [examples[int(i)] for i in rng.integers(0, len(examples), config.batch_size)]
+            patches = [_patch(example, roi, rng) for example in picks]
+            images = torch.stack([p.image for p in patches])
+            labels = torch.stack([p.labels for p in patches])
+            optimiser.zero_grad()
+            loss = loss_fn(network(images), labels)
+            loss.backward()
+            optimiser.step()
+            total += float(loss.detach())
+        report.epoch_losses.append(total / config.steps_per_epoch)
+        if on_epoch is not None:
+            on_epoch(epoch + 1, report.epoch_losses[-1])
+    network.eval()
+    return network, report
+
+
+def dice_per_label(
+    predicted: NDArray[Any], truth: NDArray[Any], labels: Sequence[int]
+) -> dict[int, float]:
+    """Dice of each label value; 1.0 where both are empty."""
+    scores = {}
+    for value in labels:
+        a, b = predicted == value, truth == value
+        denominator = int(a.sum()) + int(b.sum())
+        scores[value] = 1.0 if denominator == 0 else 2.0 * int((a & b).sum()) / denominator
+    return scores
+
+
+def evaluate(
+    network: torch.nn.Module,
+    volumes: Sequence[tuple[NDArray[Any], NDArray[Any], Sequence[float]]],
+    spec: ModelSpec,
+) -> dict[str, float]:
+    """Mean Dice per label name over (HU, labels, spacing) volumes, at their own resolution."""
+    config = inference_config(spec)
+    totals = {label.value: 0.0 for label in spec.labels}
+    for hu, truth, spacing in volumes:
+        predicted, _ = segment(network, hu, spacing, config)
+        for value, score in dice_per_label(predicted, truth, list(totals)).items():
+            totals[value] += score
+    names = {label.value: label.name for label in spec.labels}
+    return {names[value]: total / len(volumes) for value, total in totals.items()}
