@@ -9,6 +9,7 @@ that already has a draft only makes sure its SEG is in Orthanc. Inference errors
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,7 +76,9 @@ class Annotator:
             if done.state in _REVIEWABLE and done.seg_path:
                 self._store_in_orthanc(Path(done.seg_path))
             return Outcome(done.id, AnnotationState(done.state), done.reason)
+        started = time.perf_counter()
         series, reasons = self._pick_series(study_uid, spec)
+        timings = {"load_s": time.perf_counter() - started}
         versions = self.repository.versions(spec.name)
         if series is None:
             reason = "; ".join(reasons) or "the study has no series"
@@ -87,10 +90,14 @@ class Annotator:
             return self._record_without_draft(
                 study_uid, revision, spec, series.series_uid, AnnotationState.QUEUED, None
             )
+        started = time.perf_counter()
         result = self.backend.infer(spec.name, series.array, series.spacing)
+        timings["infer_s"] = time.perf_counter() - started
+        started = time.perf_counter()
         files = write_draft(
             series, result.labels, spec, result.model_version, self.drafts_dir / study_uid
         )
+        timings["write_s"] = time.perf_counter() - started
         key = draft_key(study_uid, revision, spec.name, result.model_version)
         with self.store.transaction() as session:
             study = session.execute(select(Study).where(Study.study_uid == study_uid)).scalar_one()
@@ -109,6 +116,7 @@ class Annotator:
                 seg_series_uid=files.seg_series_uid,
                 seg_path=str(files.seg_path),
                 nifti_path=str(files.nifti_path),
+                timings=timings,
                 created_at=now,
                 updated_at=now,
             )
@@ -132,7 +140,13 @@ class Annotator:
             )
             annotation_id = annotation.id
         # Recorded first, so the Orthanc follower recognises the SEG as radloop's own draft.
+        started = time.perf_counter()
         self._store_in_orthanc(files.seg_path)
+        timings["store_s"] = time.perf_counter() - started
+        with self.store.transaction() as session:
+            stored = session.get(Annotation, annotation_id)
+            if stored is not None:
+                stored.timings = dict(timings)
         log.info(
             "drafted study %s rev %d with %s v%s (uncertainty %.3f)",
             study_uid,

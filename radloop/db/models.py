@@ -119,6 +119,8 @@ class Annotation(Base):
     seg_path: Mapped[str | None] = mapped_column(String(256))
     nifti_path: Mapped[str | None] = mapped_column(String(256))
     reason: Mapped[str | None] = mapped_column(Text)
+    # Seconds per step of drafting (load, infer, write, store): for operators and benchmarks.
+    timings: Mapped[dict[str, float] | None] = mapped_column(JSON)
     created_at: Mapped[datetime]
     updated_at: Mapped[datetime]
 

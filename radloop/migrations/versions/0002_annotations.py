@@ -32,6 +32,7 @@ def upgrade() -> None:
         sa.Column("seg_path", sa.String(length=256), nullable=True),
         sa.Column("nifti_path", sa.String(length=256), nullable=True),
         sa.Column("reason", sa.Text(), nullable=True),
+        sa.Column("timings", sa.JSON(), nullable=True),
         sa.Column("created_at", sa.DateTime(), nullable=False),
         sa.Column("updated_at", sa.DateTime(), nullable=False),
         sa.ForeignKeyConstraint(
