@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from pyorthanc import Orthanc
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 
 from agents.drafts import write_draft
 from agents.inference import InferenceBackend
@@ -99,46 +100,56 @@ class Annotator:
         )
         timings["write_s"] = time.perf_counter() - started
         key = draft_key(study_uid, revision, spec.name, result.model_version)
-        with self.store.transaction() as session:
-            study = session.execute(select(Study).where(Study.study_uid == study_uid)).scalar_one()
-            now = utcnow()
-            annotation = Annotation(
-                draft_key=key,
-                study_id=study.id,
-                study_revision=revision,
-                series_uid=series.series_uid,
-                model_name=spec.name,
-                model_version=result.model_version,
-                state=AnnotationState.DRAFTED.value,
-                priority=result.uncertainty,
-                uncertainty=result.uncertainty,
-                seg_sop_instance_uid=files.seg_sop_instance_uid,
-                seg_series_uid=files.seg_series_uid,
-                seg_path=str(files.seg_path),
-                nifti_path=str(files.nifti_path),
-                timings=timings,
-                created_at=now,
-                updated_at=now,
-            )
-            session.add(annotation)
-            session.flush()
-            if study.revision == revision:
-                study.state = StudyState.DRAFTED.value
-            record_event(
-                session,
-                EventType.ANNOTATION_DRAFTED,
-                AnnotationDrafted(
-                    annotation_id=annotation.id,
-                    study_uid=study_uid,
-                    revision=revision,
+        try:
+            with self.store.transaction() as session:
+                study = session.execute(
+                    select(Study).where(Study.study_uid == study_uid)
+                ).scalar_one()
+                now = utcnow()
+                annotation = Annotation(
+                    draft_key=key,
+                    study_id=study.id,
+                    study_revision=revision,
                     series_uid=series.series_uid,
-                    model=spec.name,
+                    model_name=spec.name,
                     model_version=result.model_version,
-                    seg_sop_instance_uid=files.seg_sop_instance_uid,
+                    state=AnnotationState.DRAFTED.value,
+                    priority=result.uncertainty,
                     uncertainty=result.uncertainty,
-                ),
-            )
-            annotation_id = annotation.id
+                    seg_sop_instance_uid=files.seg_sop_instance_uid,
+                    seg_series_uid=files.seg_series_uid,
+                    seg_path=str(files.seg_path),
+                    nifti_path=str(files.nifti_path),
+                    timings=timings,
+                    created_at=now,
+                    updated_at=now,
+                )
+                session.add(annotation)
+                session.flush()
+                if study.revision == revision:
+                    study.state = StudyState.DRAFTED.value
+                record_event(
+                    session,
+                    EventType.ANNOTATION_DRAFTED,
+                    AnnotationDrafted(
+                        annotation_id=annotation.id,
+                        study_uid=study_uid,
+                        revision=revision,
+                        series_uid=series.series_uid,
+                        model=spec.name,
+                        model_version=result.model_version,
+                        seg_sop_instance_uid=files.seg_sop_instance_uid,
+                        uncertainty=result.uncertainty,
+                    ),
+                )
+                annotation_id = annotation.id
+        except IntegrityError:
+            # A concurrent run drafted this revision first (same draft key): keep its draft.
+            files.seg_path.unlink(missing_ok=True)
+            files.nifti_path.unlink(missing_ok=True)
+            winner = self._existing(study_uid, revision, spec.name)
+            assert winner is not None
+            return Outcome(winner.id, AnnotationState(winner.state), winner.reason)
         # Recorded first, so the Orthanc follower recognises the SEG as radloop's own draft.
         started = time.perf_counter()
         self._store_in_orthanc(files.seg_path)

@@ -3,6 +3,7 @@ a reason when no series fits, and the review queue without a draft at cold start
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import httpx
@@ -147,3 +148,28 @@ def test_cold_start_puts_the_study_in_the_queue_without_a_draft(
     with store.read() as session:
         row = session.scalars(select(Annotation)).one()
     assert row.seg_sop_instance_uid is None and row.series_uid == study.series_uid
+
+
+def test_the_same_revision_annotated_twice_at_once_keeps_one_draft(
+    store: Store, settings: Settings, spec: ModelSpec, tmp_path: Path
+) -> None:
+    export_model(settings, spec)
+    study = received_phantom(store, settings, tmp_path, seed=24)
+    outcomes: list[int] = []
+    workers = [
+        threading.Thread(
+            target=lambda: outcomes.append(
+                annotator(store, settings, None).annotate(study.study_uid, 1, spec).annotation_id
+            )
+        )
+        for _ in range(2)
+    ]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(120)
+    assert len(outcomes) == 2 and outcomes[0] == outcomes[1]
+    with store.read() as session:
+        assert session.scalar(select(func.count(Annotation.id))) == 1
+    drafts = list((settings.data_dir / "drafts" / study.study_uid).glob("*.dcm"))
+    assert len(drafts) == 1  # the loser's files are removed
