@@ -13,7 +13,8 @@ from radloop.modelspec import ModelSpec, ModelSpecError, load_specs
 from radloop.settings import Settings, SettingsError, load_settings
 
 console = Console()
-err_console = Console(stderr=True)
+# Errors are not wrapped: a reader (or a script) may grep them.
+err_console = Console(stderr=True, soft_wrap=True)
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 

@@ -153,17 +153,37 @@ def bootstrap(
     console.print(f"{spec.name} v{version}: Dice on {holdout} held-out phantoms: {scores}")
 
 
+def _load_weights(spec: ModelSpec, path: Path) -> Any:
+    """TorchScript from a file, or from a MONAI bundle folder: `models/model.ts` if the bundle
+    has one, else the state dict `models/model.pt` loaded into the spec's network."""
+    import torch
+
+    if path.is_dir():
+        scripted, state = path / "models" / "model.ts", path / "models" / "model.pt"
+        if scripted.is_file():
+            path = scripted
+        elif state.is_file():
+            network = spec.network.build()
+            weights = torch.load(state, map_location="cpu", weights_only=True)
+            network.load_state_dict(weights.get("model", weights))
+            return torch.jit.script(network.eval())
+        else:
+            raise ValueError("a MONAI bundle needs models/model.ts or models/model.pt")
+    return torch.jit.load(str(path), map_location="cpu")  # type: ignore[no-untyped-call]
+
+
 @models_app.command("import")
 def import_model(model: str, path: Path) -> None:
-    """Add TorchScript weights a site already has as the next version of MODEL."""
+    """Add weights a site already has — a TorchScript file or a MONAI bundle folder — as the
+    next version of MODEL, after checking them against its spec."""
     import torch
 
     settings = cli_settings()
     spec = _spec(settings, model)
     try:
-        network = torch.jit.load(str(path), map_location="cpu")  # type: ignore[no-untyped-call]
-    except (RuntimeError, ValueError, OSError) as error:
-        err_console.print(f"{path}: not TorchScript weights: {error}")
+        network = _load_weights(spec, path)
+    except (RuntimeError, ValueError, OSError, KeyError) as error:
+        err_console.print(f"{path}: not usable weights for {model}: {error}")
         raise typer.Exit(2) from None
     probe = torch.zeros((1, 1, *spec.inference.roi_size))
     try:

@@ -53,3 +53,19 @@ def test_import_takes_torchscript_that_fits_the_spec_and_refuses_the_rest(
     assert imported.returncode == 0, imported.stderr
     listed = json.loads(radloop(radloop_env, "models", "list", "--json").stdout)
     assert [m["version"] for m in listed] == [1]
+
+
+def test_import_takes_a_monai_bundle_with_a_state_dict(
+    radloop_env: dict[str, str], tmp_path: Path
+) -> None:
+    spec = load_spec(PACKAGED_MODELS / "phantom-abdomen.yaml")
+    bundle = tmp_path / "bundle"
+    (bundle / "models").mkdir(parents=True)
+    (bundle / "configs").mkdir()
+    torch.save(spec.network.build().state_dict(), bundle / "models" / "model.pt")
+    imported = radloop(radloop_env, "models", "import", "phantom-abdomen", str(bundle))
+    assert imported.returncode == 0, imported.stderr
+    empty = tmp_path / "empty-bundle"
+    empty.mkdir()
+    refused = radloop(radloop_env, "models", "import", "phantom-abdomen", str(empty))
+    assert refused.returncode == 2 and "models/model.ts or models/model.pt" in refused.stderr
