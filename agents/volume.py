@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import highdicom as hd
 import numpy as np
@@ -43,6 +44,17 @@ PERPENDICULAR_TOL = 1e-3
 _PIXEL_GROUP = 0x7FE00000  # (7FE0,xxxx): pixel data and its offset tables
 _GEOMETRY = ("FrameOfReferenceUID", "ImagePositionPatient", "ImageOrientationPatient")
 _DECODE_ERRORS = (RuntimeError, ValueError, NotImplementedError)
+# Stored values with the modality rescale only (HU for CT), and the stacking tolerances above.
+_VOLUME_OPTIONS: dict[str, Any] = {
+    "dtype": np.float32,
+    "apply_real_world_transform": False,
+    "apply_voi_transform": False,
+    "apply_presentation_lut": False,
+    "apply_palette_color_lut": False,
+    "apply_icc_profile": False,
+    "atol": SPACING_ATOL_MM,
+    "perpendicular_tol": PERPENDICULAR_TOL,
+}
 # Pixel data that is not an acquired image: label maps (radloop's own drafts among them, once
 # they are back from Orthanc) and dose grids.
 _NOT_IMAGES: dict[str, str] = {SegmentationStorage: "a segmentation", RTDoseStorage: "an RT dose"}
@@ -170,16 +182,7 @@ def _load_single_frames(datasets: list[Dataset], min_slices: int) -> LoadedSerie
     _check_positions(positions, orientations[0])
     try:
         volume = hd.get_volume_from_series(
-            datasets,
-            dtype=np.float32,
-            apply_real_world_transform=False,
-            apply_voi_transform=False,
-            apply_presentation_lut=False,
-            apply_palette_color_lut=False,
-            apply_icc_profile=False,
-            atol=SPACING_ATOL_MM,
-            perpendicular_tol=PERPENDICULAR_TOL,
-            orientation_tol=ORIENTATION_TOL,
+            datasets, orientation_tol=ORIENTATION_TOL, **_VOLUME_OPTIONS
         )
     except _DECODE_ERRORS as error:
         # Geometry was checked above with highdicom's own rules, so what is left is pixels.
@@ -205,16 +208,7 @@ def _load_multiframe(ds: Dataset, min_slices: int) -> LoadedSeries:
     except ValueError as error:  # e.g. big endian transfer syntax
         raise SeriesRejected(f"unsupported multi-frame instance: {_first_line(error)}") from error
     try:
-        volume = image.get_volume(
-            dtype=np.float32,
-            apply_real_world_transform=False,
-            apply_voi_transform=False,
-            apply_presentation_lut=False,
-            apply_palette_color_lut=False,
-            apply_icc_profile=False,
-            atol=SPACING_ATOL_MM,
-            perpendicular_tol=PERPENDICULAR_TOL,
-        )
+        volume = image.get_volume(**_VOLUME_OPTIONS)
     except _DECODE_ERRORS as error:
         raise SeriesRejected(_decode_reason(error)) from error
     return _result(volume, positions, [header], list(range(1, frames + 1)))

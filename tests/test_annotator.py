@@ -9,7 +9,6 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import torch
 from pydicom import dcmread
 from pyorthanc import Orthanc
 from sqlalchemy import func, select
@@ -26,6 +25,7 @@ from radloop.modelspec import PACKAGED_MODELS, ModelSpec, load_spec
 from radloop.phantom import WrittenStudy, write_study
 from radloop.settings import Settings
 from radloop.supervisor import Child
+from tests.models import export_version
 from tests.servers import radloop_json, wait_until
 
 
@@ -57,12 +57,6 @@ def annotator(store: Store, settings: Settings, orthanc: Orthanc | None) -> Anno
     )
 
 
-def export_model(settings: Settings, spec: ModelSpec) -> None:
-    torch.manual_seed(0)
-    network = torch.jit.script(spec.network.build().eval())
-    TritonRepository(settings.model_repository).export(spec, network)
-
-
 def test_completed_study_gets_one_draft_whose_seg_is_in_orthanc_and_reads_back(
     store: Store,
     settings: Settings,
@@ -71,7 +65,7 @@ def test_completed_study_gets_one_draft_whose_seg_is_in_orthanc_and_reads_back(
     tmp_path: Path,
     radloop_env: dict[str, str],
 ) -> None:
-    export_model(settings, spec)
+    export_version(settings, spec)
     study = received_phantom(store, settings, tmp_path, seed=21)
     client = Orthanc(orthanc.spec.url)
     worker = annotator(store, settings, client)
@@ -124,7 +118,7 @@ def test_completed_study_gets_one_draft_whose_seg_is_in_orthanc_and_reads_back(
 def test_series_that_the_spec_does_not_accept_gets_no_draft_and_a_reason(
     store: Store, settings: Settings, spec: ModelSpec, tmp_path: Path
 ) -> None:
-    export_model(settings, spec)
+    export_version(settings, spec)
     study = received_phantom(store, settings, tmp_path, seed=22)
     mr_only = spec.model_copy(update={"input": spec.input.model_copy(update={"modality": "MR"})})
     thick = spec.model_copy(update={"input": spec.input.model_copy(update={"min_slices": 500})})
@@ -153,7 +147,7 @@ def test_cold_start_puts_the_study_in_the_queue_without_a_draft(
 def test_the_same_revision_annotated_twice_at_once_keeps_one_draft(
     store: Store, settings: Settings, spec: ModelSpec, tmp_path: Path
 ) -> None:
-    export_model(settings, spec)
+    export_version(settings, spec)
     study = received_phantom(store, settings, tmp_path, seed=24)
     outcomes: list[int] = []
     workers = [

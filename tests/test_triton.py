@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from agents.inference import InProcessBackend, TritonBackend
 from agents.volume import LoadedSeries, load_series
@@ -17,17 +16,12 @@ from radloop.modelspec import PACKAGED_MODELS, ModelSpec, load_spec
 from radloop.phantom import write_study
 from radloop.settings import Settings
 from radloop.supervisor import Child, triton_spec
+from tests.models import scripted_network
 
 
 @pytest.fixture
 def spec() -> ModelSpec:
     return load_spec(PACKAGED_MODELS / "phantom-abdomen.yaml")
-
-
-def scripted_network(spec: ModelSpec, seed: int) -> torch.jit.ScriptModule:
-    torch.manual_seed(seed)
-    network = spec.network.build().eval()
-    return torch.jit.script(network)  # type: ignore[no-any-return]
 
 
 @pytest.fixture

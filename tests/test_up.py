@@ -9,14 +9,13 @@ import time
 from pathlib import Path
 
 import httpx
-import torch
 from pydicom import dcmread
 
-from model_registry.repository import TritonRepository
 from radloop.modelspec import PACKAGED_MODELS, load_spec
 from radloop.phantom import write_study
 from radloop.settings import Settings
 from tests.dicom_files import generated_ct
+from tests.models import export_version
 from tests.servers import RadloopProcess, radloop_json, wait_until
 from tests.test_scp import storescu
 
@@ -32,9 +31,7 @@ def test_up_starts_every_part_ingests_from_each_source_drafts_and_stops_on_ctrl_
     radloop_env: dict[str, str], settings: Settings, tmp_path: Path
 ) -> None:
     spec = load_spec(PACKAGED_MODELS / "phantom-abdomen.yaml")
-    torch.manual_seed(0)
-    network = torch.jit.script(spec.network.build().eval())
-    TritonRepository(settings.model_repository).export(spec, network)
+    export_version(settings, spec)
     up = RadloopProcess(radloop_env, command=("up",)).start(timeout=240)
     try:
         status = radloop_json(radloop_env, "status")
@@ -87,10 +84,7 @@ def test_triton_killed_during_a_study_the_flow_retries_and_drafts_once(
     radloop_env: dict[str, str], settings: Settings, tmp_path: Path
 ) -> None:
     spec = load_spec(PACKAGED_MODELS / "phantom-abdomen.yaml")
-    torch.manual_seed(0)
-    TritonRepository(settings.model_repository).export(
-        spec, torch.jit.script(spec.network.build().eval())
-    )
+    export_version(settings, spec)
     up = RadloopProcess(radloop_env, command=("up",)).start(timeout=240)
     try:
         phantom = write_study(tmp_path / "phantoms", 0, seed=6)
