@@ -295,7 +295,7 @@ def measure(studies: int, gap: float, repeat: int, extra: dict[str, str]) -> dic
     }
     overhead, ratio = summary["overhead"]["p50"], backends["ratio"]
     return {
-        "machine": before,
+        "machine": before | {"load_after": round(os.getloadavg()[0], 2)},
         "studies": studies,
         "gap_s": gap,
         "extra_env": extra,
