@@ -331,7 +331,7 @@ def main() -> None:
     # Not a multiple of the runner's 10 s poll, so the studies meet every phase of its cycle.
     parser.add_argument("--gap", type=float, default=33.0, help="seconds between two pushes")
     parser.add_argument("--repeat", type=int, default=5, help="Triton/in-process rounds")
-    more = "more environment for `radloop up`, e.g. PREFECT_RUNNER_POLL_FREQUENCY=1"
+    more = "more environment for `radloop up`, e.g. RADLOOP_OUTBOX__POLL_SECONDS=0.1"
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help=more)
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args()
