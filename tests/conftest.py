@@ -12,7 +12,7 @@ import pytest
 
 from radloop.db import Store
 from radloop.settings import Settings, load_settings
-from radloop.supervisor import Child, orthanc_spec
+from radloop.supervisor import Child, ChildSpec, orthanc_spec, triton_spec
 from tests.servers import PostgresServer, RadloopProcess, free_port
 
 BACKEND = os.environ.get("RADLOOP_TEST_DATABASE", "sqlite")
@@ -88,11 +88,21 @@ def listener(radloop_env: dict[str, str]) -> Iterator[RadloopProcess]:
     process.stop()
 
 
-@pytest.fixture
-def orthanc(settings: Settings) -> Iterator[Child]:
-    """A real Orthanc (Debian package) whose modality `radloop` is this test's listener."""
-    child = Child(orthanc_spec(settings))
+def _running(spec: ChildSpec) -> Iterator[Child]:
+    child = Child(spec)
     child.start()
     child.wait_healthy()
     yield child
     child.stop()
+
+
+@pytest.fixture
+def orthanc(settings: Settings) -> Iterator[Child]:
+    """A real Orthanc (Debian package) whose modality `radloop` is this test's listener."""
+    yield from _running(orthanc_spec(settings))
+
+
+@pytest.fixture
+def triton(settings: Settings) -> Iterator[Child]:
+    """Triton from the nvidia-pytriton wheel on this test's model repository."""
+    yield from _running(triton_spec(settings))

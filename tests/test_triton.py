@@ -3,7 +3,6 @@ and loading a newer version switches the responses to it."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -15,22 +14,13 @@ from model_registry.repository import TritonRepository
 from radloop.modelspec import PACKAGED_MODELS, ModelSpec, load_spec
 from radloop.phantom import write_study
 from radloop.settings import Settings
-from radloop.supervisor import Child, triton_spec
+from radloop.supervisor import Child
 from tests.models import scripted_network
 
 
 @pytest.fixture
 def spec() -> ModelSpec:
     return load_spec(PACKAGED_MODELS / "phantom-abdomen.yaml")
-
-
-@pytest.fixture
-def triton(settings: Settings) -> Iterator[Child]:
-    child = Child(triton_spec(settings))
-    child.start()
-    child.wait_healthy()
-    yield child
-    child.stop()
 
 
 @pytest.fixture
