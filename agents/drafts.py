@@ -27,6 +27,7 @@ _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 # NIfTI voxel (i, j, k) = (column, row, slice) -> radloop's (slice, row, column).
 _NIFTI_TO_SRC = np.array([[0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]], dtype=np.float64)
 DRAFT_SERIES_NUMBER = 9901
+CORRECTION_SERIES_NUMBER = 9902
 
 
 @dataclass(frozen=True)
@@ -41,17 +42,26 @@ def _concept(code: Code) -> hd.sr.CodedConcept:
     return hd.sr.CodedConcept(value=code.code, scheme_designator=code.scheme, meaning=code.meaning)
 
 
-def segment_descriptions(spec: ModelSpec, model_version: str) -> list[hd.seg.SegmentDescription]:
-    algorithm = hd.AlgorithmIdentificationSequence(
-        name=spec.name, family=codes.cid7162.ArtificialIntelligence, version=model_version
+def segment_descriptions(
+    spec: ModelSpec, model_version: str | None
+) -> list[hd.seg.SegmentDescription]:
+    """One per spec label: AUTOMATIC by the model's version, or MANUAL when `model_version` is
+    None (a reader's label)."""
+    algorithm = (
+        hd.AlgorithmIdentificationSequence(
+            name=spec.name, family=codes.cid7162.ArtificialIntelligence, version=model_version
+        )
+        if model_version is not None
+        else None
     )
+    kind = hd.seg.SegmentAlgorithmTypeValues
     return [
         hd.seg.SegmentDescription(
             segment_number=label.value,
             segment_label=label.name,
             segmented_property_category=_concept(label.category),
             segmented_property_type=_concept(label.type),
-            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_type=kind.AUTOMATIC if algorithm is not None else kind.MANUAL,
             algorithm_identification=algorithm,
             display_color=hd.color.CIELabColor.from_rgb(*label.color) if label.color else None,
         )
@@ -70,10 +80,13 @@ def write_draft(
     spec: ModelSpec,
     model_version: str,
     out_dir: Path,
+    *,
+    reader: str | None = None,
 ) -> DraftFiles:
     """Write `label_map` (same shape as `series.array`, values 0..len(labels)) as SEG + NIfTI.
 
-    The files are named after the SEG's SOP Instance UID under `out_dir`.
+    The files are named after the SEG's SOP Instance UID under `out_dir`. With `reader`, the
+    SEG is that reader's MANUAL label (a correction uploaded as NIfTI), not the model's draft.
     """
     if label_map.shape != series.array.shape:
         raise ValueError(f"label map {label_map.shape} does not match series {series.array.shape}")
@@ -91,16 +104,21 @@ def write_draft(
         source_images=series.source,
         pixel_array=pixels,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=segment_descriptions(spec, model_version),
+        segment_descriptions=segment_descriptions(spec, None if reader else model_version),
         series_instance_uid=seg_series_uid,
-        series_number=DRAFT_SERIES_NUMBER,
+        series_number=CORRECTION_SERIES_NUMBER if reader else DRAFT_SERIES_NUMBER,
         sop_instance_uid=seg_uid,
         instance_number=1,
         manufacturer="radloop",
         manufacturer_model_name=spec.name,
         software_versions=f"radloop {package_version('radloop')}; model {model_version}",
         device_serial_number="radloop",
-        series_description=f"radloop draft {spec.name} v{model_version}"[:64],
+        series_description=(
+            f"radloop correction {spec.name}"
+            if reader
+            else f"radloop draft {spec.name} v{model_version}"
+        )[:64],
+        content_creator_name=reader,
         omit_empty_frames=False,
     )
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 from pydicom import dcmread
 from pyorthanc import Orthanc
-from sqlalchemy import select
+from sqlalchemy import or_, select
 
 from dicom_listener.assembly import StudyAssembler
 from dicom_listener.ingest import Ingestor
@@ -113,7 +113,12 @@ class OrthancFollower:
     def _is_own_draft(self, sop_uid: str) -> bool:
         with self.store.read() as session:
             found = session.scalar(
-                select(Annotation.id).where(Annotation.seg_sop_instance_uid == sop_uid)
+                select(Annotation.id).where(
+                    or_(
+                        Annotation.seg_sop_instance_uid == sop_uid,
+                        Annotation.correction_sop_instance_uid == sop_uid,
+                    )
+                )
             )
         return found is not None
 

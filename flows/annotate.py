@@ -38,7 +38,7 @@ def build_annotator(settings: Settings, store: Store) -> Annotator:
     return Annotator(
         store,
         settings.spool_dir,
-        settings.data_dir / "drafts",
+        settings.drafts_dir,
         TritonRepository(settings.model_repository),
         TritonBackend(settings.triton.base_url, settings.triton.timeout_seconds),
         Orthanc(orthanc.base_url, orthanc.username, orthanc.password, timeout=60.0),

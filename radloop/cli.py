@@ -10,6 +10,7 @@ import threading
 
 import typer
 from rich.table import Table
+from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
 
 from radloop.cli_common import JsonOption, cli_model_specs, cli_settings, console, open_store
@@ -17,7 +18,9 @@ from radloop.cli_demo import demo_app
 from radloop.cli_flows import flows_app
 from radloop.cli_models import models_app
 from radloop.cli_queue import queue_app
+from radloop.cli_review import review_app, users_app
 from radloop.cli_studies import studies_app
+from radloop.db import Store, User
 from radloop.settings import Settings
 
 app = typer.Typer(help="radloop: the radiology active-learning loop.", no_args_is_help=True)
@@ -26,6 +29,8 @@ app.add_typer(models_app, name="models")
 app.add_typer(demo_app, name="demo")
 app.add_typer(queue_app, name="queue")
 app.add_typer(flows_app, name="flows")
+app.add_typer(review_app, name="review")
+app.add_typer(users_app, name="users")
 
 
 def _configure_logging(settings: Settings) -> None:
@@ -73,14 +78,15 @@ def listen() -> None:
 
 @app.command()
 def up() -> None:
-    """Start everything on embedded defaults: Orthanc, Prefect, Triton, listener, follower,
-    watch folder."""
+    """Start everything on embedded defaults: Orthanc, Prefect, Triton, flows, the review
+    service, listener, follower, watch folder."""
     from radloop.services import Services, load_served_models
     from radloop.supervisor import (
         Supervisor,
         flows_spec,
         orthanc_spec,
         prefect_spec,
+        review_spec,
         triton_spec,
     )
 
@@ -98,6 +104,7 @@ def up() -> None:
         triton.after_start = lambda: load_served_models(settings, model_specs)
         specs.append(triton)
     specs.append(flows_spec(settings))
+    specs.append(review_spec(settings))
     supervisor = Supervisor(specs)
     stop = _wait_for_signal()
     services = Services(settings, store)
@@ -111,6 +118,7 @@ def up() -> None:
         if settings.watch.enabled:
             services.start_watch()
         _print_endpoints(settings)
+        _hint_first_user(store)
         supervisor.watch(stop)
     finally:
         console.print("stopping ...")
@@ -129,10 +137,25 @@ def _print_endpoints(settings: Settings) -> None:
     api = settings.prefect.effective_api_url
     table.add_row("Prefect UI", api.removesuffix("/api"))
     table.add_row("Triton (inference)", settings.triton.base_url)
+    review = settings.review.base_url
+    table.add_row("Worklist (review)", f"{review}/worklist")
+    table.add_row("Dashboard", f"{review}/dashboard")
+    table.add_row("OHIF viewer, DICOMweb", f"{review}/  ·  {review}/dicom-web")
+    table.add_row("REST API (OpenAPI)", f"{review}/docs")
     table.add_row("Watch folder", str(settings.watch_folder))
     table.add_row("Rejected files", str(settings.rejected_folder))
     table.add_row("Database", _safe_url(settings.effective_database_url))
     console.print(table)
+
+
+def _hint_first_user(store: Store) -> None:
+    with store.read() as session:
+        if session.scalar(select(func.count()).select_from(User)):
+            return
+    console.print(
+        "no review users yet: [bold]radloop users add NAME --role reader --password[/bold] "
+        "(roles: reader, reviewer, ml-engineer, admin)"
+    )
 
 
 @app.command()

@@ -1,21 +1,111 @@
-"""`radloop queue …`: the review queue — drafts (and draftless studies) by priority."""
+"""`radloop queue …`: the review queue — drafts (and draftless studies) by priority — and the
+reader's actions on it, acting as a named user with that user's role."""
 
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
-from sqlalchemy import select
 
-from radloop.cli_common import JsonOption, cli_settings, console, open_store
-from radloop.db import Annotation, Study
-from radloop.domain import AnnotationState
+from radloop.cli_common import (
+    JsonOption,
+    cli_model_specs,
+    cli_settings,
+    console,
+    err_console,
+    open_store,
+)
+
+if TYPE_CHECKING:
+    from agents.review.auth import Principal
+    from agents.review.worklist import Worklist
 
 queue_app = typer.Typer(help="The review queue, most informative first.", no_args_is_help=True)
 
-OPEN = (AnnotationState.QUEUED, AnnotationState.DRAFTED, AnnotationState.CLAIMED)
+UserOption = Annotated[
+    str,
+    typer.Option(
+        "--user", envvar="RADLOOP_USER", help="Act as this radloop user (see `radloop users`)."
+    ),
+]
+
+
+def _worklist() -> Worklist:
+    from agents.review.worklist import Worklist
+
+    settings = cli_settings()
+    return Worklist(
+        open_store(settings),
+        settings.review,
+        cli_model_specs(settings),
+        settings.spool_dir,
+        settings.drafts_dir,
+        settings.datasets_dir,
+    )
+
+
+def _acting(worklist: Worklist, name: str, roles: frozenset[Any]) -> Principal:
+    from agents.review.auth import Principal, Users
+
+    found = {u["name"]: u for u in Users(worklist.store).list()}.get(name)
+    if found is None or found["disabled_at"]:
+        err_console.print(f"[red]no active user {name!r}[/red] (radloop users add)")
+        raise typer.Exit(2)
+    who = Principal(name, found["role"])  # type: ignore[arg-type]
+    if not who.may(roles):
+        err_console.print(f"[red]role {found['role']} may not do this[/red]")
+        raise typer.Exit(2)
+    return who
+
+
+def _act(action: str, annotation_id: int, user: str, as_json: bool) -> None:
+    from agents.review.auth import CORRECT, VALIDATE
+    from agents.review.worklist import ReviewError
+
+    worklist = _worklist()
+    who = _acting(worklist, user, VALIDATE if action == "validate" else CORRECT)
+    try:
+        if action == "claim":
+            item = worklist.claim(annotation_id, who.name)
+        elif action == "release":
+            item = worklist.release(annotation_id, who.name, force=who.may(VALIDATE))
+        elif action == "accept":
+            item = worklist.accept_draft(annotation_id, who.name)
+        else:
+            item = worklist.validate(annotation_id, who.name)
+    except ReviewError as refused:
+        err_console.print(f"[red]refused:[/red] {refused}")
+        raise typer.Exit(1) from None
+    if as_json:
+        print(json.dumps(item, indent=2))
+    else:
+        console.print(f"annotation {annotation_id}: {item['state']}")
+
+
+@queue_app.command("claim")
+def claim(annotation_id: int, user: UserOption, as_json: JsonOption = False) -> None:
+    """Hold a case for review.lease_minutes (claiming again renews the lease)."""
+    _act("claim", annotation_id, user, as_json)
+
+
+@queue_app.command("release")
+def release(annotation_id: int, user: UserOption, as_json: JsonOption = False) -> None:
+    """Give a claimed case back to the worklist."""
+    _act("release", annotation_id, user, as_json)
+
+
+@queue_app.command("accept")
+def accept(annotation_id: int, user: UserOption, as_json: JsonOption = False) -> None:
+    """The claimed draft needs no change: record it as the correction."""
+    _act("accept", annotation_id, user, as_json)
+
+
+@queue_app.command("validate")
+def validate(annotation_id: int, user: UserOption, as_json: JsonOption = False) -> None:
+    """Accept a correction as a training label (reviewer or admin)."""
+    _act("validate", annotation_id, user, as_json)
 
 
 @queue_app.command("list")
@@ -26,38 +116,15 @@ def queue_list(
     ] = False,
     limit: Annotated[int, typer.Option(min=1, help="At most this many rows.")] = 500,
 ) -> None:
-    """Open annotations by priority (uncertainty, highest first); draftless ones last."""
-    store = open_store(cli_settings())
-    query = (
-        select(Annotation, Study.study_uid)
-        .join(Study, Study.id == Annotation.study_id)
-        .order_by(Annotation.priority.desc().nulls_last(), Annotation.created_at)
-        .limit(limit)
-    )
-    if not all_states:
-        query = query.where(Annotation.state.in_([s.value for s in OPEN]))
-    with store.read() as session:
-        rows: list[dict[str, Any]] = [
-            {
-                "annotation_id": annotation.id,
-                "study_uid": study_uid,
-                "revision": annotation.study_revision,
-                "series_uid": annotation.series_uid,
-                "state": annotation.state,
-                "priority": annotation.priority,
-                "model": annotation.model_name,
-                "model_version": annotation.model_version,
-                "seg_sop_instance_uid": annotation.seg_sop_instance_uid,
-                "reason": annotation.reason,
-                "created_at": annotation.created_at.isoformat(),
-            }
-            for annotation, study_uid in session.execute(query)
-        ]
+    """Open annotations by priority (uncertainty + urgency boost); draftless ones last."""
+    from agents.review.worklist import OPEN_STATES
+
+    rows = _worklist().items(states=None if all_states else OPEN_STATES, limit=limit)
     if as_json:
         print(json.dumps(rows, indent=2))
         return
     table = Table(title=f"{len(rows)} in the review queue")
-    for column in ("annotation_id", "study_uid", "state", "priority", "model", "model_version"):
+    for column in ("annotation_id", "study_uid", "state", "priority", "model", "held by"):
         table.add_column(column)
     for row in rows:
         priority = "—" if row["priority"] is None else f"{row['priority']:.3f}"
@@ -66,7 +133,7 @@ def queue_list(
             row["study_uid"],
             row["state"],
             priority,
-            row["model"],
-            row["model_version"] or "—",
+            f"{row['model']} v{row['model_version'] or '—'}",
+            row["claimed_by"] or "",
         )
     console.print(table)

@@ -40,3 +40,19 @@ class IngestSource(StrEnum):
     DIMSE = "dimse"
     ORTHANC = "orthanc"
     WATCH = "watch"
+
+
+class LabelSplit(StrEnum):
+    """Where a validated label goes; a holdout label is never trained on."""
+
+    TRAIN = "train"
+    HOLDOUT = "holdout"
+
+
+class Role(StrEnum):
+    """Who may do what in the review service (see agents.review.auth.PERMISSIONS)."""
+
+    READER = "reader"
+    REVIEWER = "reviewer"
+    ML_ENGINEER = "ml-engineer"
+    ADMIN = "admin"

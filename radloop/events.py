@@ -64,15 +64,54 @@ class AnnotationDrafted(BaseModel):
         return f"study:{self.study_uid}:rev:{self.revision}:model:{self.model}:{self.model_version}"
 
 
+class AnnotationCorrected(BaseModel):
+    annotation_id: int
+    study_uid: str
+    model: str
+    model_version: str | None
+    correction_sop_instance_uid: str
+    # Dice(draft, correction): 1.0 means the reader changed nothing.
+    dice: float
+    reader: str
+
+    @property
+    def resource_id(self) -> str:
+        return f"radloop.annotation.{self.annotation_id}"
+
+    @property
+    def idempotency_key(self) -> str:
+        return f"annotation:{self.annotation_id}:correction:{self.correction_sop_instance_uid}"
+
+
+class LabelValidated(BaseModel):
+    label_id: int
+    annotation_id: int
+    study_uid: str
+    series_uid: str
+    model: str
+    split: str
+    validated_by: str
+
+    @property
+    def resource_id(self) -> str:
+        return f"radloop.label.{self.label_id}"
+
+    @property
+    def idempotency_key(self) -> str:
+        return f"label:{self.label_id}"
+
+
+Payload = StudyCompleted | AnnotationDrafted | AnnotationCorrected | LabelValidated
+
 EVENT_PAYLOADS: dict[EventType, type[BaseModel]] = {
     EventType.STUDY_COMPLETED: StudyCompleted,
     EventType.ANNOTATION_DRAFTED: AnnotationDrafted,
+    EventType.ANNOTATION_CORRECTED: AnnotationCorrected,
+    EventType.LABEL_VALIDATED: LabelValidated,
 }
 
 
-def record_event(
-    session: Session, event: EventType, payload: StudyCompleted | AnnotationDrafted
-) -> OutboxEvent:
+def record_event(session: Session, event: EventType, payload: Payload) -> OutboxEvent:
     """Add an outbox row in the caller's transaction; it is delivered only if that commits."""
     row = OutboxEvent(
         event_id=str(uuid.uuid4()),

@@ -97,5 +97,8 @@ def probe_all(settings: Settings) -> dict[str, Any]:
         probe_http(
             "prefect", settings.prefect.effective_api_url.removesuffix("/api"), "/api/health"
         ),
+        probe_http(
+            "review", f"http://{settings.review.host}:{settings.review.port}", "/api/health"
+        ),
     ]
     return {"services": services, "outbox": outbox}

@@ -26,7 +26,10 @@ from pydantic_settings import (
 )
 
 ENV_PREFIX = "RADLOOP_"
-PACKAGED_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "radloop.yaml"
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PACKAGED_CONFIG = PROJECT_ROOT / "configs" / "radloop.yaml"
+# The @ohif/app release scripts/bootstrap fetches (pinned there with its integrity).
+OHIF_VERSION = "3.13.2"
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: 16 chars, no backslash
 
 
@@ -171,6 +174,32 @@ class OutboxSettings(BaseModel):
     max_backoff_seconds: float = Field(60.0, gt=0)
 
 
+class ReviewSettings(BaseModel):
+    """The review service: worklist, REST API, OHIF host and DICOMweb proxy."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=1, le=65535)
+    # Address readers type in their browser, when it is not http://host:port (reverse proxy).
+    public_url: str | None = None
+    # A claim returns the case to the worklist after this long without a save.
+    lease_minutes: float = Field(30.0, gt=0)
+    # Added to a draft's uncertainty when a reviewer marks the case urgent.
+    urgency_boost: float = Field(1.0, ge=0)
+    # True: a reader's save validates the label; false: a second person (reviewer) validates.
+    single_reader: bool = False
+    # Fraction of validated labels that go to the frozen holdout, decided once per study.
+    holdout_fraction: float = Field(0.2, ge=0, le=1)
+    session_hours: float = Field(12.0, gt=0)
+    # Send cookies only over HTTPS: set when the service sits behind TLS.
+    secure_cookies: bool = False
+    # Unset: the viewer `make install` fetched (`.cache/ohif-<version>/dist`).
+    ohif_dir: Path | None = None
+
+    @property
+    def base_url(self) -> str:
+        return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
@@ -191,6 +220,7 @@ class Settings(BaseSettings):
     prefect: PrefectSettings = PrefectSettings()
     triton: TritonSettings = TritonSettings()
     outbox: OutboxSettings = OutboxSettings()
+    review: ReviewSettings = ReviewSettings()
 
     @field_validator("database_url")
     @classmethod
@@ -217,6 +247,19 @@ class Settings(BaseSettings):
     @property
     def model_repository(self) -> Path:
         return self.triton.repository or self.data_dir / "model-repository"
+
+    @property
+    def ohif_dir(self) -> Path:
+        return self.review.ohif_dir or PROJECT_ROOT / ".cache" / f"ohif-{OHIF_VERSION}" / "dist"
+
+    @property
+    def drafts_dir(self) -> Path:
+        return self.data_dir / "drafts"
+
+    @property
+    def datasets_dir(self) -> Path:
+        """Validated labels as image/label NIfTI pairs, per model and split."""
+        return self.data_dir / "datasets"
 
     @property
     def spool_dir(self) -> Path:

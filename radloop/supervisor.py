@@ -263,6 +263,19 @@ def flows_spec(settings: Settings) -> ChildSpec:
     )
 
 
+def review_spec(settings: Settings) -> ChildSpec:
+    """`radloop review serve`: worklist, REST API, OHIF and the DICOMweb proxy."""
+    base = f"http://{settings.review.host}:{settings.review.port}"
+    return ChildSpec(
+        name="review",
+        argv=[str(Path(sys.executable).with_name("radloop")), "review", "serve"],
+        log_file=settings.data_dir / "logs" / "review.log",
+        healthy=http_ok(f"{base}/api/health"),
+        url=settings.review.base_url,
+        start_timeout=60.0,
+    )
+
+
 class Supervisor:
     """Starts children in order, restarts any that die, stops all in reverse order."""
 

@@ -12,7 +12,7 @@ import pytest
 
 from radloop.db import Store
 from radloop.settings import Settings, load_settings
-from radloop.supervisor import Child, ChildSpec, orthanc_spec, triton_spec
+from radloop.supervisor import Child, ChildSpec, orthanc_spec, review_spec, triton_spec
 from tests.servers import PostgresServer, RadloopProcess, free_port
 
 BACKEND = os.environ.get("RADLOOP_TEST_DATABASE", "sqlite")
@@ -59,6 +59,7 @@ def radloop_env(
         "RADLOOP_TRITON__HTTP_PORT": str(free_port()),
         "RADLOOP_TRITON__GRPC_PORT": str(free_port()),
         "RADLOOP_TRITON__METRICS_PORT": str(free_port()),
+        "RADLOOP_REVIEW__PORT": str(free_port()),
         "RADLOOP_WATCH__SETTLE_SECONDS": "0.5",
         "RADLOOP_OUTBOX__POLL_SECONDS": "0.2",
         "RADLOOP_OUTBOX__MAX_BACKOFF_SECONDS": "1",
@@ -106,3 +107,9 @@ def orthanc(settings: Settings) -> Iterator[Child]:
 def triton(settings: Settings) -> Iterator[Child]:
     """Triton from the nvidia-pytriton wheel on this test's model repository."""
     yield from _running(triton_spec(settings))
+
+
+@pytest.fixture
+def review_service(settings: Settings, orthanc: Child) -> Iterator[Child]:
+    """`radloop review serve` as its own process, proxying this test's Orthanc."""
+    yield from _running(review_spec(settings))

@@ -9,22 +9,19 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from pydicom import dcmread
 from pyorthanc import Orthanc
 from sqlalchemy import func, select
 
-from agents.annotator import Annotator
 from agents.drafts import read_seg_label_map
 from agents.inference import InProcessBackend
 from agents.volume import load_series
-from dicom_listener import Ingestor, InstanceHeader, OrthancFollower, StudyAssembler
-from model_registry.repository import TritonRepository
+from dicom_listener import Ingestor, OrthancFollower, StudyAssembler
 from radloop.db import Annotation, OutboxEvent, Store, Study
-from radloop.domain import AnnotationState, IngestSource
+from radloop.domain import AnnotationState
 from radloop.modelspec import PACKAGED_MODELS, ModelSpec, load_spec
-from radloop.phantom import WrittenStudy, write_study
 from radloop.settings import Settings
 from radloop.supervisor import Child
+from tests.drafted import annotator, received_phantom
 from tests.models import export_version
 from tests.servers import radloop_json, wait_until
 
@@ -32,29 +29,6 @@ from tests.servers import radloop_json, wait_until
 @pytest.fixture
 def spec() -> ModelSpec:
     return load_spec(PACKAGED_MODELS / "phantom-abdomen.yaml")
-
-
-def received_phantom(store: Store, settings: Settings, tmp_path: Path, seed: int) -> WrittenStudy:
-    """A phantom study ingested and completed, as after a push."""
-    study = write_study(tmp_path / "phantoms", seed, seed=seed)
-    ingestor = Ingestor(store, settings.spool_dir)
-    for path in sorted(study.dicom_dir.glob("*.dcm")):
-        ds = dcmread(path)
-        header = InstanceHeader.from_dataset(ds, str(ds.file_meta.TransferSyntaxUID))
-        ingestor.ingest(header, path.read_bytes(), IngestSource.DIMSE)
-    assert StudyAssembler(store, 1).complete(study.study_uid) is not None
-    return study
-
-
-def annotator(store: Store, settings: Settings, orthanc: Orthanc | None) -> Annotator:
-    return Annotator(
-        store,
-        settings.spool_dir,
-        settings.data_dir / "drafts",
-        TritonRepository(settings.model_repository),
-        InProcessBackend(settings.model_repository),
-        orthanc,
-    )
 
 
 def test_completed_study_gets_one_draft_whose_seg_is_in_orthanc_and_reads_back(

@@ -11,10 +11,13 @@ from pathlib import Path
 import httpx
 from pydicom import dcmread
 
+from agents.review.corrections import read_nifti_label
+from radloop.db import Store
 from radloop.modelspec import PACKAGED_MODELS, load_spec
 from radloop.phantom import write_study
 from radloop.settings import Settings
 from tests.dicom_files import generated_ct
+from tests.drafted import correction_seg, stow_body
 from tests.models import export_version
 from tests.servers import RadloopProcess, radloop_json, wait_until
 from tests.test_scp import storescu
@@ -36,7 +39,7 @@ def test_up_starts_every_part_ingests_from_each_source_drafts_and_stops_on_ctrl_
     try:
         status = radloop_json(radloop_env, "status")
         services = {s["name"]: s for s in status["services"]}
-        assert set(services) >= {"dicom", "database", "orthanc", "prefect", "triton"}
+        assert set(services) >= {"dicom", "database", "orthanc", "prefect", "triton", "review"}
         assert all(s["healthy"] for s in services.values()), services
 
         pushed = generated_ct(tmp_path / "push", 4, seed=1)
@@ -69,6 +72,32 @@ def test_up_starts_every_part_ingests_from_each_source_drafts_and_stops_on_ctrl_
             f"{orthanc_url}/tools/lookup", content=str(draft["seg_sop_instance_uid"])
         )
         assert [item["Type"] for item in found.json()] == ["Instance"]
+
+        # A reader claims it, saves a correction through the review service's DICOMweb proxy
+        # (as OHIF does), a reviewer validates it: it leaves the queue as a training label.
+        reader = radloop_json(radloop_env, "users", "add", "ann", "--role", "reader")
+        radloop_json(radloop_env, "users", "add", "rita", "--role", "reviewer")
+        case = int(str(draft["annotation_id"]))
+        claimed = radloop_json(radloop_env, "queue", "claim", str(case), "--user", "ann")
+        assert claimed["state"] == "claimed"
+        store = Store.open(settings.effective_database_url)
+        seg = correction_seg(
+            store, settings, spec, phantom, read_nifti_label(phantom.truth), tmp_path
+        )
+        store.close()
+        body, content_type = stow_body(seg)
+        saved = httpx.post(
+            f"{services['review']['url']}/dicom-web/studies",
+            content=body,
+            headers={"content-type": content_type, "authorization": f"Bearer {reader['token']}"},
+            timeout=60,
+        )
+        assert saved.status_code == 200, saved.text
+        validated = radloop_json(radloop_env, "queue", "validate", str(case), "--user", "rita")
+        assert validated["state"] == "validated" and validated["correction_dice"] < 1.0
+        assert case not in [
+            row["annotation_id"] for row in radloop_json(radloop_env, "queue", "list")
+        ]
     finally:
         code = up.stop(sig=signal.SIGINT, timeout=60)
     assert code == 0, up.output()

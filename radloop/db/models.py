@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     DateTime,
     Float,
     ForeignKey,
@@ -123,6 +124,66 @@ class Annotation(Base):
     timings: Mapped[dict[str, float] | None] = mapped_column(JSON)
     created_at: Mapped[datetime]
     updated_at: Mapped[datetime]
+    # Review. A reviewer's "urgent" adds the configured boost to the priority.
+    urgent: Mapped[bool] = mapped_column(Boolean, default=False)
+    # The last claim: who and until when (kept after it lapses, to say so on a late save).
+    claimed_by: Mapped[str | None] = mapped_column(String(64))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(index=True)
+    corrected_by: Mapped[str | None] = mapped_column(String(64))
+    corrected_at: Mapped[datetime | None]
+    correction_sop_instance_uid: Mapped[str | None] = mapped_column(UID, unique=True)
+    # The correction as a label NIfTI on the series grid (its SEG lies beside it).
+    correction_path: Mapped[str | None] = mapped_column(String(256))
+    # Correction effort: Dice(draft, correction), mean over the labels either one holds.
+    correction_dice: Mapped[float | None] = mapped_column(Float)
+    correction_dice_per_label: Mapped[dict[str, float] | None] = mapped_column(JSON)
+    validated_by: Mapped[str | None] = mapped_column(String(64))
+    validated_at: Mapped[datetime | None] = mapped_column(index=True)
+
+
+class Label(Base):
+    """A validated annotation, written to the training set; its split never changes."""
+
+    __tablename__ = "labels"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    annotation_id: Mapped[int] = mapped_column(ForeignKey("annotations.id"), unique=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    model_name: Mapped[str] = mapped_column(String(64), index=True)
+    split: Mapped[str] = mapped_column(String(16))
+    series_uid: Mapped[str] = mapped_column(UID)
+    # SOP Instance UID of the SEG the label came from (correction, or accepted draft).
+    seg_sop_instance_uid: Mapped[str | None] = mapped_column(UID)
+    image_path: Mapped[str] = mapped_column(String(256))
+    label_path: Mapped[str] = mapped_column(String(256))
+    created_at: Mapped[datetime]
+
+
+class User(Base):
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[str] = mapped_column(String(16))
+    # SHA-256 of the API token (random, 256 bits): the token itself is shown once.
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    # scrypt hash for the login page; unset: the token is the password.
+    password_hash: Mapped[str | None] = mapped_column(String(256))
+    created_at: Mapped[datetime]
+    disabled_at: Mapped[datetime | None]
+
+
+class WebSession(Base):
+    """A browser login. Kept in the database so logins survive a restart and can be revoked."""
+
+    __tablename__ = "web_sessions"
+
+    # SHA-256 of the cookie value.
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    csrf_token: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime]
+    expires_at: Mapped[datetime] = mapped_column(index=True)
 
 
 class OutboxEvent(Base):

@@ -1,0 +1,1 @@
+"""The review service: worklist, corrections, validation, auth, OHIF host, DICOMweb proxy."""

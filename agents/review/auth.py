@@ -1,0 +1,174 @@
+"""Users, roles, API tokens and browser sessions of the review service.
+
+Tokens are 256 random bits, stored as SHA-256 (a slow hash adds nothing at that entropy);
+passwords, which people choose, as scrypt. Browser sessions live in the database (they survive
+a restart and end on logout) behind an HttpOnly, SameSite=Strict cookie, and every form carries
+the session's CSRF token.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+from datetime import timedelta
+
+from sqlalchemy import delete, select
+from sqlalchemy.exc import IntegrityError
+
+from radloop.db import Store, User, WebSession, utcnow
+from radloop.domain import Role
+
+_SCRYPT = {"n": 2**14, "r": 8, "p": 1}
+
+READ = frozenset(Role)
+CORRECT = frozenset({Role.READER, Role.REVIEWER, Role.ADMIN})
+VALIDATE = frozenset({Role.REVIEWER, Role.ADMIN})
+ADMINISTER = frozenset({Role.ADMIN})
+
+
+class UserExists(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is asking: a user and, for a browser session, its CSRF token."""
+
+    name: str
+    role: Role
+    csrf_token: str | None = None
+
+    def may(self, roles: frozenset[Role]) -> bool:
+        return self.role in roles
+
+
+def _sha256(value: str) -> str:
+    return hashlib.sha256(value.encode()).hexdigest()
+
+
+def hash_password(password: str) -> str:
+    salt = secrets.token_bytes(16)
+    digest = hashlib.scrypt(password.encode(), salt=salt, **_SCRYPT)
+    return f"scrypt${salt.hex()}${digest.hex()}"
+
+
+def check_password(password: str, stored: str) -> bool:
+    try:
+        kind, salt, digest = stored.split("$")
+    except ValueError:
+        return False
+    if kind != "scrypt":
+        return False
+    computed = hashlib.scrypt(password.encode(), salt=bytes.fromhex(salt), **_SCRYPT)
+    return hmac.compare_digest(computed.hex(), digest)
+
+
+class Users:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def add(self, name: str, role: Role, password: str | None = None) -> str:
+        """Create a user; returns their API token (shown once, stored only as a hash)."""
+        token = secrets.token_urlsafe(32)
+        try:
+            with self.store.transaction() as session:
+                session.add(
+                    User(
+                        name=name,
+                        role=role.value,
+                        token_hash=_sha256(token),
+                        password_hash=hash_password(password) if password else None,
+                        created_at=utcnow(),
+                    )
+                )
+        except IntegrityError:
+            raise UserExists(f"user {name!r} exists") from None
+        return token
+
+    def rotate_token(self, name: str) -> str:
+        token = secrets.token_urlsafe(32)
+        with self.store.transaction() as session:
+            user = session.scalars(select(User).where(User.name == name)).first()
+            if user is None:
+                raise KeyError(name)
+            user.token_hash = _sha256(token)
+            session.execute(delete(WebSession).where(WebSession.user_id == user.id))
+        return token
+
+    def disable(self, name: str) -> None:
+        with self.store.transaction() as session:
+            user = session.scalars(select(User).where(User.name == name)).first()
+            if user is None:
+                raise KeyError(name)
+            user.disabled_at = utcnow()
+            session.execute(delete(WebSession).where(WebSession.user_id == user.id))
+
+    def list(self) -> list[dict[str, str | None]]:
+        with self.store.read() as session:
+            return [
+                {
+                    "name": user.name,
+                    "role": user.role,
+                    "created_at": user.created_at.isoformat(),
+                    "disabled_at": user.disabled_at.isoformat() if user.disabled_at else None,
+                }
+                for user in session.scalars(select(User).order_by(User.name))
+            ]
+
+    def by_token(self, token: str) -> Principal | None:
+        with self.store.read() as session:
+            user = session.scalars(
+                select(User).where(User.token_hash == _sha256(token), User.disabled_at.is_(None))
+            ).first()
+            return Principal(user.name, Role(user.role)) if user else None
+
+    def login(self, name: str, secret: str, hours: float) -> tuple[str, Principal] | None:
+        """Check a password (or the API token) and open a session: (cookie value, principal)."""
+        with self.store.read() as session:
+            user = session.scalars(
+                select(User).where(User.name == name, User.disabled_at.is_(None))
+            ).first()
+            if user is None:
+                hash_password(secret)  # same work as a real check: no user-name oracle by timing
+                return None
+            ok = (
+                check_password(secret, user.password_hash)
+                if user.password_hash
+                else hmac.compare_digest(_sha256(secret), user.token_hash)
+            )
+            if not ok:
+                return None
+            user_id, role = user.id, Role(user.role)
+        cookie, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+        now = utcnow()
+        with self.store.transaction() as session:
+            session.execute(delete(WebSession).where(WebSession.expires_at < now))
+            session.add(
+                WebSession(
+                    id=_sha256(cookie),
+                    user_id=user_id,
+                    csrf_token=csrf,
+                    created_at=now,
+                    expires_at=now + timedelta(hours=hours),
+                )
+            )
+        return cookie, Principal(name, role, csrf)
+
+    def by_session(self, cookie: str) -> Principal | None:
+        with self.store.read() as session:
+            row = session.execute(
+                select(User.name, User.role, WebSession.csrf_token)
+                .join(WebSession, WebSession.user_id == User.id)
+                .where(
+                    WebSession.id == _sha256(cookie),
+                    WebSession.expires_at > utcnow(),
+                    User.disabled_at.is_(None),
+                )
+            ).first()
+        return Principal(row[0], Role(row[1]), row[2]) if row else None
+
+    def logout(self, cookie: str) -> None:
+        with self.store.transaction() as session:
+            session.execute(delete(WebSession).where(WebSession.id == _sha256(cookie)))

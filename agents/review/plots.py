@@ -1,0 +1,124 @@
+"""Dashboard plots as SVG, drawn on the server with matplotlib (no pyplot: thread-safe)."""
+
+from __future__ import annotations
+
+import io
+from collections import defaultdict
+from datetime import datetime
+
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from numpy.typing import NDArray
+from sqlalchemy import select
+
+from radloop.db import Annotation, Store
+
+_OPEN_SINCE = ("queued", "drafted", "claimed")
+
+
+def _svg(figure: Figure) -> str:
+    buffer = io.StringIO()
+    figure.savefig(buffer, format="svg", bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def _figure(title: str) -> tuple[Figure, Axes]:
+    figure = Figure(figsize=(6.4, 3.2))
+    axes: Axes = figure.subplots()
+    axes.set_title(title, fontsize=11)
+    axes.grid(alpha=0.3)
+    return figure, axes
+
+
+def _times(values: list[datetime]) -> NDArray[np.datetime64]:
+    """UTC datetimes as numpy datetime64 (what matplotlib's date axis takes, typed)."""
+    return np.array([v.replace(tzinfo=None) for v in values], dtype="datetime64[s]")
+
+
+def _empty(axes: Axes, text: str) -> None:
+    axes.text(0.5, 0.5, text, ha="center", va="center", transform=axes.transAxes)
+
+
+def validated_over_time(store: Store) -> str:
+    """Cumulative validated labels per model."""
+    with store.read() as session:
+        rows = session.execute(
+            select(Annotation.model_name, Annotation.validated_at)
+            .where(Annotation.validated_at.is_not(None))
+            .order_by(Annotation.validated_at)
+        ).all()
+    figure, axes = _figure("Validated labels over time")
+    per_model: dict[str, list[datetime]] = defaultdict(list)
+    for model, at in rows:
+        if at is not None:
+            per_model[model].append(at)
+    for model, times in per_model.items():
+        axes.step(_times(times), np.arange(1, len(times) + 1), where="post", label=model)
+    if per_model:
+        axes.legend(fontsize=8)
+        figure.autofmt_xdate()
+    else:
+        _empty(axes, "no validated labels yet")
+    axes.set_ylabel("labels")
+    return _svg(figure)
+
+
+def queue_depth(store: Store) -> str:
+    """Cases waiting for a reader over time: +1 when drafted or queued, -1 when corrected."""
+    with store.read() as session:
+        rows = session.execute(
+            select(Annotation.created_at, Annotation.corrected_at, Annotation.validated_at).where(
+                Annotation.state != "not_applicable"
+            )
+        ).all()
+    changes: list[tuple[datetime, int]] = []
+    for created, corrected, validated in rows:
+        changes.append((created, 1))
+        closed = corrected or validated
+        if closed is not None:
+            changes.append((closed, -1))
+    changes.sort()
+    figure, axes = _figure("Queue depth (cases waiting for a reader)")
+    if changes:
+        depth, times, values = 0, [], []
+        for at, delta in changes:
+            depth += delta
+            times.append(at)
+            values.append(depth)
+        axes.step(_times(times), values, where="post", color="tab:orange")
+        figure.autofmt_xdate()
+    else:
+        _empty(axes, "nothing drafted yet")
+    axes.set_ylabel("open cases")
+    return _svg(figure)
+
+
+def correction_effort(store: Store) -> str:
+    """1 - Dice(draft, correction) per model version: lower means the model needed less fixing."""
+    with store.read() as session:
+        rows = session.execute(
+            select(Annotation.model_name, Annotation.model_version, Annotation.correction_dice)
+            .where(Annotation.correction_dice.is_not(None))
+            .order_by(Annotation.model_name, Annotation.model_version)
+        ).all()
+    per_version: dict[str, list[float]] = defaultdict(list)
+    for model, version, dice in rows:
+        if dice is not None:
+            per_version[f"{model} v{version or '–'}"].append(1.0 - dice)
+    figure, axes = _figure("Correction effort per model version (1 − Dice)")
+    if per_version:
+        names = sorted(per_version)
+        axes.boxplot([per_version[n] for n in names], tick_labels=names)
+        axes.set_ylim(0, 1)
+    else:
+        _empty(axes, "no corrections yet")
+    axes.set_ylabel("1 − Dice")
+    return _svg(figure)
+
+
+PLOTS = {
+    "validated": validated_over_time,
+    "queue": queue_depth,
+    "effort": correction_effort,
+}

@@ -1,0 +1,110 @@
+"""Studies as they are after a push and after drafting, for tests that start from there."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from typing import Any
+
+import highdicom as hd
+import numpy as np
+from pydicom import dcmread
+from pyorthanc import Orthanc
+
+from agents.annotator import Annotator
+from agents.drafts import segment_descriptions
+from agents.inference import InProcessBackend
+from agents.volume import load_series, series_files
+from dicom_listener import Ingestor, InstanceHeader, StudyAssembler
+from model_registry.repository import TritonRepository
+from radloop.db import Store
+from radloop.domain import IngestSource
+from radloop.modelspec import ModelSpec
+from radloop.phantom import WrittenStudy, write_study
+from radloop.settings import Settings
+
+
+def received_phantom(store: Store, settings: Settings, tmp_path: Path, seed: int) -> WrittenStudy:
+    """A phantom study ingested and completed, as after a push."""
+    study = write_study(tmp_path / "phantoms", seed, seed=seed)
+    ingestor = Ingestor(store, settings.spool_dir)
+    for path in sorted(study.dicom_dir.glob("*.dcm")):
+        ds = dcmread(path)
+        header = InstanceHeader.from_dataset(ds, str(ds.file_meta.TransferSyntaxUID))
+        ingestor.ingest(header, path.read_bytes(), IngestSource.DIMSE)
+    assert StudyAssembler(store, 1).complete(study.study_uid) is not None
+    return study
+
+
+def annotator(store: Store, settings: Settings, orthanc: Orthanc | None) -> Annotator:
+    return Annotator(
+        store,
+        settings.spool_dir,
+        settings.drafts_dir,
+        TritonRepository(settings.model_repository),
+        InProcessBackend(settings.model_repository),
+        orthanc,
+    )
+
+
+def correction_seg(
+    store: Store,
+    settings: Settings,
+    spec: ModelSpec,
+    study: WrittenStudy,
+    labels: np.ndarray[Any, Any],
+    out_dir: Path,
+    *,
+    names: list[str] | None = None,
+) -> bytes:
+    """A correction SEG as a viewer writes one: MANUAL segments named like the draft's, frames
+    referencing the source slices, empty frames left out (OHIF/dcmjs do the same). `names`
+    renames segments (a renamed one gets a code the spec does not know)."""
+    series = load_series(series_files(store, settings.spool_dir, study.series_uid))
+    descriptions = segment_descriptions(spec, None)
+    if names is not None:
+        for description, name in zip(descriptions, names, strict=True):
+            if description.SegmentLabel != name:
+                description.SegmentLabel = name
+                code = description.SegmentedPropertyTypeCodeSequence[0]
+                code.CodeValue, code.CodeMeaning = "108369006", name  # SCT Neoplasm
+    present = sorted(int(v) for v in np.unique(labels) if v)
+    seg = hd.seg.Segmentation(
+        source_images=series.source,
+        pixel_array=labels.astype(np.uint8),
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=[d for d in descriptions if d.SegmentNumber in present],
+        series_instance_uid=hd.UID(),
+        series_number=300,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer="OHIF",
+        manufacturer_model_name="cornerstone3D",
+        software_versions="3.13.2",
+        device_serial_number="1",
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{seg.SOPInstanceUID}.dcm"
+    seg.save_as(path)
+    return path.read_bytes()
+
+
+def reference_dice(a: np.ndarray[Any, Any], b: np.ndarray[Any, Any], spec: ModelSpec) -> float:
+    """Mean Dice over the labels either map holds, computed here independently of radloop."""
+    scores = []
+    for label in spec.labels:
+        x, y = a == label.value, b == label.value
+        if x.sum() + y.sum():
+            scores.append(2 * (x & y).sum() / (x.sum() + y.sum()))
+    return float(np.mean(scores))
+
+
+def stow_body(*instances: bytes) -> tuple[bytes, str]:
+    """A STOW-RS request body as dicomweb-client (OHIF) builds it."""
+    boundary = uuid.uuid4().hex
+    body = b""
+    for data in instances:
+        body += f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+        body += data + b"\r\n"
+    body += f"--{boundary}--\r\n".encode()
+    return body, f'multipart/related; type="application/dicom"; boundary={boundary}'
