@@ -92,7 +92,8 @@ class Annotator:
                 study_uid, revision, spec, series.series_uid, AnnotationState.QUEUED, None
             )
         started = time.perf_counter()
-        result = self.backend.infer(spec.name, series.array, series.spacing)
+        champion = self.repository.champion(spec.name)
+        result = self.backend.infer(spec.name, series.array, series.spacing, champion)
         timings["infer_s"] = time.perf_counter() - started
         started = time.perf_counter()
         files = write_draft(

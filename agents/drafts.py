@@ -118,7 +118,7 @@ def write_draft(
             if reader
             else f"radloop draft {spec.name} v{model_version}"
         )[:64],
-        content_creator_name=reader,
+        content_creator_name=f"{reader}^" if reader else None,
         omit_empty_frames=False,
     )
     out_dir.mkdir(parents=True, exist_ok=True)

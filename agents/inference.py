@@ -29,8 +29,11 @@ class InferenceResult:
 
 
 class InferenceBackend(Protocol):
-    def infer(self, model: str, image: NDArray[Any], spacing: Sequence[float]) -> InferenceResult:
-        """Label map and uncertainty for one volume (float32 HU, slices × rows × columns)."""
+    def infer(
+        self, model: str, image: NDArray[Any], spacing: Sequence[float], version: int | None = None
+    ) -> InferenceResult:
+        """Label map and uncertainty for one volume (float32 HU, slices × rows × columns),
+        from `version` (default: whichever the server picks)."""
         ...
 
 
@@ -48,7 +51,9 @@ class TritonBackend:
             network_timeout=timeout_seconds,
         )
 
-    def infer(self, model: str, image: NDArray[Any], spacing: Sequence[float]) -> InferenceResult:
+    def infer(
+        self, model: str, image: NDArray[Any], spacing: Sequence[float], version: int | None = None
+    ) -> InferenceResult:
         volume = np.ascontiguousarray(image, dtype=np.float32)
         inputs = [
             triton_http.InferInput("IMAGE", list(volume.shape), "FP32"),
@@ -61,14 +66,19 @@ class TritonBackend:
             for name in ("LABELS", "UNCERTAINTY", "MODEL_VERSION")
         ]
         try:
-            result = self.client.infer(model, inputs, outputs=outputs)
+            result = self.client.infer(
+                model,
+                inputs,
+                model_version="" if version is None else str(version),
+                outputs=outputs,
+            )
         except (InferenceServerException, OSError) as error:
             raise InferenceUnavailable(f"Triton inference of {model} failed: {error}") from error
-        version = result.as_numpy("MODEL_VERSION")
+        answered = result.as_numpy("MODEL_VERSION")
         labels = result.as_numpy("LABELS")
         score = result.as_numpy("UNCERTAINTY")
-        assert labels is not None and score is not None and version is not None
-        raw = version[0]
+        assert labels is not None and score is not None and answered is not None
+        raw = answered[0]
         return InferenceResult(
             labels=labels,
             uncertainty=float(score[0]),
@@ -109,21 +119,22 @@ class InProcessBackend:
         self.repository = repository
         self._loaded: dict[str, tuple[str, Any, dict[str, Any]]] = {}
 
-    def infer(self, model: str, image: NDArray[Any], spacing: Sequence[float]) -> InferenceResult:
+    def infer(
+        self, model: str, image: NDArray[Any], spacing: Sequence[float], version: int | None = None
+    ) -> InferenceResult:
         import torch
 
+        from model_registry.repository import TritonRepository
         from model_registry.triton_model import load, segment
 
-        versions = sorted(
-            (p for p in (self.repository / model).iterdir() if p.name.isdigit()),
-            key=lambda p: int(p.name),
-        )
-        if not versions:
+        if version is None:
+            version = TritonRepository(self.repository).champion(model)
+        if version is None:
             raise InferenceUnavailable(f"no version of {model} in {self.repository}")
-        newest = versions[-1]
-        if model not in self._loaded or self._loaded[model][0] != newest.name:
-            network, config = load(newest, torch.device("cpu"))
-            self._loaded[model] = (newest.name, network, config)
-        version, network, config = self._loaded[model]
+        folder = self.repository / model / str(version)
+        if model not in self._loaded or self._loaded[model][0] != folder.name:
+            network, config = load(folder, torch.device("cpu"))
+            self._loaded[model] = (folder.name, network, config)
+        served, network, config = self._loaded[model]
         labels, score = segment(network, image, spacing, config)
-        return InferenceResult(labels=labels, uncertainty=score, model_version=version)
+        return InferenceResult(labels=labels, uncertainty=score, model_version=served)

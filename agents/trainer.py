@@ -77,14 +77,19 @@ def train(
     config: TrainingConfig,
     initial: torch.nn.Module | None = None,
     on_epoch: Callable[[int, float], None] | None = None,
+    device: torch.device | None = None,
 ) -> tuple[torch.nn.Module, TrainingReport]:
-    """Train (or fine-tune `initial`) on `examples`; returns the network in eval mode."""
+    """Train (or fine-tune `initial`) on `examples`, on the GPU with mixed precision when torch
+    sees one, else on the CPU; returns the network on the CPU in eval mode."""
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
-    network = initial if initial is not None else spec.network.build()
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    amp = device.type == "cuda"
+    network = (initial if initial is not None else spec.network.build()).to(device)
     network.train()
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     optimiser = torch.optim.Adam(network.parameters(), lr=config.learning_rate)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp)
     roi = spec.inference.roi_size
     report = TrainingReport(config)
     for epoch in range(config.epochs):
@@ -92,18 +97,20 @@ def train(
         for _ in range(config.steps_per_epoch):
             picks = [examples[int(i)] for i in rng.integers(0, len(examples), config.batch_size)]
             patches = [_patch(example, roi, rng) for example in picks]
-            images = torch.stack([p.image for p in patches])
-            labels = torch.stack([p.labels for p in patches])
+            images = torch.stack([p.image for p in patches]).to(device)
+            labels = torch.stack([p.labels for p in patches]).to(device)
             optimiser.zero_grad()
-            loss = loss_fn(network(images), labels)
-            loss.backward()
-            optimiser.step()
+            with torch.autocast(device_type=device.type, enabled=amp):
+                loss = loss_fn(network(images), labels)
+            scaler.scale(loss).backward()
+            scaler.step(optimiser)
+            scaler.update()
             total += float(loss.detach())
         report.epoch_losses.append(total / config.steps_per_epoch)
         if on_epoch is not None:
             on_epoch(epoch + 1, report.epoch_losses[-1])
     network.eval()
-    return network, report
+    return network.cpu(), report
 
 
 def dice_per_label(

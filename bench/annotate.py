@@ -66,7 +66,7 @@ STAGES = {  # key -> what it spans, in the order a study goes through them
     "store_s": "SEG into Orthanc (after queued)",
 }
 PORTS = "DICOM__PORT ORTHANC__HTTP_PORT ORTHANC__DICOM_PORT PREFECT__PORT TRITON__HTTP_PORT"
-PORTS += " TRITON__GRPC_PORT TRITON__METRICS_PORT"
+PORTS += " TRITON__GRPC_PORT TRITON__METRICS_PORT REVIEW__PORT MLFLOW__PORT"
 
 
 def free_port() -> int:
@@ -81,7 +81,11 @@ def configure(data: Path, extra: dict[str, str]) -> tuple[Settings, dict[str, st
     for key in [k for k in os.environ if k.startswith("RADLOOP_")]:
         del os.environ[key]
     os.environ.update({f"RADLOOP_{key}": str(free_port()) for key in PORTS.split()})
-    os.environ.update(RADLOOP_DATA_DIR=str(data), RADLOOP_DICOM__QUIET_SECONDS="2")
+    os.environ.update(
+        RADLOOP_DATA_DIR=str(data),
+        RADLOOP_DICOM__QUIET_SECONDS="2",
+        RADLOOP_DEMO_ON_FIRST_RUN="false",
+    )
     return load_settings(), {**os.environ, "TCP_NODELAY": "1", **extra}
 
 

@@ -36,8 +36,10 @@ output [
   {{ name: "UNCERTAINTY", data_type: TYPE_FP32, dims: [ 1 ] }},
   {{ name: "MODEL_VERSION", data_type: TYPE_STRING, dims: [ 1 ] }}
 ]
-# The newest version is served; loading the model again swaps to a newer one.
-version_policy: {{ latest: {{ num_versions: 1 }} }}
+# Which versions Triton keeps loaded (model_registry.deploy): normally the two newest, so a
+# new version loads beside the champion without reloading it; drafting asks for the champion
+# by number (serving.json).
+version_policy: {policy}
 # model.py moves the network to a GPU itself when torch sees one.
 instance_group [ {{ kind: KIND_CPU, count: 1 }} ]
 """
@@ -50,9 +52,59 @@ def inference_config(spec: ModelSpec) -> dict[str, Any]:
     )
 
 
+SERVING_FILE = "serving.json"
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(text)
+    with open(partial, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(partial, path)
+
+
 class TritonRepository:
     def __init__(self, root: Path) -> None:
         self.root = root
+
+    def champion(self, name: str) -> int | None:
+        """The version drafts come from: `serving.json`, else the newest version."""
+        try:
+            return int(json.loads((self.root / name / SERVING_FILE).read_text())["version"])
+        except (OSError, ValueError, KeyError):
+            versions = self.versions(name)
+            return versions[-1] if versions else None
+
+    def previous_champion(self, name: str) -> int | None:
+        try:
+            previous = json.loads((self.root / name / SERVING_FILE).read_text()).get("previous")
+        except (OSError, ValueError):
+            return None
+        return int(previous) if previous is not None else None
+
+    def set_champion(self, name: str, version: int) -> None:
+        """Point drafting at `version` (atomic; the old pointer is kept as `previous`)."""
+        if version not in self.versions(name):
+            raise FileNotFoundError(f"{name} has no version {version}")
+        current = self.champion(name)
+        record = {"version": version, "previous": current if current != version else None}
+        _write_atomically(self.root / name / SERVING_FILE, json.dumps(record))
+
+    def write_config(self, spec_name: str, versions: list[int] | None = None) -> bool:
+        """Which versions Triton loads on the next explicit load: the two newest (None), or
+        exactly `versions` (a rollback to an older one). Returns whether the file changed —
+        Triton reloads every version of a model whose configuration changed."""
+        if versions is None:
+            policy = "{ latest: { num_versions: 2 } }"
+        else:
+            listed = ", ".join(str(v) for v in sorted(set(versions)))
+            policy = f"{{ specific: {{ versions: [ {listed} ] }} }}"
+        path = self.root / spec_name / "config.pbtxt"
+        text = _CONFIG.format(name=spec_name, policy=policy)
+        if path.is_file() and path.read_text() == text:
+            return False
+        _write_atomically(path, text)
+        return True
 
     def versions(self, name: str) -> list[int]:
         folder = self.root / name
@@ -61,9 +113,17 @@ class TritonRepository:
         return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit() and p.is_dir())
 
     def export(
-        self, spec: ModelSpec, model: torch.jit.ScriptModule, version: int | None = None
+        self,
+        spec: ModelSpec,
+        model: torch.jit.ScriptModule,
+        version: int | None = None,
+        *,
+        serve: bool = True,
     ) -> int:
-        """Write `model` as a new version of `spec.name` (next free number unless given)."""
+        """Write `model` as a new version of `spec.name` (next free number unless given).
+
+        With `serve`, the new version is also the one Triton loads and drafting uses (starter
+        and imported models); the retraining flow passes False and hot-reloads it itself."""
         existing = self.versions(spec.name)
         version = version if version is not None else (existing[-1] + 1 if existing else 1)
         if version in existing:
@@ -86,5 +146,7 @@ class TritonRepository:
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        (model_dir / "config.pbtxt").write_text(_CONFIG.format(name=spec.name))
+        if serve or not (model_dir / "config.pbtxt").exists():
+            self.write_config(spec.name)
+            self.set_champion(spec.name, version)
         return version

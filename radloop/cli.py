@@ -7,20 +7,30 @@ import logging
 import signal
 import sys
 import threading
+from collections.abc import Callable
+from typing import Annotated
 
 import typer
 from rich.table import Table
 from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
 
-from radloop.cli_common import JsonOption, cli_model_specs, cli_settings, console, open_store
+from radloop.cli_common import (
+    JsonOption,
+    cli_model_specs,
+    cli_settings,
+    console,
+    err_console,
+    open_store,
+)
 from radloop.cli_demo import demo_app
 from radloop.cli_flows import flows_app
 from radloop.cli_models import models_app
 from radloop.cli_queue import queue_app
 from radloop.cli_review import review_app, users_app
 from radloop.cli_studies import studies_app
-from radloop.db import Store, User
+from radloop.cli_train import train
+from radloop.db import Store, Study, User
 from radloop.settings import Settings
 
 app = typer.Typer(help="radloop: the radiology active-learning loop.", no_args_is_help=True)
@@ -31,6 +41,7 @@ app.add_typer(queue_app, name="queue")
 app.add_typer(flows_app, name="flows")
 app.add_typer(review_app, name="review")
 app.add_typer(users_app, name="users")
+app.command("train")(train)
 
 
 def _configure_logging(settings: Settings) -> None:
@@ -77,28 +88,59 @@ def listen() -> None:
 
 
 @app.command()
-def up() -> None:
-    """Start everything on embedded defaults: Orthanc, Prefect, Triton, flows, the review
-    service, listener, follower, watch folder."""
+def up(
+    demo: Annotated[
+        bool | None,
+        typer.Option(
+            "--demo/--no-demo",
+            help="Turn the loop once with phantoms first (default: only on an empty data dir).",
+        ),
+    ] = None,
+) -> None:
+    """Start everything on embedded defaults: Orthanc, Prefect, MLflow, Triton, flows, the
+    review service, listener, follower, watch folder."""
+    settings = cli_settings()
+    store = open_store(settings)
+    if demo is None:
+        demo = settings.demo_on_first_run and _is_empty(store)
+    after_up = None
+    if demo:
+        from radloop.demo import Demo
+
+        console.print("empty data dir: turning the loop once with phantoms (--no-demo skips)")
+        after_up = lambda stop: Demo(settings, store, console).run()  # noqa: E731
+    run_stack(settings, store, after_up)
+
+
+def run_stack(
+    settings: Settings,
+    store: Store,
+    after_up: Callable[[threading.Event], object] | None = None,
+    *,
+    exit_after: bool = False,
+) -> None:
+    """Start the children and in-process services, run `after_up` (in a thread), serve until
+    Ctrl-C/SIGTERM — or, with `exit_after`, until `after_up` returns — then stop all."""
     from radloop.services import Services, load_served_models
     from radloop.supervisor import (
         Supervisor,
         flows_spec,
+        mlflow_spec,
         orthanc_spec,
         prefect_spec,
         review_spec,
         triton_spec,
     )
 
-    settings = cli_settings()
     _configure_logging(settings)
     model_specs = cli_model_specs(settings)
-    store = open_store(settings)
     specs = []
     if settings.orthanc.url is None:
         specs.append(orthanc_spec(settings))
     if settings.prefect.api_url is None:
         specs.append(prefect_spec(settings))
+    if settings.mlflow.tracking_uri is None:
+        specs.append(mlflow_spec(settings))
     if settings.triton.url is None:
         triton = triton_spec(settings)
         triton.after_start = lambda: load_served_models(settings, model_specs)
@@ -108,6 +150,7 @@ def up() -> None:
     supervisor = Supervisor(specs)
     stop = _wait_for_signal()
     services = Services(settings, store)
+    failed: list[BaseException] = []
     try:
         with console.status("starting " + ", ".join(s.name for s in specs) + " ..."):
             supervisor.start()
@@ -119,12 +162,32 @@ def up() -> None:
             services.start_watch()
         _print_endpoints(settings)
         _hint_first_user(store)
+        if after_up is not None:
+
+            def background() -> None:
+                try:
+                    after_up(stop)
+                except BaseException as error:  # reported, and the stack stops
+                    failed.append(error)
+                    err_console.print(f"[red]{type(error).__name__}: {error}[/red]")
+                    stop.set()
+                if exit_after:
+                    stop.set()
+
+            threading.Thread(target=background, name="after-up", daemon=True).start()
         supervisor.watch(stop)
     finally:
         console.print("stopping ...")
         services.stop()
         supervisor.stop()
         store.close()
+    if failed:
+        raise typer.Exit(1)
+
+
+def _is_empty(store: Store) -> bool:
+    with store.read() as session:
+        return not session.scalar(select(func.count()).select_from(Study))
 
 
 def _print_endpoints(settings: Settings) -> None:
@@ -137,6 +200,7 @@ def _print_endpoints(settings: Settings) -> None:
     api = settings.prefect.effective_api_url
     table.add_row("Prefect UI", api.removesuffix("/api"))
     table.add_row("Triton (inference)", settings.triton.base_url)
+    table.add_row("MLflow (runs, registry)", settings.mlflow.effective_tracking_uri)
     review = settings.review.base_url
     table.add_row("Worklist (review)", f"{review}/worklist")
     table.add_row("Dashboard", f"{review}/dashboard")

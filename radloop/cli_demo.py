@@ -10,7 +10,37 @@ import typer
 
 from radloop.cli_common import JsonOption, cli_settings, console, err_console
 
-demo_app = typer.Typer(help="Demo data: run the loop without patient data.", no_args_is_help=True)
+demo_app = typer.Typer(
+    help="Turn the loop once on phantoms (`radloop demo`), or write demo data.",
+    invoke_without_command=True,
+)
+
+
+@demo_app.callback()
+def demo(
+    ctx: typer.Context,
+    keep_running: Annotated[
+        bool, typer.Option("--keep-running", help="Stay up after the summary (Ctrl-C stops).")
+    ] = False,
+) -> None:
+    """Start everything, push phantom studies over C-STORE, correct and validate the drafts as
+    a simulated reader through the review API, retrain, hot-reload, draft again; summarise."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from radloop.cli import run_stack
+    from radloop.cli_common import open_store
+    from radloop.demo import Demo
+
+    settings = cli_settings()
+    # Phantoms arrive in one burst: a short quiet period completes them sooner.
+    settings.dicom.quiet_seconds = min(settings.dicom.quiet_seconds, 5.0)
+    store = open_store(settings)
+    run_stack(
+        settings,
+        store,
+        lambda stop: Demo(settings, store, console).run(),
+        exit_after=not keep_running,
+    )
 
 
 @demo_app.command("data")

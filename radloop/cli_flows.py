@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import typer
 
@@ -11,22 +12,27 @@ from radloop.cli_common import cli_model_specs, cli_settings
 flows_app = typer.Typer(help="Prefect flows and their deployments.", no_args_is_help=True)
 
 DEPLOYMENT = "annotate-study/on-study-completed"
+RETRAIN_DEPLOYMENT = "retrain-model/retrain"
 
 
 @flows_app.command("serve")
 def serve(
     limit: int = typer.Option(2, min=1, help="Annotation flow runs at once."),
 ) -> None:
-    """Serve `annotate-study`, triggered by every radloop.study.completed event."""
+    """Serve `annotate-study` (on every radloop.study.completed) and `retrain-model` (on every
+    radloop.label.validated, on the retraining schedule, and for `radloop train`)."""
     settings = cli_settings()
     cli_model_specs(settings)  # refuse to serve with a broken spec
     os.environ["PREFECT_API_URL"] = settings.prefect.effective_api_url
+    from prefect import serve as serve_all
+    from prefect.client.schemas.schedules import CronSchedule
     from prefect.events import DeploymentEventTrigger
     from prefect.types.entrypoint import EntrypointType
 
     from flows.annotate import annotate_study
+    from flows.retrain import retrain_model
 
-    annotate_study.serve(
+    annotate: Any = annotate_study.to_deployment(
         name="on-study-completed",
         triggers=[
             DeploymentEventTrigger(
@@ -38,8 +44,24 @@ def serve(
                 },
             )
         ],
-        global_limit=limit,
-        limit=limit,
+        concurrency_limit=limit,
         entrypoint_type=EntrypointType.MODULE_PATH,
-        print_starting_message=False,
     )
+    retrain: Any = retrain_model.to_deployment(
+        name="retrain",
+        triggers=[
+            DeploymentEventTrigger(
+                expect={"radloop.label.validated"},
+                match={"prefect.resource.id": "radloop.label.*"},
+                parameters={"model": "{{ event.payload.model }}", "trigger": "threshold"},
+            )
+        ],
+        schedules=[
+            CronSchedule(cron=settings.retrain.schedule, timezone=settings.retrain.timezone)
+        ],
+        parameters={"model": None, "trigger": "schedule"},
+        # One training at a time; requests meanwhile wait, then find nothing new (coalesce).
+        concurrency_limit=1,
+        entrypoint_type=EntrypointType.MODULE_PATH,
+    )
+    serve_all(annotate, retrain, limit=limit + 1, print_starting_message=False)

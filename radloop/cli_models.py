@@ -10,7 +10,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from radloop.cli_common import JsonOption, cli_model_specs, cli_settings, console, err_console
+from radloop.cli_common import (
+    JsonOption,
+    cli_model_specs,
+    cli_settings,
+    console,
+    err_console,
+    open_store,
+)
 from radloop.modelspec import ModelSpec
 from radloop.settings import Settings
 
@@ -19,48 +26,126 @@ models_app = typer.Typer(help="Model specs and versions.", no_args_is_help=True)
 
 @models_app.command("list")
 def models_list(as_json: JsonOption = False) -> None:
-    """One row per model version; a spec with no version yet appears once with version null."""
+    """One row per model version: MLflow aliases and holdout Dice, and whether Triton serves
+    it; a spec with no version yet appears once with version null."""
     from agents.inference import InferenceUnavailable, TritonBackend
+    from model_registry.mlflow_registry import Registry, RegistryUnavailable
     from model_registry.repository import TritonRepository
 
     settings = cli_settings()
     specs = cli_model_specs(settings)
     repository = TritonRepository(settings.model_repository)
     backend = TritonBackend(settings.triton.base_url)
+    registry = Registry(settings.mlflow.effective_tracking_uri)
     rows: list[dict[str, Any]] = []
     for spec in specs.values():
         try:
-            served = set(backend.served_versions(spec.name))
+            ready = set(backend.served_versions(spec.name))
         except InferenceUnavailable:
-            served = set()
-        # Aliases (champion, challenger) come with the MLflow registry.
+            ready = set()
+        try:
+            registered = {v.triton_version: v for v in registry.versions(spec.name)}
+        except RegistryUnavailable:
+            registered = {}
+        champion = repository.champion(spec.name)
         versions: list[int | None] = [*repository.versions(spec.name)] or [None]
-        rows += [
-            {
-                "name": spec.name,
-                "version": version,
-                "aliases": [],
-                "served": str(version) in served,
-                "labels": [label.name for label in spec.labels],
-                "modality": spec.input.modality,
-            }
-            for version in versions
-        ]
+        for version in versions:
+            entry = registered.get(version)
+            rows.append(
+                {
+                    "name": spec.name,
+                    "version": version,
+                    "mlflow_version": entry.version if entry else None,
+                    "aliases": entry.aliases if entry else [],
+                    "holdout_dice": entry.holdout_dice if entry else None,
+                    # The version drafts come from, and Triton has it loaded.
+                    "served": version == champion and str(version) in ready,
+                    "labels": [label.name for label in spec.labels],
+                    "modality": spec.input.modality,
+                }
+            )
     if as_json:
         print(json.dumps(rows, indent=2))
         return
     table = Table(title=f"{len(rows)} model versions")
-    for column in ("name", "version", "aliases", "served", "labels"):
+    for column in ("name", "version", "mlflow", "aliases", "holdout Dice", "served"):
         table.add_column(column)
     for row in rows:
+        dice = row["holdout_dice"]
         table.add_row(
             row["name"],
             str(row["version"] or "—"),
+            row["mlflow_version"] or "—",
             ",".join(row["aliases"]),
+            "—" if dice is None else f"{dice:.3f}",
             "yes" if row["served"] else "no",
-            ", ".join(row["labels"]),
         )
     console.print(table)
+
+
+@models_app.command("rollback")
+def rollback(
+    model: str,
+    to: Annotated[
+        int | None, typer.Option("--to", help="Triton version (default: the previous one).")
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Serve an earlier version again: hot reload in Triton, `champion` moved in MLflow."""
+    from agents.inference import TritonBackend
+    from model_registry.deploy import DeployFailed, hot_reload
+    from model_registry.mlflow_registry import CHAMPION, Registry, RegistryUnavailable
+    from model_registry.repository import TritonRepository
+    from radloop.events import EventType, ModelEvent, record_event
+
+    settings = cli_settings()
+    spec = _spec(settings, model)
+    repository = TritonRepository(settings.model_repository)
+    current = repository.champion(model)
+    target = to if to is not None else repository.previous_champion(model)
+    if target is None or target not in repository.versions(model):
+        err_console.print(
+            f"{model}: no version to roll back to (have {repository.versions(model)})"
+        )
+        raise typer.Exit(2)
+    try:
+        deployed = hot_reload(repository, TritonBackend(settings.triton.base_url), spec, target)
+    except DeployFailed as error:
+        err_console.print(f"[red]rollback failed, v{current} still serves:[/red] {error}")
+        raise typer.Exit(1) from None
+    mlflow_version = None
+    try:
+        registry = Registry(settings.mlflow.effective_tracking_uri)
+        entry = registry.by_triton_version(model, target)
+        if entry is not None:
+            registry.set_alias(model, CHAMPION, entry.version)
+            mlflow_version = entry.version
+    except RegistryUnavailable as error:
+        err_console.print(f"MLflow not updated ({error}); Triton serves v{target}")
+    store = open_store(settings)
+    with store.transaction() as session:
+        record_event(
+            session,
+            EventType.MODEL_ROLLED_BACK,
+            ModelEvent(
+                kind="model.rolled_back",
+                model=model,
+                mlflow_version=mlflow_version,
+                triton_version=target,
+                previous_triton_version=current,
+            ),
+        )
+    result = {
+        "name": model,
+        "version": target,
+        "previous": current,
+        "mlflow_version": mlflow_version,
+        "seconds": round(deployed.total_seconds, 2),
+    }
+    if as_json:
+        print(json.dumps(result, indent=2))
+    else:
+        console.print(f"{model}: v{current} → v{target} (MLflow champion: {mlflow_version or '—'})")
 
 
 @models_app.command("check")
@@ -84,13 +169,32 @@ def _publish(settings: Settings, spec: ModelSpec, network: Any, out: Console = c
     from agents.inference import InferenceUnavailable, TritonBackend
     from model_registry.repository import TritonRepository
 
-    version = TritonRepository(settings.model_repository).export(spec, network)
+    repository = TritonRepository(settings.model_repository)
+    version = repository.export(spec, network)
     try:
         TritonBackend(settings.triton.base_url).load(spec.name)
         out.print(f"Triton at {settings.triton.base_url} now serves {spec.name} v{version}")
     except InferenceUnavailable:
         out.print("Triton is not running: the version is served from the next `radloop up`")
+    _adopt(settings, spec, repository.root / spec.name / str(version), version, out)
     return version
+
+
+def _adopt(settings: Settings, spec: ModelSpec, folder: Path, version: int, out: Console) -> None:
+    """Register the version in MLflow as `champion` when MLflow answers (else the first
+    retraining does it)."""
+    import httpx
+
+    from model_registry.mlflow_registry import Registry, RegistryUnavailable, adopt
+
+    uri = settings.mlflow.effective_tracking_uri
+    try:
+        httpx.get(f"{uri}/health", timeout=2.0).raise_for_status()
+        mlflow_version = adopt(Registry(uri), spec.name, folder, version, "radloop models CLI")
+    except (httpx.HTTPError, RegistryUnavailable):
+        out.print("MLflow is not running: the first retraining registers this version")
+        return
+    out.print(f"MLflow: {spec.name} version {mlflow_version} (alias champion)")
 
 
 @models_app.command("bootstrap")

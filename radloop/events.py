@@ -101,13 +101,41 @@ class LabelValidated(BaseModel):
         return f"label:{self.label_id}"
 
 
-Payload = StudyCompleted | AnnotationDrafted | AnnotationCorrected | LabelValidated
+class ModelEvent(BaseModel):
+    """radloop.training.requested / model.registered / promoted / deployed / rolled_back."""
+
+    kind: str
+    model: str
+    training_run_id: int | None = None
+    mlflow_version: str | None = None
+    triton_version: int | None = None
+    previous_triton_version: int | None = None
+    holdout_dice: float | None = None
+
+    @property
+    def resource_id(self) -> str:
+        return f"radloop.model.{self.model}"
+
+    @property
+    def idempotency_key(self) -> str:
+        return (
+            f"model:{self.model}:{self.kind}:run:{self.training_run_id}"
+            f":mlflow:{self.mlflow_version}:triton:{self.triton_version}"
+        )
+
+
+Payload = StudyCompleted | AnnotationDrafted | AnnotationCorrected | LabelValidated | ModelEvent
 
 EVENT_PAYLOADS: dict[EventType, type[BaseModel]] = {
     EventType.STUDY_COMPLETED: StudyCompleted,
     EventType.ANNOTATION_DRAFTED: AnnotationDrafted,
     EventType.ANNOTATION_CORRECTED: AnnotationCorrected,
     EventType.LABEL_VALIDATED: LabelValidated,
+    EventType.TRAINING_REQUESTED: ModelEvent,
+    EventType.MODEL_REGISTERED: ModelEvent,
+    EventType.MODEL_PROMOTED: ModelEvent,
+    EventType.MODEL_DEPLOYED: ModelEvent,
+    EventType.MODEL_ROLLED_BACK: ModelEvent,
 }
 
 

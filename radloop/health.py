@@ -97,6 +97,7 @@ def probe_all(settings: Settings) -> dict[str, Any]:
         probe_http(
             "prefect", settings.prefect.effective_api_url.removesuffix("/api"), "/api/health"
         ),
+        probe_http("mlflow", settings.mlflow.effective_tracking_uri, "/health"),
         probe_http(
             "review", f"http://{settings.review.host}:{settings.review.port}", "/api/health"
         ),

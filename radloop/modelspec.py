@@ -139,7 +139,17 @@ class Uncertainty(_Strict):
 
 
 class Retraining(_Strict):
+    """When and how `flows/retrain.py` fine-tunes this model."""
+
+    # Validated train labels since the last training run that start the next one.
     threshold: int = Field(ge=1)
+    epochs: int = Field(10, ge=1)
+    steps_per_epoch: int = Field(8, ge=1)
+    batch_size: int = Field(2, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    seed: int = Field(0, ge=0)
+    # The challenger is promoted when its mean holdout Dice >= the champion's minus this.
+    gate_margin: float = Field(0.02, ge=0, le=1)
 
 
 class ModelSpec(_Strict):

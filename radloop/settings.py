@@ -200,6 +200,23 @@ class ReviewSettings(BaseModel):
         return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
 
 
+class MlflowSettings(BaseModel):
+    # Unset: `radloop up` starts `mlflow server` on `port` with a SQLite backend and an
+    # artifact folder under the data dir.
+    tracking_uri: str | None = None
+    port: int = Field(5000, ge=1, le=65535)
+
+    @property
+    def effective_tracking_uri(self) -> str:
+        return self.tracking_uri or f"http://127.0.0.1:{self.port}"
+
+
+class RetrainSettings(BaseModel):
+    # Prefect cron schedule of the retraining that runs when any new labels exist.
+    schedule: str = "0 2 * * *"
+    timezone: str = "UTC"
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
@@ -214,6 +231,8 @@ class Settings(BaseSettings):
     # Unset: the specs shipped in `configs/models/`.
     models_dir: Path | None = None
     log_level: str = "INFO"
+    # `radloop up` (`make run`) on a data dir without studies first runs `radloop demo`.
+    demo_on_first_run: bool = True
     dicom: DicomSettings = DicomSettings()
     orthanc: OrthancSettings = OrthancSettings()
     watch: WatchSettings = WatchSettings()
@@ -221,6 +240,8 @@ class Settings(BaseSettings):
     triton: TritonSettings = TritonSettings()
     outbox: OutboxSettings = OutboxSettings()
     review: ReviewSettings = ReviewSettings()
+    mlflow: MlflowSettings = MlflowSettings()
+    retrain: RetrainSettings = RetrainSettings()
 
     @field_validator("database_url")
     @classmethod

@@ -183,6 +183,37 @@ def prefect_spec(settings: Settings) -> ChildSpec:
     )
 
 
+def mlflow_spec(settings: Settings) -> ChildSpec:
+    """`mlflow server`: tracking and registry on SQLite, artifacts served from a folder, both
+    under `<data_dir>/mlflow`; UI and API on loopback."""
+    home = settings.data_dir / "mlflow"
+    (home / "artifacts").mkdir(parents=True, exist_ok=True)
+    port = settings.mlflow.port
+    mlflow = str(Path(sys.executable).with_name("mlflow"))
+    return ChildSpec(
+        name="mlflow",
+        argv=[
+            mlflow,
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{home / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(home / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        log_file=settings.data_dir / "logs" / "mlflow.log",
+        healthy=http_ok(f"http://127.0.0.1:{port}/health"),
+        url=f"http://127.0.0.1:{port}",
+        env={"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"},
+        start_timeout=120.0,
+    )
+
+
 def _prepare_triton_backends(home: Path) -> tuple[Path, Path, Path]:
     """The wheel's server binary, its libraries, and a backends folder holding the python
     backend with the stub built for this Python (copied once under `home`)."""

@@ -12,7 +12,14 @@ import pytest
 
 from radloop.db import Store
 from radloop.settings import Settings, load_settings
-from radloop.supervisor import Child, ChildSpec, orthanc_spec, review_spec, triton_spec
+from radloop.supervisor import (
+    Child,
+    ChildSpec,
+    mlflow_spec,
+    orthanc_spec,
+    review_spec,
+    triton_spec,
+)
 from tests.servers import PostgresServer, RadloopProcess, free_port
 
 BACKEND = os.environ.get("RADLOOP_TEST_DATABASE", "sqlite")
@@ -59,7 +66,9 @@ def radloop_env(
         "RADLOOP_TRITON__HTTP_PORT": str(free_port()),
         "RADLOOP_TRITON__GRPC_PORT": str(free_port()),
         "RADLOOP_TRITON__METRICS_PORT": str(free_port()),
+        "RADLOOP_DEMO_ON_FIRST_RUN": "false",
         "RADLOOP_REVIEW__PORT": str(free_port()),
+        "RADLOOP_MLFLOW__PORT": str(free_port()),
         "RADLOOP_WATCH__SETTLE_SECONDS": "0.5",
         "RADLOOP_OUTBOX__POLL_SECONDS": "0.2",
         "RADLOOP_OUTBOX__MAX_BACKOFF_SECONDS": "1",
@@ -113,3 +122,9 @@ def triton(settings: Settings) -> Iterator[Child]:
 def review_service(settings: Settings, orthanc: Child) -> Iterator[Child]:
     """`radloop review serve` as its own process, proxying this test's Orthanc."""
     yield from _running(review_spec(settings))
+
+
+@pytest.fixture
+def mlflow_server(settings: Settings) -> Iterator[Child]:
+    """`mlflow server` on SQLite under this test's data dir."""
+    yield from _running(mlflow_spec(settings))

@@ -15,7 +15,10 @@ from radloop.modelspec import PACKAGED_MODELS, ModelSpec, load_spec
 from radloop.phantom import write_study
 from radloop.settings import Settings
 from radloop.supervisor import Child
+from tests.conftest_marks import ONCE
 from tests.models import scripted_network
+
+pytestmark = ONCE
 
 
 @pytest.fixture
@@ -50,6 +53,6 @@ def test_triton_serves_the_model_as_in_process_and_swaps_to_a_newer_version(
 
     assert repository.export(spec, scripted_network(spec, seed=2)) == 2
     served.load(spec.name)
-    assert served.served_versions(spec.name) == ["2"]
+    assert served.served_versions(spec.name) == ["1", "2"]  # the two newest stay loaded
     newer = served.infer(spec.name, phantom_series.array, phantom_series.spacing)
     assert newer.model_version == "2"

@@ -159,6 +159,37 @@ class Label(Base):
     created_at: Mapped[datetime]
 
 
+class TrainingRun(Base):
+    """One retraining of one model: what it trained on, what MLflow holds, what was decided."""
+
+    __tablename__ = "training_runs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_name: Mapped[str] = mapped_column(String(64), index=True)
+    trigger: Mapped[str] = mapped_column(String(16))
+    # running, promoted, rejected (by the gate), failed, skipped (nothing new to learn)
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    # Labels used (ids; their UIDs are in the MLflow manifest), and the holdout judged on.
+    label_ids: Mapped[list[int] | None] = mapped_column(JSON)
+    holdout_label_ids: Mapped[list[int] | None] = mapped_column(JSON)
+    parent_version: Mapped[int | None] = mapped_column(Integer)
+    epoch: Mapped[int] = mapped_column(Integer, default=0)
+    epochs: Mapped[int] = mapped_column(Integer, default=0)
+    loss: Mapped[float | None] = mapped_column(Float)
+    mlflow_run_id: Mapped[str | None] = mapped_column(String(64))
+    mlflow_version: Mapped[str | None] = mapped_column(String(16))
+    triton_version: Mapped[int | None] = mapped_column(Integer)
+    champion_dice: Mapped[dict[str, float] | None] = mapped_column(JSON)
+    challenger_dice: Mapped[dict[str, float] | None] = mapped_column(JSON)
+    decision: Mapped[str | None] = mapped_column(Text)
+    # Seconds per phase (prepare, train, evaluate, register, deploy) for operators and bench.
+    timings: Mapped[dict[str, float] | None] = mapped_column(JSON)
+    started_at: Mapped[datetime] = mapped_column(index=True)
+    # Bumped every epoch: a running row without a heartbeat for long was killed, not running.
+    heartbeat_at: Mapped[datetime]
+    finished_at: Mapped[datetime | None]
+
+
 class User(Base):
     __tablename__ = "users"
 

@@ -1,0 +1,56 @@
+"""Flow `retrain-model`: fine-tune, register, gate and hot-reload one model (or every model).
+
+Thin on purpose: `agents.retrain.Retrainer` does the work, each run a `training_runs` row.
+Deployed by `radloop flows serve` three ways, all one deployment with a concurrency limit of 1
+(runs that arrive while one trains wait, then find nothing new and end at once — they
+coalesce): an event trigger on `radloop.label.validated` (trigger "threshold"), a cron
+schedule ("schedule") and `radloop train` ("manual"). Each flow run is its own process, so
+Triton keeps serving drafts while it trains.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from agents.inference import TritonBackend
+from agents.retrain import Retrainer, Trigger
+from model_registry.mlflow_registry import Registry
+from model_registry.repository import TritonRepository
+from radloop.db import Store
+from radloop.modelspec import load_specs
+from radloop.settings import load_settings
+
+
+@flow(name="retrain-model")
+def retrain_model(model: str | None = None, trigger: str = "threshold") -> list[dict[str, Any]]:
+    """Retrain `model` (every spec'd model when None) if `trigger` says it is due."""
+    settings = load_settings()
+    specs = load_specs(settings.effective_models_dir)
+    logger = get_run_logger()
+    store = Store.open(settings.effective_database_url)
+    results = []
+    try:
+        for name, spec in specs.items():
+            if model is not None and name != model:
+                continue
+            retrainer = Retrainer(
+                store,
+                spec,
+                Registry(settings.mlflow.effective_tracking_uri),
+                TritonRepository(settings.model_repository),
+                TritonBackend(settings.triton.base_url, settings.triton.timeout_seconds),
+            )
+
+            def progress(
+                epoch: int, loss: float, name: str = name, epochs: int = spec.retraining.epochs
+            ) -> None:
+                logger.info("%s epoch %d/%d loss %.4f", name, epoch, epochs, loss)
+
+            result = retrainer.run(Trigger(trigger), on_epoch=progress)
+            logger.info("%s: %s", name, result.get("decision"))
+            results.append(result)
+    finally:
+        store.close()
+    return results

@@ -1,0 +1,113 @@
+"""Zero downtime: inference requests keep flowing, the way drafting sends them (pinned to the
+champion pointer), while a new version is hot-reloaded into a real Triton and while it is
+rolled back; not one request fails and the answers switch version."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+import pytest
+
+from agents.inference import InferenceUnavailable, TritonBackend
+from model_registry.deploy import DeployFailed, hot_reload, warmup_volume
+from model_registry.repository import TritonRepository
+from radloop.modelspec import PACKAGED_MODELS, ModelSpec, load_spec
+from radloop.settings import Settings
+from radloop.supervisor import Child
+from tests.conftest_marks import ONCE
+from tests.models import scripted_network
+
+pytestmark = ONCE
+
+
+@pytest.fixture
+def spec() -> ModelSpec:
+    return load_spec(PACKAGED_MODELS / "phantom-abdomen.yaml")
+
+
+@dataclass
+class Traffic:
+    """Clients sending inference requests back to back until stopped."""
+
+    repository: TritonRepository
+    url: str
+    spec: ModelSpec
+    answers: list[tuple[float, str]] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def run(self) -> None:
+        backend = TritonBackend(self.url)
+        image, spacing = warmup_volume(self.spec)
+        while not self.stop.is_set():
+            version = self.repository.champion(self.spec.name)
+            try:
+                answer = backend.infer(self.spec.name, image, spacing, version)
+                self.answers.append((time.monotonic(), answer.model_version))
+            except InferenceUnavailable as error:
+                self.failures.append(str(error))
+
+    def versions_after(self, moment: float) -> set[str]:
+        """Versions that answered requests completed after `moment`."""
+        return {version for at, version in self.answers if at > moment}
+
+
+def test_hot_reload_and_rollback_under_load_drop_no_request(
+    settings: Settings, triton: Child, spec: ModelSpec
+) -> None:
+    repository = TritonRepository(settings.model_repository)
+    backend = TritonBackend(triton.spec.url)
+    assert repository.export(spec, scripted_network(spec, seed=1)) == 1
+    backend.load(spec.name)
+    traffic = Traffic(repository, triton.spec.url, spec)
+    clients = [threading.Thread(target=traffic.run) for _ in range(2)]
+    for client in clients:
+        client.start()
+    try:
+        time.sleep(3)
+        assert repository.export(spec, scripted_network(spec, seed=2), serve=False) == 2
+        assert repository.champion(spec.name) == 1  # exported, not yet serving
+        deployed = hot_reload(repository, backend, spec, 2)
+        switched = time.monotonic()
+        time.sleep(6)
+        assert deployed.previous == 1 and deployed.version == 2
+        assert "2" in backend.served_versions(spec.name)
+
+        rollback_started = time.monotonic()
+        rolled = hot_reload(repository, backend, spec, 1)
+        rolled_back = time.monotonic()
+        time.sleep(6)
+    finally:
+        traffic.stop.set()
+        for client in clients:
+            client.join(timeout=120)
+    assert traffic.failures == []
+    before = {version for at, version in traffic.answers if at < switched - deployed.total_seconds}
+    assert before == {"1"}
+    # A request already sent to the old version when the pointer moved is still answered by it
+    # (it stays loaded); every request sent after the switch gets the new version.
+    settled = 3.0
+    between = {v for at, v in traffic.answers if switched + settled < at < rollback_started}
+    assert between == {"2"}
+    assert traffic.versions_after(rolled_back + settled) == {"1"}
+    assert rolled.previous == 2 and repository.champion(spec.name) == 1
+    assert len(traffic.answers) > 10
+
+
+def test_a_version_that_cannot_load_leaves_the_champion_serving(
+    settings: Settings, triton: Child, spec: ModelSpec
+) -> None:
+    repository = TritonRepository(settings.model_repository)
+    backend = TritonBackend(triton.spec.url)
+    repository.export(spec, scripted_network(spec, seed=1))
+    backend.load(spec.name)
+    broken = repository.export(spec, scripted_network(spec, seed=2), serve=False)
+    (settings.model_repository / spec.name / str(broken) / "model.pt").write_bytes(b"not torch")
+    with pytest.raises(DeployFailed):
+        hot_reload(repository, backend, spec, broken, ready_timeout=60)
+    assert repository.champion(spec.name) == 1
+    assert backend.served_versions(spec.name) == ["1"]
+    image, spacing = warmup_volume(spec)
+    assert backend.infer(spec.name, image, spacing, 1).model_version == "1"

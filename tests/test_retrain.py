@@ -1,0 +1,224 @@
+"""Retraining on validated labels, against real MLflow (and Triton for the deploy): the gate
+refuses a challenger trained on corrupted labels, a good challenger is registered, promoted
+and hot-reloaded, and two runs of one model never overlap."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from sqlalchemy import select
+
+from agents.inference import TritonBackend
+from agents.retrain import Outcome, Retrainer, Trigger
+from agents.review.corrections import read_nifti_label
+from agents.review.worklist import Worklist
+from agents.trainer import TrainingConfig, prepare, train
+from model_registry.mlflow_registry import CHALLENGER, CHAMPION, Registry
+from model_registry.repository import TritonRepository
+from radloop.db import Label, OutboxEvent, Store, TrainingRun, utcnow
+from radloop.modelspec import PACKAGED_MODELS, ModelSpec, load_spec
+from radloop.phantom import generate
+from radloop.settings import Settings
+from radloop.supervisor import Child
+from tests.conftest_marks import ONCE
+from tests.drafted import annotator, received_phantom
+from tests.servers import radloop_json
+
+
+@pytest.fixture(scope="module")
+def champion_network() -> torch.jit.ScriptModule:
+    """A starter model trained on phantoms (as `radloop models bootstrap` makes one)."""
+    spec = load_spec(PACKAGED_MODELS / "phantom-abdomen.yaml")
+    phantoms = [generate(900 + i) for i in range(8)]
+    examples = [prepare(p.hu, p.labels, p.spacing, spec) for p in phantoms]
+    network, _ = train(spec, examples, TrainingConfig(epochs=20, steps_per_epoch=8, seed=3))
+    scripted: torch.jit.ScriptModule = torch.jit.script(network)
+    return scripted
+
+
+def _spec(**retraining: Any) -> ModelSpec:
+    spec = load_spec(PACKAGED_MODELS / "phantom-abdomen.yaml")
+    changed = spec.retraining.model_copy(update={"epochs": 6, **retraining})
+    return spec.model_copy(update={"retraining": changed})
+
+
+def corrupted(labels: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    """Wrong on purpose: organs swapped and shifted by 12 voxels."""
+    swapped = np.choose(labels, [0, 3, 1, 2]).astype(np.uint8)
+    return np.roll(swapped, 12, axis=2)
+
+
+def validate_studies(
+    settings: Settings,
+    store: Store,
+    spec: ModelSpec,
+    tmp_path: Path,
+    seeds: list[int],
+    label_for: Callable[[int, np.ndarray[Any, Any]], np.ndarray[Any, Any]],
+) -> None:
+    """Studies pushed, drafted by the champion, corrected by a reader (single-reader mode:
+    the save validates), as the review service would do it. `label_for(index, truth)`."""
+    settings.review.single_reader = True
+    worklist = Worklist(
+        store,
+        settings.review,
+        {spec.name: spec},
+        settings.spool_dir,
+        settings.drafts_dir,
+        settings.datasets_dir,
+    )
+    for index, seed in enumerate(seeds):
+        study = received_phantom(store, settings, tmp_path, seed=seed)
+        case = annotator(store, settings, None).annotate(study.study_uid, 1, spec).annotation_id
+        worklist.claim(case, "ann")
+        truth = read_nifti_label(study.truth)
+        affine = nib.nifti1.load(study.truth).affine  # type: ignore[no-untyped-call]
+        labels = label_for(index, truth).transpose(2, 1, 0)
+        upload = nib.Nifti1Image(labels.astype(np.uint8), affine)  # type: ignore[no-untyped-call]
+        worklist.correct_with_nifti(case, "ann", bytes(upload.to_bytes()))
+
+
+def splits(store: Store) -> list[str]:
+    with store.read() as session:
+        return list(session.scalars(select(Label.split).order_by(Label.id)))
+
+
+def events(store: Store, name: str) -> list[dict[str, Any]]:
+    with store.read() as session:
+        rows = session.scalars(select(OutboxEvent).where(OutboxEvent.event == name))
+        return [row.payload for row in rows]
+
+
+@ONCE
+def test_the_gate_refuses_a_challenger_trained_on_corrupted_labels(
+    settings: Settings,
+    store: Store,
+    mlflow_server: Child,
+    champion_network: torch.jit.ScriptModule,
+    tmp_path: Path,
+) -> None:
+    spec = _spec(threshold=4)
+    repository = TritonRepository(settings.model_repository)
+    repository.export(spec, champion_network)
+    # Validated in order: the 1st and 6th go to the holdout (fraction 0.2), and keep the truth.
+    validate_studies(
+        settings,
+        store,
+        spec,
+        tmp_path,
+        [81, 82, 83, 84, 85, 86],
+        lambda index, truth: truth if index in (0, 5) else corrupted(truth),
+    )
+    assert splits(store) == ["holdout", "train", "train", "train", "train", "holdout"]
+    registry = Registry(settings.mlflow.effective_tracking_uri)
+    retrainer = Retrainer(store, spec, registry, repository, backend=None)
+    assert retrainer.due(Trigger.THRESHOLD) is not None
+
+    result = retrainer.run(Trigger.THRESHOLD)
+    assert result["state"] == Outcome.REJECTED, result
+    assert "rejected by the gate" in result["decision"]
+    champion = np.mean(list(result["champion_dice"].values()))
+    challenger = np.mean(list(result["challenger_dice"].values()))
+    assert challenger < champion - spec.retraining.gate_margin
+    assert repository.champion(spec.name) == 1 and repository.versions(spec.name) == [1]
+
+    registered = registry.versions(spec.name)  # the starter (adopted) and the challenger
+    assert [(v.aliases, v.triton_version) for v in registered] == [
+        ([CHAMPION], 1),
+        ([CHALLENGER], None),
+    ]
+    run = registry.client.get_run(result["mlflow_run_id"])
+    assert run.data.tags["radloop.decision"] == result["decision"]
+    assert run.data.params["train_labels"] == "4"
+    assert "holdout_dice_Liver" in run.data.metrics
+    assert len(registry.client.get_metric_history(run.info.run_id, "train_loss")) == 6
+    manifest = json.loads(
+        Path(
+            registry.client.download_artifacts(run.info.run_id, "dataset_manifest.json")
+        ).read_text()
+    )
+    assert len(manifest["train"]) == 4 and len(manifest["holdout"]) == 2
+    for entry in manifest["train"] + manifest["holdout"]:  # ids and UIDs, no patient data
+        assert set(entry) == {
+            "label_id",
+            "annotation_id",
+            "series_instance_uid",
+            "seg_sop_instance_uid",
+        }
+    assert [e["kind"] for e in events(store, "radloop.model.registered")] == ["model.registered"]
+    assert events(store, "radloop.model.promoted") == []
+    assert retrainer.due(Trigger.THRESHOLD) is None  # the labels were used
+    assert retrainer.run(Trigger.SCHEDULE)["state"] == Outcome.SKIPPED
+
+
+@ONCE
+def test_a_good_challenger_is_promoted_registered_as_champion_and_hot_reloaded(
+    radloop_env: dict[str, str],
+    settings: Settings,
+    store: Store,
+    mlflow_server: Child,
+    triton: Child,
+    champion_network: torch.jit.ScriptModule,
+    tmp_path: Path,
+) -> None:
+    spec = _spec(threshold=3, gate_margin=0.15)
+    repository = TritonRepository(settings.model_repository)
+    repository.export(spec, champion_network)
+    backend = TritonBackend(triton.spec.url)
+    backend.load(spec.name)
+    validate_studies(settings, store, spec, tmp_path, [91, 92, 93, 94], lambda _, truth: truth)
+    registry = Registry(settings.mlflow.effective_tracking_uri)
+    retrainer = Retrainer(store, spec, registry, repository, backend)
+    epochs: list[int] = []
+
+    result = retrainer.run(Trigger.MANUAL, on_epoch=lambda epoch, _: epochs.append(epoch))
+    assert result["state"] == Outcome.PROMOTED, result
+    assert epochs == [1, 2, 3, 4, 5, 6]
+    assert result["triton_version"] == 2 and repository.champion(spec.name) == 2
+    assert "2" in backend.served_versions(spec.name)
+    champion = registry.alias(spec.name, CHAMPION)
+    assert champion is not None and champion.triton_version == 2
+    assert champion.holdout_dice is not None
+    deployed = events(store, "radloop.model.deployed")
+    assert [(e["triton_version"], e["previous_triton_version"]) for e in deployed] == [(2, 1)]
+    assert set(result["timings"]) >= {"train_s", "evaluate_s", "register_s", "deploy_s"}
+
+    listed = {row["version"]: row for row in radloop_json(radloop_env, "models", "list")}
+    assert listed[2]["served"] and CHAMPION in listed[2]["aliases"]
+    assert listed[2]["holdout_dice"] == pytest.approx(champion.holdout_dice)
+    assert not listed[1]["served"] and listed[1]["aliases"] == []
+
+    rolled = radloop_json(radloop_env, "models", "rollback", spec.name)
+    assert (rolled["version"], rolled["previous"]) == (1, 2)
+    listed = {row["version"]: row for row in radloop_json(radloop_env, "models", "list")}
+    assert listed[1]["served"] and listed[1]["aliases"] == [CHAMPION]
+    image = np.zeros(spec.inference.roi_size, dtype=np.float32)
+    assert backend.infer(spec.name, image, spec.preprocessing.spacing, 1).model_version == "1"
+    assert [e["triton_version"] for e in events(store, "radloop.model.rolled_back")] == [1]
+
+
+def test_two_runs_of_one_model_never_overlap_and_a_killed_run_does_not_block(
+    settings: Settings, store: Store, tmp_path: Path
+) -> None:
+    spec = _spec(threshold=1)
+    retrainer = Retrainer(
+        store, spec, Registry("http://127.0.0.1:9"), TritonRepository(tmp_path), backend=None
+    )
+    first = retrainer.start(Trigger.MANUAL)
+    assert first is not None
+    assert retrainer.start(Trigger.MANUAL) is None
+    with store.transaction() as session:  # its process was killed an hour ago
+        row = session.get_one(TrainingRun, first)
+        row.heartbeat_at = utcnow() - timedelta(hours=1)
+    second = retrainer.start(Trigger.MANUAL)
+    assert second is not None and second != first
+    with store.read() as session:
+        assert session.get_one(TrainingRun, first).state == Outcome.FAILED
