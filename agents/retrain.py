@@ -35,6 +35,7 @@ from radloop.db import Label, Store, TrainingRun, utcnow
 from radloop.domain import LabelSplit
 from radloop.events import EventType, ModelEvent, record_event
 from radloop.modelspec import ModelSpec
+from radloop.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -426,30 +427,46 @@ class Retrainer:
             for key, value in values.items():
                 setattr(row, key, value)
 
+    @classmethod
+    def from_settings(cls, store: Store, spec: ModelSpec, settings: Settings) -> Retrainer:
+        """Against the configured MLflow, model repository and Triton."""
+        return cls(
+            store,
+            spec,
+            Registry(settings.mlflow.effective_tracking_uri),
+            TritonRepository(settings.model_repository),
+            TritonBackend(settings.triton.base_url, settings.triton.timeout_seconds),
+        )
+
     def record(self, run_id: int) -> dict[str, Any]:
-        with self.store.read() as session:
-            row = session.get_one(TrainingRun, run_id)
-            return {
-                "training_run_id": row.id,
-                "model": row.model_name,
-                "trigger": row.trigger,
-                "state": row.state,
-                "decision": row.decision,
-                "epoch": row.epoch,
-                "epochs": row.epochs,
-                "loss": row.loss,
-                "train_labels": len(row.label_ids or []),
-                "holdout_labels": len(row.holdout_label_ids or []),
-                "parent_version": row.parent_version,
-                "mlflow_run_id": row.mlflow_run_id,
-                "mlflow_version": row.mlflow_version,
-                "triton_version": row.triton_version,
-                "champion_dice": row.champion_dice,
-                "challenger_dice": row.challenger_dice,
-                "timings": row.timings,
-                "started_at": row.started_at.isoformat(),
-                "finished_at": row.finished_at.isoformat() if row.finished_at else None,
-            }
+        return training_record(self.store, run_id)
+
+
+def training_record(store: Store, run_id: int) -> dict[str, Any]:
+    """A training run as the CLI and the flow report it."""
+    with store.read() as session:
+        row = session.get_one(TrainingRun, run_id)
+        return {
+            "training_run_id": row.id,
+            "model": row.model_name,
+            "trigger": row.trigger,
+            "state": row.state,
+            "decision": row.decision,
+            "epoch": row.epoch,
+            "epochs": row.epochs,
+            "loss": row.loss,
+            "train_labels": len(row.label_ids or []),
+            "holdout_labels": len(row.holdout_label_ids or []),
+            "parent_version": row.parent_version,
+            "mlflow_run_id": row.mlflow_run_id,
+            "mlflow_version": row.mlflow_version,
+            "triton_version": row.triton_version,
+            "champion_dice": row.champion_dice,
+            "challenger_dice": row.challenger_dice,
+            "timings": row.timings,
+            "started_at": row.started_at.isoformat(),
+            "finished_at": row.finished_at.isoformat() if row.finished_at else None,
+        }
 
 
 def _trainable(spec: ModelSpec, champion: torch.nn.Module | None) -> torch.nn.Module | None:

@@ -14,10 +14,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from agents.inference import TritonBackend
 from agents.retrain import Retrainer, Trigger
-from model_registry.mlflow_registry import Registry
-from model_registry.repository import TritonRepository
 from radloop.db import Store
 from radloop.modelspec import load_specs
 from radloop.settings import load_settings
@@ -35,13 +32,7 @@ def retrain_model(model: str | None = None, trigger: str = "threshold") -> list[
         for name, spec in specs.items():
             if model is not None and name != model:
                 continue
-            retrainer = Retrainer(
-                store,
-                spec,
-                Registry(settings.mlflow.effective_tracking_uri),
-                TritonRepository(settings.model_repository),
-                TritonBackend(settings.triton.base_url, settings.triton.timeout_seconds),
-            )
+            retrainer = Retrainer.from_settings(store, spec, settings)
 
             def progress(
                 epoch: int, loss: float, name: str = name, epochs: int = spec.retraining.epochs

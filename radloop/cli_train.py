@@ -70,18 +70,9 @@ def train(
 
 
 def _train_here(settings: Settings, store: Store, spec: ModelSpec, quiet: bool) -> dict[str, Any]:
-    from agents.inference import TritonBackend
     from agents.retrain import Retrainer, Trigger
-    from model_registry.mlflow_registry import Registry
-    from model_registry.repository import TritonRepository
 
-    retrainer = Retrainer(
-        store,
-        spec,
-        Registry(settings.mlflow.effective_tracking_uri),
-        TritonRepository(settings.model_repository),
-        TritonBackend(settings.triton.base_url, settings.triton.timeout_seconds),
-    )
+    retrainer = Retrainer.from_settings(store, spec, settings)
     with _progress(quiet) as progress:
         task = progress.add_task("training", total=spec.retraining.epochs, loss="")
         return retrainer.run(
@@ -104,7 +95,7 @@ def _progress(quiet: bool) -> Progress:
 
 def _follow(store: Store, model: str, since: Any, quiet: bool) -> dict[str, Any]:
     """Show the run's epochs as the flow trains (from its training_runs row) until decided."""
-    from agents.retrain import Outcome
+    from agents.retrain import Outcome, training_record
 
     run_id = None
     with _progress(quiet) as progress:
@@ -129,16 +120,4 @@ def _follow(store: Store, model: str, since: Any, quiet: bool) -> dict[str, Any]
                         break
             time.sleep(1.0)
     assert run_id is not None
-    with store.read() as session:
-        row = session.get_one(TrainingRun, run_id)
-        return {
-            "training_run_id": row.id,
-            "model": row.model_name,
-            "state": row.state,
-            "decision": row.decision,
-            "mlflow_version": row.mlflow_version,
-            "triton_version": row.triton_version,
-            "champion_dice": row.champion_dice,
-            "challenger_dice": row.challenger_dice,
-            "timings": row.timings,
-        }
+    return training_record(store, run_id)
