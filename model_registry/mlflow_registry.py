@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException, RestException
 from mlflow.tracking import MlflowClient
@@ -40,6 +41,16 @@ class Registry:
     def __init__(self, tracking_uri: str) -> None:
         self.tracking_uri = tracking_uri
         self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+    def reachable(self, timeout: float = 2.0) -> bool:
+        """Whether the tracking server answers now. MLflow's client retries a refused
+        connection for minutes; callers that can go on without MLflow ask this first."""
+        if not self.tracking_uri.startswith(("http://", "https://")):
+            return True
+        try:
+            return httpx.get(f"{self.tracking_uri.rstrip('/')}/health", timeout=timeout).is_success
+        except httpx.HTTPError:
+            return False
 
     def experiment_id(self, model: str) -> str:
         name = f"radloop/{model}"

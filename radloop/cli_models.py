@@ -37,6 +37,7 @@ def models_list(as_json: JsonOption = False) -> None:
     repository = TritonRepository(settings.model_repository)
     backend = TritonBackend(settings.triton.base_url)
     registry = Registry(settings.mlflow.effective_tracking_uri)
+    mlflow_up = registry.reachable()
     rows: list[dict[str, Any]] = []
     for spec in specs.values():
         try:
@@ -44,7 +45,8 @@ def models_list(as_json: JsonOption = False) -> None:
         except InferenceUnavailable:
             ready = set()
         try:
-            registered = {v.triton_version: v for v in registry.versions(spec.name)}
+            listed = registry.versions(spec.name) if mlflow_up else []
+            registered = {v.triton_version: v for v in listed}
         except RegistryUnavailable:
             registered = {}
         champion = repository.champion(spec.name)
@@ -116,6 +118,8 @@ def rollback(
     mlflow_version = None
     try:
         registry = Registry(settings.mlflow.effective_tracking_uri)
+        if not registry.reachable():
+            raise RegistryUnavailable("not answering")
         entry = registry.by_triton_version(model, target)
         if entry is not None:
             registry.set_alias(model, CHAMPION, entry.version)
@@ -183,15 +187,14 @@ def _publish(settings: Settings, spec: ModelSpec, network: Any, out: Console = c
 def _adopt(settings: Settings, spec: ModelSpec, folder: Path, version: int, out: Console) -> None:
     """Register the version in MLflow as `champion` when MLflow answers (else the first
     retraining does it)."""
-    import httpx
-
     from model_registry.mlflow_registry import Registry, RegistryUnavailable, adopt
 
-    uri = settings.mlflow.effective_tracking_uri
+    registry = Registry(settings.mlflow.effective_tracking_uri)
     try:
-        httpx.get(f"{uri}/health", timeout=2.0).raise_for_status()
-        mlflow_version = adopt(Registry(uri), spec.name, folder, version, "radloop models CLI")
-    except (httpx.HTTPError, RegistryUnavailable):
+        if not registry.reachable():
+            raise RegistryUnavailable("not answering")
+        mlflow_version = adopt(registry, spec.name, folder, version, "radloop models CLI")
+    except RegistryUnavailable:
         out.print("MLflow is not running: the first retraining registers this version")
         return
     out.print(f"MLflow: {spec.name} version {mlflow_version} (alias champion)")

@@ -74,7 +74,9 @@ def test_models_list_shows_a_spec_without_version_once(radloop_env: dict[str, st
         {
             "name": "phantom-abdomen",
             "version": None,
+            "mlflow_version": None,
             "aliases": [],
+            "holdout_dice": None,
             "served": False,
             "labels": ["Liver", "Spleen", "Kidney"],
             "modality": "CT",
