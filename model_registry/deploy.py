@@ -19,7 +19,6 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -115,9 +114,3 @@ def _restore(
         backend.load(name)
     except InferenceUnavailable as error:
         log.warning("%s: could not reload v%d after a failed deploy: %s", name, previous, error)
-
-
-def served_version(backend: TritonBackend, spec: ModelSpec) -> Any:
-    """The version a real request gets an answer from now (for checks and the CLI)."""
-    image, spacing = warmup_volume(spec)
-    return backend.infer(spec.name, image, spacing).model_version
