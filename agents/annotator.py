@@ -1,15 +1,20 @@
 """Annotate one completed study revision with one model: pick the series the model's spec
-accepts, infer, write the draft (SEG + NIfTI), record it, put the SEG in Orthanc.
+accepts, infer, write the draft (SEG + NIfTI), record it, put the study's images and the SEG
+in the Orthanc the viewer reads (`agents.viewer_store`).
 
 Every step is idempotent, keyed on study revision and model: a second call for a revision
-that already has a draft only makes sure its SEG is in Orthanc. Inference errors propagate
-(`InferenceUnavailable`) so the caller — the flow — retries with backoff.
+that already has a case only makes sure it is in the viewer's store. Errors propagate, each
+noted with the step it came from, so the caller — the flow — retries outages with backoff and,
+when drafting cannot succeed, calls `queue_failed`: no completed study vanishes from the
+worklist because its draft could not be made.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +25,7 @@ from sqlalchemy.exc import IntegrityError
 
 from agents.drafts import write_draft
 from agents.inference import InferenceBackend
+from agents.viewer_store import ViewerStore, ViewerStoreUnavailable
 from agents.volume import LoadedSeries, SeriesRejected, load_series, series_files
 from model_registry.repository import TritonRepository
 from radloop.db import Annotation, Series, Store, Study, utcnow
@@ -29,12 +35,7 @@ from radloop.modelspec import ModelSpec, Orientation
 
 log = logging.getLogger(__name__)
 
-_REVIEWABLE = (
-    AnnotationState.DRAFTED,
-    AnnotationState.CLAIMED,
-    AnnotationState.CORRECTED,
-    AnnotationState.VALIDATED,
-)
+_STEP_NOTE = "radloop step: "
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,30 @@ class Outcome:
 
 def draft_key(study_uid: str, revision: int, model: str, version: str | None) -> str:
     return f"study:{study_uid}:rev:{revision}:model:{model}:{version or 'none'}"
+
+
+@contextmanager
+def _step(name: str) -> Iterator[None]:
+    """Note on any exception which step of drafting raised it (read by `failure_reason`)."""
+    try:
+        yield
+    except Exception as error:
+        if not any(note.startswith(_STEP_NOTE) for note in getattr(error, "__notes__", [])):
+            error.add_note(_STEP_NOTE + name)
+        raise
+
+
+def failure_reason(error: BaseException) -> str:
+    """What a reader and an operator see for a draft that could not be made: the step, the
+    exception's type and the start of its message (UIDs and server answers, no header values:
+    radloop's own errors never quote patient attributes)."""
+    steps = [
+        n.removeprefix(_STEP_NOTE)
+        for n in getattr(error, "__notes__", [])
+        if n.startswith(_STEP_NOTE)
+    ]
+    step = f" ({steps[0]})" if steps else ""
+    return f"draft failed{step}: {type(error).__name__}: {str(error)[:300]}"
 
 
 def _is_axial(series: LoadedSeries) -> bool:
@@ -68,17 +93,19 @@ class Annotator:
         self.drafts_dir = drafts_dir
         self.repository = repository
         self.backend = backend
-        self.orthanc = orthanc
+        self.viewer = ViewerStore(store, spool_dir, orthanc)
 
     def annotate(self, study_uid: str, revision: int, spec: ModelSpec) -> Outcome:
         """Draft (or queue, or refuse with a reason) study revision `revision` for `spec`."""
         done = self._existing(study_uid, revision, spec.name)
         if done is not None:
-            if done.state in _REVIEWABLE and done.seg_path:
-                self._store_in_orthanc(Path(done.seg_path))
+            if done.state != AnnotationState.NOT_APPLICABLE and done.viewable_at is None:
+                with _step("store"):
+                    self.viewer.publish(done.id)
             return Outcome(done.id, AnnotationState(done.state), done.reason)
         started = time.perf_counter()
-        series, reasons = self._pick_series(study_uid, spec)
+        with _step("load"):
+            series, reasons = self._pick_series(study_uid, spec)
         timings = {"load_s": time.perf_counter() - started}
         versions = self.repository.versions(spec.name)
         if series is None:
@@ -93,12 +120,14 @@ class Annotator:
             )
         started = time.perf_counter()
         champion = self.repository.champion(spec.name)
-        result = self.backend.infer(spec.name, series.array, series.spacing, champion)
+        with _step("infer"):
+            result = self.backend.infer(spec.name, series.array, series.spacing, champion)
         timings["infer_s"] = time.perf_counter() - started
         started = time.perf_counter()
-        files = write_draft(
-            series, result.labels, spec, result.model_version, self.drafts_dir / study_uid
-        )
+        with _step("write"):
+            files = write_draft(
+                series, result.labels, spec, result.model_version, self.drafts_dir / study_uid
+            )
         timings["write_s"] = time.perf_counter() - started
         key = draft_key(study_uid, revision, spec.name, result.model_version)
         try:
@@ -153,7 +182,8 @@ class Annotator:
             return Outcome(winner.id, AnnotationState(winner.state), winner.reason)
         # Recorded first, so the Orthanc follower recognises the SEG as radloop's own draft.
         started = time.perf_counter()
-        self._store_in_orthanc(files.seg_path)
+        with _step("store"):
+            self.viewer.publish(annotation_id)
         timings["store_s"] = time.perf_counter() - started
         with self.store.transaction() as session:
             stored = session.get(Annotation, annotation_id)
@@ -169,51 +199,63 @@ class Annotator:
         )
         return Outcome(annotation_id, AnnotationState.DRAFTED)
 
-    def _existing(self, study_uid: str, revision: int, model: str) -> Annotation | None:
+    def _existing(
+        self, study_uid: str, revision: int, model: str, *, queued: bool = False
+    ) -> Annotation | None:
+        """The revision's newest case for `model`; draftless queued ones only with `queued`."""
+        query = (
+            select(Annotation)
+            .join(Study, Study.id == Annotation.study_id)
+            .where(
+                Study.study_uid == study_uid,
+                Annotation.study_revision == revision,
+                Annotation.model_name == model,
+            )
+            .order_by(Annotation.id.desc())
+        )
+        if not queued:
+            query = query.where(Annotation.state != AnnotationState.QUEUED)
         with self.store.read() as session:
-            return session.scalars(
-                select(Annotation)
-                .join(Study, Study.id == Annotation.study_id)
-                .where(
-                    Study.study_uid == study_uid,
-                    Annotation.study_revision == revision,
-                    Annotation.model_name == model,
-                    Annotation.state != AnnotationState.QUEUED,
-                )
-                .order_by(Annotation.id.desc())
-            ).first()
+            return session.scalars(query).first()
 
     def _pick_series(
         self, study_uid: str, spec: ModelSpec
     ) -> tuple[LoadedSeries | None, list[str]]:
         """The first series that meets the spec's input rules, or the reason each failed."""
+        candidates, reasons = self._candidates(study_uid, spec)
+        for series_uid in candidates:
+            try:
+                files = series_files(self.store, self.spool_dir, series_uid)
+                series = load_series(files, min_slices=spec.input.min_slices)
+            except SeriesRejected as rejected:
+                reasons.append(f"series {series_uid}: {rejected}")
+                continue
+            if spec.input.orientation == Orientation.AXIAL and not _is_axial(series):
+                reasons.append(f"series {series_uid}: not axial")
+                continue
+            return series, reasons
+        return None, reasons
+
+    def _candidates(self, study_uid: str, spec: ModelSpec) -> tuple[list[str], list[str]]:
+        """Series of the study whose index entry (modality, description) meets the spec's
+        rules, in arrival order, and the reason each other one does not."""
         with self.store.read() as session:
-            candidates = session.execute(
+            rows = session.execute(
                 select(Series.series_uid, Series.modality, Series.description)
                 .join(Study, Study.id == Series.study_id)
                 .where(Study.study_uid == study_uid)
                 .order_by(Series.id)
             ).all()
-        reasons = []
+        accepted, reasons = [], []
         rules = spec.input
-        for series_uid, modality, description in candidates:
+        for series_uid, modality, description in rows:
             if modality != rules.modality:
                 reasons.append(f"series {series_uid}: modality {modality}, needs {rules.modality}")
-                continue
-            if not rules.matches_description(description):
+            elif not rules.matches_description(description):
                 reasons.append(f"series {series_uid}: description does not match the spec")
-                continue
-            try:
-                files = series_files(self.store, self.spool_dir, series_uid)
-                series = load_series(files, min_slices=rules.min_slices)
-            except SeriesRejected as rejected:
-                reasons.append(f"series {series_uid}: {rejected}")
-                continue
-            if rules.orientation == Orientation.AXIAL and not _is_axial(series):
-                reasons.append(f"series {series_uid}: not axial")
-                continue
-            return series, reasons
-        return None, reasons
+            else:
+                accepted.append(str(series_uid))
+        return accepted, reasons
 
     def _record_without_draft(
         self,
@@ -227,30 +269,63 @@ class Annotator:
         key = draft_key(study_uid, revision, spec.name, None)
         with self.store.transaction() as session:
             found = session.scalars(select(Annotation).where(Annotation.draft_key == key)).first()
-            if found is not None:
-                return Outcome(found.id, AnnotationState(found.state), found.reason)
-            study = session.execute(select(Study).where(Study.study_uid == study_uid)).scalar_one()
-            now = utcnow()
-            annotation = Annotation(
-                draft_key=key,
-                study_id=study.id,
-                study_revision=revision,
-                series_uid=series_uid,
-                model_name=spec.name,
-                state=state.value,
-                reason=reason,
-                created_at=now,
-                updated_at=now,
-            )
-            session.add(annotation)
-            session.flush()
-            annotation_id = annotation.id
-        if reason:
-            log.info(
-                "study %s rev %d: no draft from %s: %s", study_uid, revision, spec.name, reason
-            )
-        return Outcome(annotation_id, state, reason)
+            if found is None:
+                study = session.execute(
+                    select(Study).where(Study.study_uid == study_uid)
+                ).scalar_one()
+                now = utcnow()
+                found = Annotation(
+                    draft_key=key,
+                    study_id=study.id,
+                    study_revision=revision,
+                    series_uid=series_uid,
+                    model_name=spec.name,
+                    state=state.value,
+                    reason=reason,
+                    created_at=now,
+                    updated_at=now,
+                )
+                session.add(found)
+                session.flush()
+                if reason:
+                    log.info(
+                        "study %s rev %d: no draft from %s: %s",
+                        study_uid,
+                        revision,
+                        spec.name,
+                        reason,
+                    )
+            outcome = Outcome(found.id, AnnotationState(found.state), found.reason)
+            unviewable = found.viewable_at is None and found.series_uid is not None
+        if outcome.state == AnnotationState.QUEUED and unviewable:
+            with _step("store"):
+                self.viewer.publish(outcome.annotation_id)
+        return outcome
 
-    def _store_in_orthanc(self, seg_path: Path) -> None:
-        if self.orthanc is not None:
-            self.orthanc.post_instances(seg_path.read_bytes())
+    def queue_failed(self, study_uid: str, revision: int, spec: ModelSpec, reason: str) -> Outcome:
+        """After drafting failed for good: queue the study for readers without a draft, with
+        `reason`, unless the revision already has a case (a draft whose images are not yet in
+        the viewer's store keeps its own reason; the viewer-store reconciler finishes it)."""
+        found = self._existing(study_uid, revision, spec.name, queued=True)
+        if found is not None:
+            return Outcome(found.id, AnnotationState(found.state), found.reason)
+        # The step and the exception type only: a message could quote a header value.
+        summary = ": ".join(reason.split(": ")[:2])
+        log.warning("study %s rev %d: %s; queued without a draft", study_uid, revision, summary)
+        try:
+            return self._record_without_draft(
+                study_uid,
+                revision,
+                spec,
+                next(iter(self._candidates(study_uid, spec)[0]), None),
+                AnnotationState.QUEUED,
+                reason,
+            )
+        except ViewerStoreUnavailable as error:
+            # Queued and recorded; the reconciler stores its images once Orthanc answers.
+            log.warning("study %s rev %d: %s", study_uid, revision, error)
+            key = draft_key(study_uid, revision, spec.name, None)
+            with self.store.read() as session:
+                queued = session.scalars(select(Annotation).where(Annotation.draft_key == key))
+                row = queued.one()
+                return Outcome(row.id, AnnotationState(row.state), row.reason)

@@ -16,6 +16,7 @@ import highdicom as hd
 import nibabel as nib
 import numpy as np
 from numpy.typing import NDArray
+from pydicom import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
@@ -28,6 +29,22 @@ _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 _NIFTI_TO_SRC = np.array([[0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]], dtype=np.float64)
 DRAFT_SERIES_NUMBER = 9901
 CORRECTION_SERIES_NUMBER = 9902
+# Type 2 attributes of the Patient and General Study modules that highdicom copies from the
+# source into the SEG. DICOM lets a source send them empty or leave them out (exported and
+# de-identified data often do); the SEG then carries them empty.
+_TYPE2_COPIED = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+)
+# PatientSex's defined terms (PS3.3 C.7.1.1); highdicom refuses any other value.
+_PATIENT_SEX_TERMS = {"M", "F", "O", ""}
 
 
 @dataclass(frozen=True)
@@ -69,6 +86,28 @@ def segment_descriptions(
     ]
 
 
+def _with_type2_attributes(sources: list[Dataset]) -> list[Dataset]:
+    """`sources`, with each Type 2 attribute the SEG copies present (empty when the source left
+    it out, or held a PatientSex outside the defined terms). The loaded series stays as read."""
+    fixed = []
+    for ds in sources:
+        missing = [keyword for keyword in _TYPE2_COPIED if keyword not in ds]
+        bad_sex = str(ds.get("PatientSex", "") or "").strip().upper() not in _PATIENT_SEX_TERMS
+        if missing or bad_sex:
+            copied = Dataset()
+            copied.update(ds)  # a new element dict: `ds` keeps its own
+            if "file_meta" in ds.__dict__:
+                copied.file_meta = ds.file_meta
+            if bad_sex:
+                del copied.PatientSex  # a fresh element, not the shared one, is set below
+                missing.append("PatientSex")
+            for keyword in missing:
+                setattr(copied, keyword, None)
+            ds = copied
+        fixed.append(ds)
+    return fixed
+
+
 def nifti_affine(series: LoadedSeries) -> NDArray[Any]:
     """The NIfTI (RAS) affine of a label map stored as (column, row, slice)."""
     return _LPS_TO_RAS @ series.affine @ _NIFTI_TO_SRC
@@ -101,7 +140,7 @@ def write_draft(
     else:
         pixels = labels
     seg = hd.seg.Segmentation(
-        source_images=series.source,
+        source_images=_with_type2_attributes(series.source),
         pixel_array=pixels,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=segment_descriptions(spec, None if reader else model_version),

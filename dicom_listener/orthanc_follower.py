@@ -20,7 +20,7 @@ from sqlalchemy import or_, select
 from dicom_listener.assembly import StudyAssembler
 from dicom_listener.ingest import Ingestor
 from dicom_listener.instance import InstanceHeader, InvalidInstance
-from radloop.db import Annotation, Cursor, Instance, Store, Study, utcnow
+from radloop.db import Annotation, Cursor, Store, utcnow
 from radloop.domain import IngestSource
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,12 @@ class OrthancFollower:
         return len(changes)
 
     def import_study(self, orthanc_id: str) -> None:
-        """Copy the study's new instances into the spool, then complete its revision."""
+        """Copy the study's new instances into the spool, then complete its revision.
+
+        A study whose instances radloop knows already is left alone: either this change was
+        handled before (its revision completed then, or the quiet period completes it), or
+        radloop stored them in Orthanc itself for the viewer — a study it received over
+        C-STORE, which may still be receiving and must complete on its own quiet period."""
         instances: list[dict[str, Any]] = self.client.get_studies_id_instances(orthanc_id)
         study_uid = None
         for instance in instances:
@@ -87,7 +92,6 @@ class OrthancFollower:
                 # radloop put its draft SEG there: not a new instance of the study.
                 continue
             if sop_uid and self.ingestor.is_known(sop_uid):
-                study_uid = study_uid or self._study_uid_of(sop_uid)
                 continue
             data: bytes = self.client.get_instances_id_file(instance["ID"])
             try:
@@ -121,14 +125,6 @@ class OrthancFollower:
                 )
             )
         return found is not None
-
-    def _study_uid_of(self, sop_uid: str) -> str | None:
-        with self.store.read() as session:
-            return session.scalar(
-                select(Study.study_uid)
-                .join(Instance, Instance.study_id == Study.id)
-                .where(Instance.sop_instance_uid == sop_uid)
-            )
 
     def run(self, stop: threading.Event) -> None:
         """Follow until `stop` is set; while Orthanc is unreachable, back off and retry."""

@@ -1,8 +1,11 @@
-"""Flow `annotate-study`: every completed study revision gets a draft from every model spec.
+"""Flow `annotate-study`: every completed study revision gets a case from every model spec.
 
 Thin on purpose: one task per model, each calling the idempotent `Annotator`, retried with
-backoff while Triton or Orthanc is unavailable. Deployed by `radloop flows serve` with an
-event trigger on `radloop.study.completed`; parameters are UIDs and a revision only.
+backoff while Triton, Orthanc or the disk is unavailable (`annotation.retries`). A draft that
+cannot be made — bad input, or an outage that outlasts the retries — still leaves the study on
+the worklist: the flow queues it without a draft, with the reason. Deployed by `radloop flows
+serve` with an event trigger on `radloop.study.completed`; parameters are UIDs and a revision
+only.
 """
 
 from __future__ import annotations
@@ -12,14 +15,15 @@ from prefect import flow, task
 from prefect.tasks import exponential_backoff
 from pyorthanc import Orthanc
 
-from agents.annotator import Annotator
+from agents.annotator import Annotator, failure_reason
 from agents.inference import InferenceUnavailable, TritonBackend
+from agents.viewer_store import ViewerStoreUnavailable
 from model_registry.repository import TritonRepository
 from radloop.db import Store
 from radloop.modelspec import load_specs
 from radloop.settings import Settings, load_settings
 
-RETRYABLE = (InferenceUnavailable, httpx.HTTPError, OSError)
+RETRYABLE = (InferenceUnavailable, ViewerStoreUnavailable, httpx.HTTPError, OSError)
 
 
 def _retry_when_unavailable(task: object, task_run: object, state: object) -> bool:
@@ -46,8 +50,6 @@ def build_annotator(settings: Settings, store: Store) -> Annotator:
 
 
 @task(
-    retries=8,
-    retry_delay_seconds=exponential_backoff(backoff_factor=2),
     retry_jitter_factor=0.5,
     retry_condition_fn=_retry_when_unavailable,
     task_run_name="annotate {study_uid} rev {revision} with {model}",
@@ -63,11 +65,41 @@ def annotate_with_model(study_uid: str, revision: int, model: str) -> dict[str, 
     return {"annotation_id": outcome.annotation_id, "state": outcome.state.value}
 
 
+@task(task_run_name="queue {study_uid} rev {revision} for {model} without a draft")
+def queue_without_draft(
+    study_uid: str, revision: int, model: str, reason: str
+) -> dict[str, object]:
+    settings = load_settings()
+    store = Store.open(settings.effective_database_url)
+    try:
+        spec = load_specs(settings.effective_models_dir)[model]
+        outcome = build_annotator(settings, store).queue_failed(study_uid, revision, spec, reason)
+    finally:
+        store.close()
+    return {"annotation_id": outcome.annotation_id, "state": outcome.state.value}
+
+
 @flow(name="annotate-study")
 def annotate_study(study_uid: str, revision: int) -> list[dict[str, object]]:
     """Annotate study revision `revision` with every model radloop has a spec for."""
     settings = load_settings()
-    return [
-        annotate_with_model(study_uid, revision, name)
-        for name in load_specs(settings.effective_models_dir)
-    ]
+    attempt = annotate_with_model.with_options(
+        retries=settings.annotation.retries,
+        retry_delay_seconds=exponential_backoff(
+            backoff_factor=settings.annotation.retry_delay_seconds
+        )(settings.annotation.retries),
+    )
+    outcomes = []
+    for name in load_specs(settings.effective_models_dir):
+        state = attempt(study_uid, revision, name, return_state=True)
+        if state.is_completed():
+            outcomes.append(state.result())
+            continue
+        error = state.result(raise_on_failure=False)
+        reason = (
+            failure_reason(error)
+            if isinstance(error, BaseException)
+            else f"draft failed: {state.message}"
+        )
+        outcomes.append(queue_without_draft(study_uid, revision, name, reason))
+    return outcomes

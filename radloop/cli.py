@@ -156,6 +156,7 @@ def run_stack(
             supervisor.start()
         services.start_listener()
         services.start_dispatcher()
+        services.start_viewer_reconciler()
         if settings.orthanc.follow:
             services.start_follower()
         if settings.watch.enabled:

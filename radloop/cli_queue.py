@@ -124,10 +124,14 @@ def queue_list(
         print(json.dumps(rows, indent=2))
         return
     table = Table(title=f"{len(rows)} in the review queue")
-    for column in ("annotation_id", "study_uid", "state", "priority", "model", "held by"):
+    columns = ("annotation_id", "study_uid", "state", "priority", "model", "held by", "why")
+    for column in columns:
         table.add_column(column)
     for row in rows:
         priority = "—" if row["priority"] is None else f"{row['priority']:.3f}"
+        why = [row["reason"]] if row["reason"] else []
+        if not row["viewable"]:
+            why.append(row["viewer_error"] or "images being stored for the viewer")
         table.add_row(
             str(row["annotation_id"]),
             row["study_uid"],
@@ -135,5 +139,6 @@ def queue_list(
             priority,
             f"{row['model']} v{row['model_version'] or '—'}",
             row["claimed_by"] or "",
+            "; ".join(why),
         )
     console.print(table)

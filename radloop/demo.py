@@ -106,8 +106,12 @@ class Demo:
         drafted = self.wait_drafted(second)
         versions = sorted({str(a["model_version"]) for a in drafted})
         self.say(f"new drafts from version {', '.join(versions)}")
+        screenshot = self.screenshot(drafted[0]["annotation_id"], reader)
         self.correct(second, reader, reviewer, retrain_expected=False)
         summary = self.summary(time.monotonic() - started)
+        summary["screenshot"] = str(screenshot) if screenshot else None
+        if screenshot:
+            self.console.print(f"  what a reader sees (OHIF, CT + draft): {screenshot}")
         return summary
 
     # -- steps ----------------------------------------------------------------------------
@@ -202,6 +206,30 @@ class Demo:
         )
         self.say(f"{len(result)} drafts in the worklist")
         return result
+
+    def screenshot(self, annotation_id: int, reader: Reader) -> Path | None:
+        """Open one drafted case in OHIF as the demo reader (headless Chromium) and save what
+        they see next to the summary; a missing browser only skips the picture."""
+        from radloop.viewer_snapshot import snapshot_case
+
+        out = self.settings.data_dir / "demo" / f"reader-view-case-{annotation_id}.png"
+        try:
+            with self.console.status(f"opening case {annotation_id} in OHIF (headless Chromium)"):
+                snapshot_case(
+                    self.review_url,
+                    "demo-reader",
+                    reader.token,
+                    annotation_id,
+                    [label.name for label in self.spec.labels],
+                    out,
+                )
+        except Exception as error:  # the loop has turned; the picture is a bonus
+            self.say(
+                f"[yellow]no screenshot of the viewer[/yellow]: {type(error).__name__}: {error}"
+            )
+            return None
+        self.say(f"case {annotation_id} opened in OHIF with its CT and draft: {out}")
+        return out
 
     def correct(
         self,

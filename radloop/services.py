@@ -16,6 +16,7 @@ from pyorthanc import Orthanc
 
 from agents.inference import TritonBackend
 from agents.outbox import OutboxDispatcher
+from agents.viewer_store import ViewerStore
 from dicom_listener import Ingestor, OrthancFollower, StudyAssembler, WatchFolder, build_ae
 from model_registry.repository import TritonRepository
 from radloop.db import Store
@@ -71,22 +72,32 @@ class Services:
         )
         self._spawn("outbox", lambda stop: dispatcher.run(stop, outbox.poll_seconds))
 
-    def start_follower(self) -> None:
+    def _orthanc(self) -> Orthanc:
         orthanc = self.settings.orthanc
         # Orthanc closes idle HTTP connections after about a second, the poll interval: drop
         # them sooner on this side rather than reuse one that is being closed.
-        client = Orthanc(
+        return Orthanc(
             orthanc.base_url,
             orthanc.username,
             orthanc.password,
-            timeout=30.0,
+            timeout=60.0,
             limits=httpx.Limits(keepalive_expiry=0.5),
         )
+
+    def start_follower(self) -> None:
+        orthanc = self.settings.orthanc
         follower = OrthancFollower(
-            self.store, self.ingestor, self.assembler, client, orthanc.poll_seconds
+            self.store, self.ingestor, self.assembler, self._orthanc(), orthanc.poll_seconds
         )
         self._spawn("orthanc-follower", follower.run)
         log.info("following Orthanc changes at %s", orthanc.base_url)
+
+    def start_viewer_reconciler(self) -> None:
+        """Store the images of cases that are not yet viewable (Orthanc was down when the
+        annotation flow gave up), so every queued case reaches the viewer in the end."""
+        viewer = ViewerStore(self.store, self.settings.spool_dir, self._orthanc())
+        interval = self.settings.annotation.viewer_retry_seconds
+        self._spawn("viewer-store", lambda stop: viewer.run(stop, interval))
 
     def start_watch(self) -> None:
         watch = WatchFolder(

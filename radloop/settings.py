@@ -168,6 +168,19 @@ class TritonSettings(BaseModel):
         return self.url or f"http://127.0.0.1:{self.http_port}"
 
 
+class AnnotationSettings(BaseModel):
+    """Drafting a completed study (the `annotate-study` flow) and putting it where readers
+    open it."""
+
+    # Attempts after the first while Triton, Orthanc or the disk is unavailable; the delay
+    # doubles each time (2, 4, 8 … s with the default). Then the study is queued for readers
+    # without a draft, with the reason.
+    retries: int = Field(8, ge=0)
+    retry_delay_seconds: float = Field(2.0, gt=0)
+    # How often `radloop up` stores images of cases that are not yet in the viewer's Orthanc.
+    viewer_retry_seconds: float = Field(15.0, gt=0)
+
+
 class OutboxSettings(BaseModel):
     poll_seconds: float = Field(0.5, gt=0)
     batch_size: int = Field(100, ge=1)
@@ -238,6 +251,7 @@ class Settings(BaseSettings):
     watch: WatchSettings = WatchSettings()
     prefect: PrefectSettings = PrefectSettings()
     triton: TritonSettings = TritonSettings()
+    annotation: AnnotationSettings = AnnotationSettings()
     outbox: OutboxSettings = OutboxSettings()
     review: ReviewSettings = ReviewSettings()
     mlflow: MlflowSettings = MlflowSettings()

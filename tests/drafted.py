@@ -14,6 +14,7 @@ from pyorthanc import Orthanc
 from agents.annotator import Annotator
 from agents.drafts import segment_descriptions
 from agents.inference import InProcessBackend
+from agents.review.worklist import Worklist
 from agents.volume import load_series, series_files
 from dicom_listener import Ingestor, InstanceHeader, StudyAssembler
 from model_registry.repository import TritonRepository
@@ -24,9 +25,14 @@ from radloop.phantom import WrittenStudy, write_study
 from radloop.settings import Settings
 
 
-def received_phantom(store: Store, settings: Settings, tmp_path: Path, seed: int) -> WrittenStudy:
-    """A phantom study ingested and completed, as after a push."""
+def received_phantom(
+    store: Store, settings: Settings, tmp_path: Path, seed: int, without: tuple[str, ...] = ()
+) -> WrittenStudy:
+    """A phantom study ingested and completed, as after a push; its files lack the attributes
+    named in `without`."""
     study = write_study(tmp_path / "phantoms", seed, seed=seed)
+    if without:
+        strip_attributes(sorted(study.dicom_dir.glob("*.dcm")), without)
     ingestor = Ingestor(store, settings.spool_dir)
     for path in sorted(study.dicom_dir.glob("*.dcm")):
         ds = dcmread(path)
@@ -34,6 +40,16 @@ def received_phantom(store: Store, settings: Settings, tmp_path: Path, seed: int
         ingestor.ingest(header, path.read_bytes(), IngestSource.DIMSE)
     assert StudyAssembler(store, 1).complete(study.study_uid) is not None
     return study
+
+
+def strip_attributes(paths: list[Path], keywords: tuple[str, ...]) -> None:
+    """Remove `keywords` from each file in place (as a de-identifying export leaves them)."""
+    for path in paths:
+        ds = dcmread(path)
+        for keyword in keywords:
+            if keyword in ds:
+                delattr(ds, keyword)
+        ds.save_as(path, enforce_file_format=True)
 
 
 def annotator(store: Store, settings: Settings, orthanc: Orthanc | None) -> Annotator:
@@ -44,6 +60,18 @@ def annotator(store: Store, settings: Settings, orthanc: Orthanc | None) -> Anno
         TritonRepository(settings.model_repository),
         InProcessBackend(settings.model_repository),
         orthanc,
+    )
+
+
+def worklist(store: Store, settings: Settings, spec: ModelSpec) -> Worklist:
+    """The review worklist as the review service builds it, for one model."""
+    return Worklist(
+        store,
+        settings.review,
+        {spec.name: spec},
+        settings.spool_dir,
+        settings.drafts_dir,
+        settings.datasets_dir,
     )
 
 

@@ -1,114 +1,162 @@
-"""A reader in a real browser (Debian's Chromium, driven by Playwright): log in, see the
-worklist in priority order, open a case in OHIF's segmentation mode, see the CT and the draft
-SEG load, paint on it, save with OHIF's own Export → DICOM SEG → Save, and see the case become
-a correction. Screenshots of each step are kept under `test-artifacts/browser-<database>/`."""
+"""A reader in a real browser (Debian's Chromium, driven by Playwright) on `radloop up`, with
+studies that came the product's way: one pushed with dcmtk's storescu (its files without the
+Type 2 patient attributes de-identified exports omit), one dropped into the watch folder. The
+product drafts both; the reader logs in, sees the worklist in priority order, opens each case in
+OHIF's segmentation mode and sees its CT, loads the draft SEG, paints on it and saves with OHIF's
+own Export → DICOM SEG → Save; the case becomes a correction. A study whose draft cannot be
+made (Triton lost the model) is on the worklist with its reason. The test never talks to
+Orthanc. Screenshots of each step are kept under `test-artifacts/browser-<database>/`."""
 
 from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
+import signal
 from pathlib import Path
+from typing import Any
 
 import pytest
-from playwright.sync_api import Page, sync_playwright
-from pyorthanc import Orthanc
+import tritonclient.http as triton_http
 
-from agents.review.auth import Users
-from radloop.db import Annotation, Store
-from radloop.domain import Role
 from radloop.modelspec import PACKAGED_MODELS, load_spec
+from radloop.phantom import WrittenStudy, write_study
 from radloop.settings import PROJECT_ROOT, Settings
-from radloop.supervisor import Child
-from tests.drafted import annotator, received_phantom
+from radloop.viewer_snapshot import (
+    CHROMIUM,
+    chromium_page,
+    load_draft,
+    log_in,
+    open_from_worklist,
+    wait_for_image,
+)
+from tests.conftest_marks import ONCE
+from tests.drafted import strip_attributes
 from tests.models import export_version
-from tests.servers import wait_until
+from tests.servers import RadloopProcess, radloop_json, wait_until
+from tests.test_scp import storescu
+from tests.test_viewer_store import TYPE2_REMOVED
 
-CHROMIUM = Path("/usr/bin/chromium")
-# Headless Chromium on a machine without a GPU or network (see ../shared/TOOLCHAIN.md).
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--use-angle=swiftshader",
-    "--enable-unsafe-swiftshader",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 ARTIFACTS = Path(os.environ.get("RADLOOP_TEST_ARTIFACTS", PROJECT_ROOT / "test-artifacts"))
 
-pytestmark = pytest.mark.skipif(
-    not CHROMIUM.exists(), reason="Debian's chromium is not installed (make install does it)"
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not CHROMIUM.exists(), reason="Debian's chromium is not installed (make install does it)"
+    ),
+    # One `radloop up` with every part: the database-specific paths run in test_review/test_up.
+    ONCE,
+]
 
 
-@pytest.fixture
-def page() -> Iterator[Page]:
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            yield browser.new_page(viewport={"width": 1600, "height": 1000})
-        finally:
-            browser.close()
+def case_of(env: dict[str, str], study: WrittenStudy) -> dict[str, Any] | None:
+    for row in radloop_json(env, "queue", "list"):
+        if row["study_uid"] == study.study_uid:
+            return dict(row)
+    return None
 
 
-def test_a_reader_opens_the_top_case_in_ohif_and_saves_a_correction(
-    page: Page, settings: Settings, store: Store, review_service: Child, tmp_path: Path
+def test_studies_pushed_and_dropped_open_in_ohif_with_their_ct_and_draft_and_a_save_corrects(
+    radloop_env: dict[str, str], settings: Settings, tmp_path: Path
 ) -> None:
     shots = ARTIFACTS / f"browser-{os.environ.get('RADLOOP_TEST_DATABASE', 'sqlite')}"
     shutil.rmtree(shots, ignore_errors=True)
     shots.mkdir(parents=True)
     spec = load_spec(PACKAGED_MODELS / "phantom-abdomen.yaml")
     export_version(settings, spec)
-    orthanc = Orthanc(settings.orthanc.base_url)
-    cases = []
-    for seed in (71, 72):
-        study = received_phantom(store, settings, tmp_path, seed=seed)
-        for path in sorted(study.dicom_dir.glob("*.dcm")):
-            orthanc.post_instances(path.read_bytes())
-        outcome = annotator(store, settings, orthanc).annotate(study.study_uid, 1, spec)
-        cases.append((outcome.annotation_id, study))
-    with store.transaction() as session:  # the second case is the more uncertain one
-        session.get_one(Annotation, cases[0][0]).priority = 0.1
-        session.get_one(Annotation, cases[1][0]).priority = 0.9
-    top_case, top_study = cases[1]
-    Users(store).add("ann", Role.READER, password="reads-ct-all-day")
+    # Outages give up fast here, so the failed draft below is queued within seconds.
+    env = {
+        **radloop_env,
+        "RADLOOP_ANNOTATION__RETRIES": "1",
+        "RADLOOP_ANNOTATION__RETRY_DELAY_SECONDS": "1",
+    }
+    up = RadloopProcess(env, command=("up",)).start(timeout=240)
+    try:
+        pushed = write_study(tmp_path / "phantoms", 0, seed=71)
+        pushed_files = sorted(pushed.dicom_dir.glob("*.dcm"))
+        strip_attributes(pushed_files, TYPE2_REMOVED)
+        assert storescu(env, pushed_files).returncode == 0
+        dropped = write_study(tmp_path / "phantoms", 1, seed=72)
+        shutil.copytree(dropped.dicom_dir, Path(env["RADLOOP_DATA_DIR"]) / "incoming" / "ct")
 
-    console: list[str] = []
-    page.on("console", lambda m: console.append(f"{m.type}: {m.text}"[:500]))
-    base = review_service.spec.url
-    page.goto(f"{base}/worklist")
-    page.fill("input[name=username]", "ann")
-    page.fill("input[name=password]", "reads-ct-all-day")
-    page.click("button[type=submit]")
-    rows = page.locator("#worklist tbody tr")
-    rows.first.wait_for()
-    order = [int(a) for a in rows.evaluate_all("rs => rs.map(r => r.dataset.annotation)")]
-    assert order == [top_case, cases[0][0]]
-    page.screenshot(path=shots / "1-worklist.png")
+        def both_viewable() -> list[dict[str, Any]] | None:
+            cases = [case_of(env, pushed), case_of(env, dropped)]
+            if all(c and c["state"] == "drafted" and c["viewable"] for c in cases):
+                return cases  # type: ignore[return-value]
+            return None
 
-    rows.first.get_by_role("button", name="Open").click()
-    page.wait_for_url("**/segmentation?StudyInstanceUIDs=*")
-    assert top_study.study_uid in page.url
-    seg_thumbnail = page.locator("[data-cy=study-browser-thumbnail-no-image]")
-    seg_thumbnail.wait_for(timeout=90_000)
-    assert "radloop draft" in seg_thumbnail.inner_text()
-    page.locator("[data-cy=viewport-pane] canvas").first.wait_for(timeout=90_000)
-    page.screenshot(path=shots / "2-ohif-ct.png")
-    banner = page.locator("[data-cy=confirm-and-hide-button]")
-    if banner.count():
-        banner.click()
+        pushed_case, dropped_case = wait_until(both_viewable, timeout=300, interval=2)
+        reader = radloop_json(env, "users", "add", "ann", "--role", "reader")
 
-    seg_thumbnail.dblclick()
-    page.get_by_role("button", name="Yes").click()
-    segments = page.get_by_text("Spleen", exact=True)
-    segments.wait_for(timeout=60_000)
-    for name in ("Liver", "Spleen", "Kidney"):
-        assert page.get_by_text(name, exact=True).count() >= 1
-    page.screenshot(path=shots / "3-draft-seg-loaded.png")
+        with chromium_page() as page:
+            console: list[str] = []
+            page.on("console", lambda m: console.append(f"{m.type}: {m.text}"[:500]))
+            base = settings.review.base_url
+            log_in(page, base, "ann", reader["token"])
+            rows = page.locator("#worklist tbody tr")
+            order = [int(a) for a in rows.evaluate_all("rs => rs.map(r => r.dataset.annotation)")]
+            by_priority = sorted(
+                (pushed_case, dropped_case), key=lambda c: c["priority"], reverse=True
+            )
+            assert order == [c["annotation_id"] for c in by_priority]
+            page.screenshot(path=shots / "1-worklist.png")
 
-    # Paint a stroke with OHIF's brush, then save with OHIF's own export.
+            # The study pushed over C-STORE: its CT renders, its draft loads, an edit saves.
+            open_from_worklist(page, base, pushed_case["annotation_id"])
+            assert pushed.study_uid in page.url
+            lit = wait_for_image(page)
+            page.screenshot(path=shots / "2-ohif-ct-pushed.png")
+            assert lit > 0.05, "\n".join(console[-20:])
+            load_draft(page, [label.name for label in spec.labels])
+            page.screenshot(path=shots / "3-draft-seg-loaded.png")
+            save_a_brush_stroke(page, shots, console)
+
+            def corrected() -> dict[str, Any] | None:
+                rows = radloop_json(env, "queue", "list", "--all")
+                (row,) = [r for r in rows if r["annotation_id"] == pushed_case["annotation_id"]]
+                return dict(row) if row["state"] == "corrected" else None
+
+            correction = wait_until(corrected, timeout=30)
+            assert correction["corrected_by"] == "ann"
+            assert 0.0 < correction["correction_dice"] < 1.0
+            page.goto(f"{base}/worklist")
+            page.locator("#corrected").wait_for()
+            assert page.locator(f"#corrected tr[data-annotation='{correction['annotation_id']}']")
+            page.screenshot(path=shots / "7-worklist-after.png")
+
+            # The study dropped into the watch folder renders too.
+            open_from_worklist(page, base, dropped_case["annotation_id"])
+            assert dropped.study_uid in page.url
+            wait_for_image(page)
+            page.screenshot(path=shots / "8-ohif-ct-dropped.png")
+
+            # Triton loses the model: the next study's draft fails, and the study waits on
+            # the worklist with the reason instead of vanishing.
+            triton_http.InferenceServerClient(
+                settings.triton.base_url.split("://", 1)[1]
+            ).unload_model(spec.name)
+            failing = write_study(tmp_path / "phantoms", 2, seed=73)
+            assert storescu(env, sorted(failing.dicom_dir.glob("*.dcm"))).returncode == 0
+
+            def queued_with_reason() -> dict[str, Any] | None:
+                found = case_of(env, failing)
+                return found if found and found["reason"] and found["viewable"] else None
+
+            failed = wait_until(queued_with_reason, timeout=180, interval=2)
+            assert failed["state"] == "queued" and failed["seg_sop_instance_uid"] is None
+            assert failed["reason"].startswith("draft failed (infer): InferenceUnavailable")
+            page.goto(f"{base}/worklist")
+            row = page.locator(f"#worklist tr[data-annotation='{failed['annotation_id']}']")
+            assert "draft failed (infer)" in row.inner_text()
+            page.screenshot(path=shots / "9-worklist-failed-draft.png")
+            open_from_worklist(page, base, failed["annotation_id"])
+            wait_for_image(page)  # readers label it from scratch on its images
+            page.screenshot(path=shots / "10-ohif-ct-without-draft.png")
+    finally:
+        code = up.stop(sig=signal.SIGINT, timeout=60)
+    assert code == 0, up.output()
+
+
+def save_a_brush_stroke(page: Any, shots: Path, console: list[str]) -> None:
+    """Paint a stroke with OHIF's brush, then save with OHIF's own export (a STOW-RS)."""
     page.click("[data-cy=Brush-btn]")
     viewport = page.locator("[data-cy=viewport-pane]").first.bounding_box()
     assert viewport is not None
@@ -130,18 +178,3 @@ def test_a_reader_opens_the_top_case_in_ohif_and_saves_a_correction(
         page.get_by_role("button", name="Save", exact=True).click()
     page.screenshot(path=shots / "6-saved.png")
     assert stow.value.status == 200, "\n".join(console[-20:])
-
-    def corrected() -> Annotation | None:
-        with store.read() as session:
-            found = session.get_one(Annotation, top_case)
-            return found if found.state == "corrected" else None
-
-    annotation = wait_until(corrected, timeout=30)
-    assert annotation.corrected_by == "ann"
-    assert annotation.correction_dice is not None and 0.0 < annotation.correction_dice < 1.0
-
-    page.goto(f"{base}/worklist")
-    page.locator("#corrected").wait_for()
-    assert page.locator(f"#corrected tr[data-annotation='{top_case}']").count() == 1
-    assert page.locator(f"#worklist tr[data-annotation='{top_case}']").count() == 0
-    page.screenshot(path=shots / "7-worklist-after.png")

@@ -19,7 +19,6 @@ from sqlalchemy import select
 from agents.inference import TritonBackend
 from agents.retrain import Outcome, Retrainer, Trigger
 from agents.review.corrections import read_nifti_label
-from agents.review.worklist import Worklist
 from agents.trainer import TrainingConfig, prepare, train
 from model_registry.mlflow_registry import CHALLENGER, CHAMPION, Registry
 from model_registry.repository import TritonRepository
@@ -29,7 +28,7 @@ from radloop.phantom import generate
 from radloop.settings import Settings
 from radloop.supervisor import Child
 from tests.conftest_marks import ONCE
-from tests.drafted import annotator, received_phantom
+from tests.drafted import annotator, received_phantom, worklist
 from tests.servers import radloop_json
 
 
@@ -67,23 +66,16 @@ def validate_studies(
     """Studies pushed, drafted by the champion, corrected by a reader (single-reader mode:
     the save validates), as the review service would do it. `label_for(index, truth)`."""
     settings.review.single_reader = True
-    worklist = Worklist(
-        store,
-        settings.review,
-        {spec.name: spec},
-        settings.spool_dir,
-        settings.drafts_dir,
-        settings.datasets_dir,
-    )
+    cases = worklist(store, settings, spec)
     for index, seed in enumerate(seeds):
         study = received_phantom(store, settings, tmp_path, seed=seed)
         case = annotator(store, settings, None).annotate(study.study_uid, 1, spec).annotation_id
-        worklist.claim(case, "ann")
+        cases.claim(case, "ann")
         truth = read_nifti_label(study.truth)
         affine = nib.nifti1.load(study.truth).affine  # type: ignore[no-untyped-call]
         labels = label_for(index, truth).transpose(2, 1, 0)
         upload = nib.Nifti1Image(labels.astype(np.uint8), affine)  # type: ignore[no-untyped-call]
-        worklist.correct_with_nifti(case, "ann", bytes(upload.to_bytes()))
+        cases.correct_with_nifti(case, "ann", bytes(upload.to_bytes()))
 
 
 def splits(store: Store) -> list[str]:

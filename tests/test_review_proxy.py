@@ -41,8 +41,7 @@ def proxied(settings: Settings, store: Store, review_service: Child, tmp_path: P
     export_version(settings, spec)
     orthanc = Orthanc(settings.orthanc.base_url)
     study = received_phantom(store, settings, tmp_path, seed=51)
-    for path in sorted(study.dicom_dir.glob("*.dcm")):  # as the PACS would hold it
-        orthanc.post_instances(path.read_bytes())
+    # The annotator stores the received study and its draft in Orthanc for the viewer.
     outcome = annotator(store, settings, orthanc).annotate(study.study_uid, 1, spec)
     users = Users(store)
     tokens = {"ann": users.add("ann", Role.READER), "mo": users.add("mo", Role.ML_ENGINEER)}

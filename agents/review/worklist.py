@@ -210,6 +210,7 @@ class Worklist:
                 .where(
                     Annotation.id == annotation_id,
                     Annotation.series_uid.is_not(None),
+                    Annotation.viewable_at.is_not(None),
                     (Annotation.state.in_(_CLAIMABLE))
                     | (
                         (Annotation.state == AnnotationState.CLAIMED.value)
@@ -236,6 +237,11 @@ class Worklist:
         annotation = session.get(Annotation, annotation_id)
         if annotation is None:
             return NotFound(f"no annotation {annotation_id}")
+        if annotation.viewable_at is None and annotation.series_uid is not None:
+            return Conflict(
+                f"annotation {annotation_id} cannot be opened yet: "
+                + (annotation.viewer_error or "its images are being stored for the viewer")
+            )
         if annotation.state == AnnotationState.CLAIMED.value:
             return Conflict(
                 f"annotation {annotation_id} is held by {annotation.claimed_by} "
@@ -601,5 +607,8 @@ def _item(
         "validated_by": annotation.validated_by,
         "validated_at": _iso(annotation.validated_at),
         "reason": annotation.reason,
+        # Its images and draft are readable through DICOMweb; until then, `viewer_error`.
+        "viewable": annotation.viewable_at is not None,
+        "viewer_error": annotation.viewer_error,
         "created_at": annotation.created_at.isoformat(),
     }

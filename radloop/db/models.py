@@ -122,6 +122,10 @@ class Annotation(Base):
     reason: Mapped[str | None] = mapped_column(Text)
     # Seconds per step of drafting (load, infer, write, store): for operators and benchmarks.
     timings: Mapped[dict[str, float] | None] = mapped_column(JSON)
+    # When the study's images and the draft SEG were all in the Orthanc the viewer reads;
+    # until then readers are not offered the case. `viewer_error` says why it is not yet.
+    viewable_at: Mapped[datetime | None] = mapped_column(index=True)
+    viewer_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime]
     updated_at: Mapped[datetime]
     # Review. A reviewer's "urgent" adds the configured boost to the priority.
