@@ -61,9 +61,9 @@ STAGES = {  # key -> what it spans, in the order a study goes through them
     "load_s": "load series",
     "infer_s": "inference (Triton)",
     "write_s": "write SEG + NIfTI",
-    "to_queued": "completed → drafted in the queue",
-    "overhead": "completed → queued, less inference",
-    "store_s": "SEG into Orthanc (after queued)",
+    "store_s": "study images + SEG into Orthanc",
+    "to_queued": "completed → offered to readers (viewable)",
+    "overhead": "completed → offered, less inference",
 }
 PORTS = "DICOM__PORT ORTHANC__HTTP_PORT ORTHANC__DICOM_PORT PREFECT__PORT TRITON__HTTP_PORT"
 PORTS += " TRITON__GRPC_PORT TRITON__METRICS_PORT REVIEW__PORT MLFLOW__PORT"
@@ -174,7 +174,7 @@ def stages(
     found, rows = drafts(store, uids) or {}, []
     for uid in uids:
         study, draft, run, delivered = studies[uid], found[uid], runs[uid], sent[uid]
-        assert study.completed_at and delivered and draft.timings, uid
+        assert study.completed_at and delivered and draft.timings and draft.viewable_at, uid
         done, t = study.completed_at, draft.timings
         load_started = draft.created_at.timestamp() - t["write_s"] - t["infer_s"] - t["load_s"]
         row = {key: float(t[key]) for key in ("load_s", "infer_s", "write_s", "store_s")}
@@ -186,7 +186,8 @@ def stages(
             "to_start": (run["running"] - run["pending"]).total_seconds(),
             "to_flow_start": (run["running"] - done).total_seconds(),
             "flow_to_load": load_started - run["running"].timestamp(),
-            "to_queued": (draft.created_at - done).total_seconds(),
+            # A case is offered to readers once its images and draft are in Orthanc (issue 9).
+            "to_queued": (draft.viewable_at - done).total_seconds(),
         }
         rows.append(row | {"overhead": row["to_queued"] - row["infer_s"]})
     return rows
