@@ -188,7 +188,12 @@ class Demo:
                 rows = session.execute(
                     select(Annotation.id, Annotation.model_version, Study.study_uid)
                     .join(Study, Study.id == Annotation.study_id)
-                    .where(Study.study_uid.in_(uids), Annotation.seg_sop_instance_uid.is_not(None))
+                    .where(
+                        Study.study_uid.in_(uids),
+                        Annotation.seg_sop_instance_uid.is_not(None),
+                        # Offered to readers only once its images are in the viewer's Orthanc.
+                        Annotation.viewable_at.is_not(None),
+                    )
                 ).all()
             found = {uid: (i, v) for i, v, uid in rows}
             if len(found) < len(uids):

@@ -62,8 +62,9 @@ def test_up_starts_every_part_ingests_from_each_source_drafts_and_stops_on_ctrl_
 
         def drafted() -> dict[str, object] | None:
             for row in radloop_json(radloop_env, "queue", "list"):
+                # Offered to readers once its images and draft are in the viewer's Orthanc.
                 if row["study_uid"] == phantom.study_uid and row["state"] == "drafted":
-                    return dict(row)
+                    return dict(row) if row["viewable"] else None
             return None
 
         draft = wait_until(drafted, timeout=240, interval=2)
