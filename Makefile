@@ -22,6 +22,7 @@ lint:
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
 	.venv/bin/mypy radloop dicom_listener agents flows model_registry tests bench
+	.venv/bin/lint-imports
 
 bench: install
 	.venv/bin/python bench/ingest.py

@@ -1,4 +1,5 @@
-"""Long-running actors the flows call: so far the outbox dispatcher."""
+"""The work radloop's workers do: annotator and draft writing, volume loading, the viewer
+store, training and retraining, the review service, the outbox dispatcher."""
 
 from agents.outbox import OutboxDispatcher
 

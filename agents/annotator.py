@@ -24,9 +24,9 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from agents.drafts import write_draft
-from agents.inference import InferenceBackend
 from agents.viewer_store import ViewerStore, ViewerStoreUnavailable
 from agents.volume import LoadedSeries, SeriesRejected, load_series, series_files
+from model_registry.inference import InferenceBackend
 from model_registry.repository import TritonRepository
 from radloop.db import Annotation, Series, Store, Study, utcnow
 from radloop.domain import AnnotationState, StudyState

@@ -26,9 +26,9 @@ import torch
 from numpy.typing import NDArray
 from sqlalchemy import func, select
 
-from agents.inference import TritonBackend
 from agents.trainer import TrainingConfig, evaluate, prepare, train
 from model_registry.deploy import hot_reload
+from model_registry.inference import TritonBackend
 from model_registry.mlflow_registry import CHALLENGER, CHAMPION, Registry, adopt
 from model_registry.repository import TritonRepository
 from radloop.db import Label, Store, TrainingRun, utcnow

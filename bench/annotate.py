@@ -36,14 +36,14 @@ from rich.console import Console
 from rich.table import Table
 from sqlalchemy import select
 
-from agents.inference import InferenceBackend, InProcessBackend, TritonBackend
 from agents.volume import load_series
+from model_registry.inference import InferenceBackend, InProcessBackend, TritonBackend
 from model_registry.repository import TritonRepository
+from radloop.app.phantoms.abdomen import WrittenStudy, write_study
 from radloop.db import Annotation, OutboxEvent, Store, Study
 from radloop.domain import AnnotationState
 from radloop.events import EventType
 from radloop.modelspec import PACKAGED_MODELS, load_spec
-from radloop.phantom import WrittenStudy, write_study
 from radloop.settings import Settings, load_settings
 
 STORESCU = "/usr/bin/storescu"  # dcmtk's; the venv's bin holds pynetdicom's `storescu`

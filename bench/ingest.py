@@ -33,9 +33,9 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
+from radloop.app.phantoms.ct import ct_series
+from radloop.app.supervisor import Child, ChildSpec, orthanc_spec
 from radloop.settings import load_settings
-from radloop.supervisor import Child, ChildSpec, orthanc_spec
-from radloop.synthetic import ct_series
 
 STORESCU, ECHOSCU, STORESCP = "/usr/bin/storescu", "/usr/bin/echoscu", "/usr/bin/storescp"
 RADLOOP = str(Path(sys.executable).with_name("radloop"))

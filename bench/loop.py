@@ -29,13 +29,13 @@ from rich.console import Console
 from rich.table import Table
 from sqlalchemy import select
 
-from agents.inference import InferenceUnavailable, TritonBackend
 from model_registry.deploy import hot_reload, warmup_volume
+from model_registry.inference import InferenceUnavailable, TritonBackend
 from model_registry.repository import TritonRepository
+from radloop.app.supervisor import Child, triton_spec
 from radloop.db import Label, Store, TrainingRun
 from radloop.modelspec import PACKAGED_MODELS, load_spec
 from radloop.settings import Settings
-from radloop.supervisor import Child, triton_spec
 
 OVERHEAD_S = 15.0
 

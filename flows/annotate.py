@@ -16,8 +16,8 @@ from prefect.tasks import exponential_backoff
 from pyorthanc import Orthanc
 
 from agents.annotator import Annotator, failure_reason
-from agents.inference import InferenceUnavailable, TritonBackend
 from agents.viewer_store import ViewerStoreUnavailable
+from model_registry.inference import InferenceUnavailable, TritonBackend
 from model_registry.repository import TritonRepository
 from radloop.db import Store
 from radloop.modelspec import load_specs

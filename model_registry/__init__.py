@@ -1,1 +1,2 @@
-"""MLflow registry and the Triton model repository."""
+"""MLflow tracking and registry, the Triton model repository, the Triton client (and its
+in-process twin for tests), loading, verifying and rolling back served versions."""

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
-from agents.inference import InferenceUnavailable, TritonBackend
+from model_registry.inference import InferenceUnavailable, TritonBackend
 from model_registry.repository import TritonRepository
 from radloop.modelspec import ModelSpec
 

@@ -10,9 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from radloop.db import Store
-from radloop.settings import Settings, load_settings
-from radloop.supervisor import (
+from radloop.app.supervisor import (
     Child,
     ChildSpec,
     mlflow_spec,
@@ -20,6 +18,8 @@ from radloop.supervisor import (
     review_spec,
     triton_spec,
 )
+from radloop.db import Store
+from radloop.settings import Settings, load_settings
 from tests.servers import PostgresServer, RadloopProcess, free_port
 
 BACKEND = os.environ.get("RADLOOP_TEST_DATABASE", "sqlite")

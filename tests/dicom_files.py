@@ -13,7 +13,7 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, RLELossless, generate_uid
 
-from radloop.synthetic import ct_series
+from radloop.app.phantoms.ct import ct_series
 
 # Real files shipped by pydicom-data, each a distinct SOP instance: name -> what it exercises.
 # dcmtk has no JPEG 2000 codec, so storescu cannot propose J2K; pynetdicom sends those.

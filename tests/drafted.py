@@ -13,15 +13,15 @@ from pyorthanc import Orthanc
 
 from agents.annotator import Annotator
 from agents.drafts import segment_descriptions
-from agents.inference import InProcessBackend
 from agents.review.worklist import Worklist
 from agents.volume import load_series, series_files
 from dicom_listener import Ingestor, InstanceHeader, StudyAssembler
+from model_registry.inference import InProcessBackend
 from model_registry.repository import TritonRepository
+from radloop.app.phantoms.abdomen import WrittenStudy, write_study
 from radloop.db import Store
 from radloop.domain import IngestSource
 from radloop.modelspec import ModelSpec
-from radloop.phantom import WrittenStudy, write_study
 from radloop.settings import Settings
 
 

@@ -1,6 +1,6 @@
 """Real peers for tests, started and stopped by the tests: PostgreSQL, the radloop listener.
 
-Orthanc and Prefect come from `radloop.supervisor`, the same code `radloop up` uses.
+Orthanc and Prefect come from `radloop.app.supervisor`, the same code `radloop up` uses.
 """
 
 from __future__ import annotations

@@ -13,14 +13,14 @@ from pyorthanc import Orthanc
 from sqlalchemy import func, select
 
 from agents.drafts import read_seg_label_map
-from agents.inference import InProcessBackend
 from agents.volume import load_series
 from dicom_listener import Ingestor, OrthancFollower, StudyAssembler
+from model_registry.inference import InProcessBackend
+from radloop.app.supervisor import Child
 from radloop.db import Annotation, OutboxEvent, Store, Study
 from radloop.domain import AnnotationState
 from radloop.modelspec import PACKAGED_MODELS, ModelSpec, load_spec
 from radloop.settings import Settings
-from radloop.supervisor import Child
 from tests.drafted import annotator, received_phantom
 from tests.models import export_version
 from tests.servers import radloop_json, wait_until

@@ -18,10 +18,8 @@ from typing import Any
 import pytest
 import tritonclient.http as triton_http
 
-from radloop.modelspec import PACKAGED_MODELS, load_spec
-from radloop.phantom import WrittenStudy, write_study
-from radloop.settings import PROJECT_ROOT, Settings
-from radloop.viewer_snapshot import (
+from radloop.app.phantoms.abdomen import WrittenStudy, write_study
+from radloop.app.viewer_snapshot import (
     CHROMIUM,
     chromium_page,
     load_draft,
@@ -29,6 +27,8 @@ from radloop.viewer_snapshot import (
     open_from_worklist,
     wait_for_image,
 )
+from radloop.modelspec import PACKAGED_MODELS, load_spec
+from radloop.settings import PROJECT_ROOT, Settings
 from tests.conftest_marks import ONCE
 from tests.drafted import strip_attributes
 from tests.models import export_version

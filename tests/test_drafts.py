@@ -11,8 +11,8 @@ from pydicom import dcmread
 
 from agents.drafts import read_seg_label_map, write_draft
 from agents.volume import load_series
+from radloop.app.phantoms.abdomen import write_study
 from radloop.modelspec import PACKAGED_MODELS, ModelSpec, load_spec
-from radloop.phantom import write_study
 
 
 def _nifti(path: Path) -> nib.Nifti1Image:

@@ -10,12 +10,12 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from agents.inference import InferenceUnavailable, TritonBackend
 from model_registry.deploy import DeployFailed, hot_reload, warmup_volume
+from model_registry.inference import InferenceUnavailable, TritonBackend
 from model_registry.repository import TritonRepository
+from radloop.app.supervisor import Child
 from radloop.modelspec import PACKAGED_MODELS, ModelSpec, load_spec
 from radloop.settings import Settings
-from radloop.supervisor import Child
 from tests.conftest_marks import ONCE
 from tests.models import scripted_network
 

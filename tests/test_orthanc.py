@@ -8,10 +8,10 @@ import httpx
 from pydicom import dcmread
 from sqlalchemy import select
 
+from radloop.app.services import Services
+from radloop.app.supervisor import Child
 from radloop.db import OutboxEvent, Store
-from radloop.services import Services
 from radloop.settings import Settings
-from radloop.supervisor import Child
 from tests.dicom_files import generated_ct
 from tests.servers import RadloopProcess, radloop_json, wait_until
 

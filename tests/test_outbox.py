@@ -9,9 +9,9 @@ import httpx
 from pydicom import dcmread
 from sqlalchemy import select
 
+from radloop.app.supervisor import Child, prefect_spec
 from radloop.db import OutboxEvent, Store
 from radloop.settings import Settings
-from radloop.supervisor import Child, prefect_spec
 from tests.dicom_files import generated_ct
 from tests.servers import RadloopProcess, wait_until
 from tests.test_scp import storescu

@@ -16,17 +16,17 @@ import pytest
 import torch
 from sqlalchemy import select
 
-from agents.inference import TritonBackend
 from agents.retrain import Outcome, Retrainer, Trigger
 from agents.review.corrections import read_nifti_label
 from agents.trainer import TrainingConfig, prepare, train
+from model_registry.inference import TritonBackend
 from model_registry.mlflow_registry import CHALLENGER, CHAMPION, Registry
 from model_registry.repository import TritonRepository
+from radloop.app.phantoms.abdomen import generate
+from radloop.app.supervisor import Child
 from radloop.db import Label, OutboxEvent, Store, TrainingRun, utcnow
 from radloop.modelspec import PACKAGED_MODELS, ModelSpec, load_spec
-from radloop.phantom import generate
 from radloop.settings import Settings
-from radloop.supervisor import Child
 from tests.conftest_marks import ONCE
 from tests.drafted import annotator, received_phantom, worklist
 from tests.servers import radloop_json

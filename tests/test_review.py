@@ -20,10 +20,10 @@ from sqlalchemy import select
 from agents.review.app import create_app
 from agents.review.auth import Users
 from agents.review.corrections import read_nifti_label
+from radloop.app.phantoms.abdomen import WrittenStudy
 from radloop.db import Annotation, Label, OutboxEvent, Store
 from radloop.domain import Role
 from radloop.modelspec import PACKAGED_MODELS, ModelSpec, load_spec
-from radloop.phantom import WrittenStudy
 from radloop.settings import Settings
 from tests.drafted import annotator, correction_seg, received_phantom, reference_dice
 from tests.models import export_version

@@ -12,12 +12,12 @@ from pyorthanc import Orthanc
 
 from agents.review.auth import Users
 from agents.review.corrections import read_nifti_label
+from radloop.app.phantoms.abdomen import WrittenStudy
+from radloop.app.supervisor import Child
 from radloop.db import Annotation, Store
 from radloop.domain import Role
 from radloop.modelspec import PACKAGED_MODELS, ModelSpec, load_spec
-from radloop.phantom import WrittenStudy
 from radloop.settings import Settings
-from radloop.supervisor import Child
 from tests.drafted import annotator, correction_seg, received_phantom, reference_dice, stow_body
 from tests.models import export_version
 

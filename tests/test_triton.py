@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agents.inference import InProcessBackend, TritonBackend
 from agents.volume import LoadedSeries, load_series
+from model_registry.inference import InProcessBackend, TritonBackend
 from model_registry.repository import TritonRepository
+from radloop.app.phantoms.abdomen import write_study
+from radloop.app.supervisor import Child
 from radloop.modelspec import PACKAGED_MODELS, ModelSpec, load_spec
-from radloop.phantom import write_study
 from radloop.settings import Settings
-from radloop.supervisor import Child
 from tests.conftest_marks import ONCE
 from tests.models import scripted_network
 

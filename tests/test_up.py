@@ -12,9 +12,9 @@ import httpx
 from pydicom import dcmread
 
 from agents.review.corrections import read_nifti_label
+from radloop.app.phantoms.abdomen import write_study
 from radloop.db import Store
 from radloop.modelspec import PACKAGED_MODELS, load_spec
-from radloop.phantom import write_study
 from radloop.settings import Settings
 from tests.dicom_files import generated_ct
 from tests.drafted import correction_seg, stow_body

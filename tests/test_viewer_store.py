@@ -18,17 +18,17 @@ from pydicom.uid import generate_uid
 from pyorthanc import Orthanc
 
 from agents.annotator import failure_reason
-from agents.inference import InferenceUnavailable, TritonBackend
 from agents.review.worklist import Conflict
 from agents.viewer_store import ViewerStore, ViewerStoreUnavailable
 from dicom_listener import Ingestor, InstanceHeader, OrthancFollower, StudyAssembler
+from model_registry.inference import InferenceUnavailable, TritonBackend
 from model_registry.repository import TritonRepository
+from radloop.app.phantoms.abdomen import write_study
+from radloop.app.supervisor import Child
 from radloop.db import Store
 from radloop.domain import AnnotationState, IngestSource
 from radloop.modelspec import PACKAGED_MODELS, ModelSpec, load_spec
-from radloop.phantom import write_study
 from radloop.settings import Settings
-from radloop.supervisor import Child
 from tests.dicom_files import with_uid
 from tests.drafted import annotator, received_phantom, worklist
 from tests.models import export_version

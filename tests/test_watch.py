@@ -12,8 +12,8 @@ import pytest
 from pydicom import dcmread
 from sqlalchemy import select
 
+from radloop.app.services import Services
 from radloop.db import Instance, OutboxEvent, Store
-from radloop.services import Services
 from radloop.settings import Settings
 from tests.dicom_files import generated_ct, truncated
 from tests.servers import wait_until

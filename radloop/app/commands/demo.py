@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from radloop.cli_common import JsonOption, cli_settings, console, err_console
+from radloop.app.commands.common import JsonOption, cli_settings, console, err_console
 
 demo_app = typer.Typer(
     help="Turn the loop once on phantoms (`radloop demo`), or write demo data.",
@@ -27,9 +27,9 @@ def demo(
     a simulated reader through the review API, retrain, hot-reload, draft again; summarise."""
     if ctx.invoked_subcommand is not None:
         return
-    from radloop.cli import run_stack
-    from radloop.cli_common import open_store
-    from radloop.demo import Demo
+    from radloop.app.cli import run_stack
+    from radloop.app.commands.common import open_store
+    from radloop.app.demo import Demo
 
     settings = cli_settings()
     # Phantoms arrive in one burst: a short quiet period completes them sooner.
@@ -55,7 +55,7 @@ def demo_data(
     """Write CT phantom studies (DICOM) with their ground-truth masks (NIfTI + truth.json)."""
     from rich.progress import Progress
 
-    from radloop.phantom import PhantomLabel, write_study
+    from radloop.app.phantoms.abdomen import PhantomLabel, write_study
 
     root = out or cli_settings().data_dir / "demo" / "phantoms"
     written = []

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 from sqlalchemy import func, select
 
-from radloop.cli_common import JsonOption, cli_settings, console, err_console, open_store
+from radloop.app.commands.common import JsonOption, cli_settings, console, err_console, open_store
 from radloop.db import Instance, OutboxEvent, Series, Store, Study
 from radloop.domain import StudyState
 

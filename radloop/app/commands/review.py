@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.table import Table
 
-from radloop.cli_common import (
+from radloop.app.commands.common import (
     JsonOption,
     cli_model_specs,
     cli_settings,

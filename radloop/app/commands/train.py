@@ -11,7 +11,7 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from sqlalchemy import select
 
-from radloop.cli_common import (
+from radloop.app.commands.common import (
     JsonOption,
     cli_model_specs,
     cli_settings,

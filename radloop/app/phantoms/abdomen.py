@@ -24,7 +24,7 @@ import numpy as np
 from numpy.typing import NDArray
 from pydicom.uid import generate_uid
 
-from radloop.synthetic import CtSeriesHeader, write_ct_slice
+from radloop.app.phantoms.ct import CtSeriesHeader, write_ct_slice
 
 Volume = NDArray[np.float32]
 

@@ -4,8 +4,6 @@ waits for the CT to render and loads the draft SEG.
 
 `radloop demo` uses it to leave a screenshot of what a reader will see; the browser tests use
 the same steps. Playwright never downloads a browser here: it drives /usr/bin/chromium.
-This module is an entry point (like `radloop.demo`): nothing below the composition root
-imports it.
 """
 
 from __future__ import annotations

@@ -1,8 +1,6 @@
-"""Composition root of a radloop process: builds each in-process service and runs it.
-
-This is an entry-point module (like `radloop.cli`): the only core module that imports the
-folders above the core, so that they never import each other's internals.
-"""
+"""The in-process services of a radloop process (listener, completion, outbox dispatcher,
+Orthanc follower, watch folder, viewer-store reconciler), built from settings and run as
+threads that share one store and one stop signal."""
 
 from __future__ import annotations
 
@@ -14,10 +12,10 @@ import httpx
 from pynetdicom.transport import ThreadedAssociationServer
 from pyorthanc import Orthanc
 
-from agents.inference import TritonBackend
 from agents.outbox import OutboxDispatcher
 from agents.viewer_store import ViewerStore
 from dicom_listener import Ingestor, OrthancFollower, StudyAssembler, WatchFolder, build_ae
+from model_registry.inference import TritonBackend
 from model_registry.repository import TritonRepository
 from radloop.db import Store
 from radloop.modelspec import ModelSpec

@@ -6,8 +6,6 @@ and a simulated reviewer validates it, both through the review service's REST AP
 client would; the validated labels trigger retraining (MLflow run, holdout gate, hot reload);
 a second batch is drafted by the new version. The terminal shows each step; the summary gives
 versions, holdout Dice, correction effort per version and the pages to look at.
-
-This module is an entry point (like `radloop.cli`): it composes the folders above the core.
 """
 
 from __future__ import annotations
@@ -25,10 +23,10 @@ from rich.console import Console
 from rich.table import Table
 from sqlalchemy import func, select
 
+from radloop.app.phantoms.abdomen import WrittenStudy, write_study
 from radloop.db import Annotation, Store, Study, TrainingRun
 from radloop.domain import Role
 from radloop.modelspec import load_specs
-from radloop.phantom import WrittenStudy, write_study
 from radloop.settings import Settings
 
 MODEL = "phantom-abdomen"
@@ -117,11 +115,11 @@ class Demo:
     # -- steps ----------------------------------------------------------------------------
 
     def starter_model(self) -> None:
-        from agents.inference import TritonBackend
         from agents.trainer import TrainingConfig, prepare, train
+        from model_registry.inference import TritonBackend
         from model_registry.mlflow_registry import Registry, adopt
         from model_registry.repository import TritonRepository
-        from radloop.phantom import generate
+        from radloop.app.phantoms.abdomen import generate
 
         repository = TritonRepository(self.settings.model_repository)
         if repository.champion(MODEL) is None:
@@ -215,7 +213,7 @@ class Demo:
     def screenshot(self, annotation_id: int, reader: Reader) -> Path | None:
         """Open one drafted case in OHIF as the demo reader (headless Chromium) and save what
         they see next to the summary; a missing browser only skips the picture."""
-        from radloop.viewer_snapshot import snapshot_case
+        from radloop.app.viewer_snapshot import snapshot_case
 
         out = self.settings.data_dir / "demo" / f"reader-view-case-{annotation_id}.png"
         try:

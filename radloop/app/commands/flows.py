@@ -7,7 +7,7 @@ from typing import Any
 
 import typer
 
-from radloop.cli_common import cli_model_specs, cli_settings
+from radloop.app.commands.common import cli_model_specs, cli_settings
 
 flows_app = typer.Typer(help="Prefect flows and their deployments.", no_args_is_help=True)
 

@@ -15,7 +15,7 @@ from rich.table import Table
 from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
 
-from radloop.cli_common import (
+from radloop.app.commands.common import (
     JsonOption,
     cli_model_specs,
     cli_settings,
@@ -23,13 +23,13 @@ from radloop.cli_common import (
     err_console,
     open_store,
 )
-from radloop.cli_demo import demo_app
-from radloop.cli_flows import flows_app
-from radloop.cli_models import models_app
-from radloop.cli_queue import queue_app
-from radloop.cli_review import review_app, users_app
-from radloop.cli_studies import studies_app
-from radloop.cli_train import train
+from radloop.app.commands.demo import demo_app
+from radloop.app.commands.flows import flows_app
+from radloop.app.commands.models import models_app
+from radloop.app.commands.queue import queue_app
+from radloop.app.commands.review import review_app, users_app
+from radloop.app.commands.studies import studies_app
+from radloop.app.commands.train import train
 from radloop.db import Store, Study, User
 from radloop.settings import Settings
 
@@ -68,7 +68,7 @@ def _safe_url(url: str) -> str:
 @app.command()
 def listen() -> None:
     """Run the DICOM listener (C-STORE SCP, study completion) and the outbox dispatcher."""
-    from radloop.services import Services
+    from radloop.app.services import Services
 
     settings = cli_settings()
     _configure_logging(settings)
@@ -105,7 +105,7 @@ def up(
         demo = settings.demo_on_first_run and _is_empty(store)
     after_up = None
     if demo:
-        from radloop.demo import Demo
+        from radloop.app.demo import Demo
 
         console.print("empty data dir: turning the loop once with phantoms (--no-demo skips)")
         after_up = lambda stop: Demo(settings, store, console).run()  # noqa: E731
@@ -121,8 +121,8 @@ def run_stack(
 ) -> None:
     """Start the children and in-process services, run `after_up` (in a thread), serve until
     Ctrl-C/SIGTERM — or, with `exit_after`, until `after_up` returns — then stop all."""
-    from radloop.services import Services, load_served_models
-    from radloop.supervisor import (
+    from radloop.app.services import Services, load_served_models
+    from radloop.app.supervisor import (
         Supervisor,
         flows_spec,
         mlflow_spec,
@@ -226,7 +226,7 @@ def _hint_first_user(store: Store) -> None:
 @app.command()
 def status(as_json: JsonOption = False) -> None:
     """Probe each configured part and say whether it answers."""
-    from radloop.health import probe_all
+    from radloop.app.health import probe_all
 
     settings = cli_settings()
     report = probe_all(settings)

@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from radloop.cli_common import (
+from radloop.app.commands.common import (
     JsonOption,
     cli_model_specs,
     cli_settings,
@@ -28,7 +28,7 @@ models_app = typer.Typer(help="Model specs and versions.", no_args_is_help=True)
 def models_list(as_json: JsonOption = False) -> None:
     """One row per model version: MLflow aliases and holdout Dice, and whether Triton serves
     it; a spec with no version yet appears once with version null."""
-    from agents.inference import InferenceUnavailable, TritonBackend
+    from model_registry.inference import InferenceUnavailable, TritonBackend
     from model_registry.mlflow_registry import Registry, RegistryUnavailable
     from model_registry.repository import TritonRepository
 
@@ -94,8 +94,8 @@ def rollback(
     as_json: JsonOption = False,
 ) -> None:
     """Serve an earlier version again: hot reload in Triton, `champion` moved in MLflow."""
-    from agents.inference import TritonBackend
     from model_registry.deploy import DeployFailed, hot_reload
+    from model_registry.inference import TritonBackend
     from model_registry.mlflow_registry import CHAMPION, Registry, RegistryUnavailable
     from model_registry.repository import TritonRepository
     from radloop.events import EventType, ModelEvent, record_event
@@ -170,7 +170,7 @@ def _spec(settings: Settings, name: str) -> ModelSpec:
 
 def _publish(settings: Settings, spec: ModelSpec, network: Any, out: Console = console) -> int:
     """Export a new repository version and, if Triton is up, load it."""
-    from agents.inference import InferenceUnavailable, TritonBackend
+    from model_registry.inference import InferenceUnavailable, TritonBackend
     from model_registry.repository import TritonRepository
 
     repository = TritonRepository(settings.model_repository)
@@ -215,7 +215,7 @@ def bootstrap(
     from rich.progress import Progress
 
     from agents.trainer import TrainingConfig, evaluate, prepare, train
-    from radloop.phantom import Phantom, PhantomLabel, generate
+    from radloop.app.phantoms.abdomen import Phantom, PhantomLabel, generate
 
     settings = cli_settings()
     spec = _spec(settings, model)

@@ -1,0 +1,1 @@
+"""The `radloop` subcommands, one module per command group, registered by `radloop.app.cli`."""
