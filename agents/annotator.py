@@ -178,7 +178,8 @@ class Annotator:
             files.seg_path.unlink(missing_ok=True)
             files.nifti_path.unlink(missing_ok=True)
             winner = self._existing(study_uid, revision, spec.name)
-            assert winner is not None
+            if winner is None:
+                raise  # not a race on the draft key: another constraint failed
             return Outcome(winner.id, AnnotationState(winner.state), winner.reason)
         # Recorded first, so the Orthanc follower recognises the SEG as radloop's own draft.
         started = time.perf_counter()

@@ -57,9 +57,9 @@ class ViewerStore:
             annotation = session.get_one(Annotation, annotation_id)
             if annotation.viewable_at is not None:
                 return 0
-            study_uid = session.scalar(
+            study_uid = session.scalars(
                 select(Study.study_uid).where(Study.id == annotation.study_id)
-            )
+            ).one()
             instances = [
                 (str(sop_uid), str(path), str(source))
                 for sop_uid, path, source in session.execute(
@@ -70,11 +70,10 @@ class ViewerStore:
                 )
             ]
             seg = (annotation.seg_sop_instance_uid, annotation.seg_path)
-        assert study_uid is not None
         uploaded = 0
         if self.orthanc is not None:
             try:
-                uploaded = self._upload(study_uid, instances, seg)
+                uploaded = self._upload(self.orthanc, study_uid, instances, seg)
             except (httpx.HTTPError, OSError) as error:
                 reason = (
                     f"images not yet in the viewer's store (Orthanc at {self.orthanc.url}): "
@@ -89,12 +88,12 @@ class ViewerStore:
 
     def _upload(
         self,
+        orthanc: Orthanc,
         study_uid: str,
         instances: list[tuple[str, str, str]],
         seg: tuple[str | None, str | None],
     ) -> int:
-        assert self.orthanc is not None
-        held = self._held(study_uid)
+        held = _held(orthanc, study_uid)
         uploaded = 0
         gone_from_source = 0
         for sop_uid, path, source in instances:
@@ -103,11 +102,11 @@ class ViewerStore:
             if source == IngestSource.ORTHANC.value:
                 gone_from_source += 1
                 continue
-            self.orthanc.post_instances((self.spool_dir / path).read_bytes())
+            orthanc.post_instances((self.spool_dir / path).read_bytes())
             uploaded += 1
         seg_uid, seg_path = seg
         if seg_uid and seg_path and seg_uid not in held:
-            self.orthanc.post_instances(Path(seg_path).read_bytes())
+            orthanc.post_instances(Path(seg_path).read_bytes())
         if gone_from_source:
             log.warning(
                 "study %s: %d instances taken from Orthanc are no longer there; not sent back",
@@ -115,15 +114,6 @@ class ViewerStore:
                 gone_from_source,
             )
         return uploaded
-
-    def _held(self, study_uid: str) -> set[str]:
-        """SOP Instance UIDs of the study that Orthanc holds."""
-        assert self.orthanc is not None
-        found = self.orthanc.post_tools_find(
-            json={"Level": "Instance", "Query": {"StudyInstanceUID": study_uid}, "Expand": True}
-        )
-        assert isinstance(found, list)
-        return {str(item["MainDicomTags"].get("SOPInstanceUID")) for item in found}
 
     def _mark(self, annotation_id: int, error: str | None) -> None:
         with self.store.transaction() as session:
@@ -174,3 +164,13 @@ class ViewerStore:
                 self.publish_pending(timedelta(seconds=interval))
             except Exception:
                 log.exception("viewer store reconciliation failed; trying again")
+
+
+def _held(orthanc: Orthanc, study_uid: str) -> set[str]:
+    """SOP Instance UIDs of the study that Orthanc holds."""
+    found = orthanc.post_tools_find(
+        json={"Level": "Instance", "Query": {"StudyInstanceUID": study_uid}, "Expand": True}
+    )
+    if not isinstance(found, list):
+        raise httpx.HTTPError(f"Orthanc answered /tools/find with {type(found).__name__}")
+    return {str(item["MainDicomTags"].get("SOPInstanceUID")) for item in found}

@@ -77,7 +77,10 @@ class TritonBackend:
         answered = result.as_numpy("MODEL_VERSION")
         labels = result.as_numpy("LABELS")
         score = result.as_numpy("UNCERTAINTY")
-        assert labels is not None and score is not None and answered is not None
+        if labels is None or score is None or answered is None:
+            raise InferenceUnavailable(
+                f"Triton's answer for {model} lacks LABELS, UNCERTAINTY or MODEL_VERSION"
+            )
         raw = answered[0]
         return InferenceResult(
             labels=labels,

@@ -57,7 +57,8 @@ def _probabilities(model: Predictor, x: torch.Tensor, config: dict[str, Any]) ->
         overlap=inference["overlap"],
         mode="gaussian",
     )
-    assert isinstance(logits, torch.Tensor)
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"the model returned {type(logits).__name__}, not a tensor")
     return torch.softmax(logits, dim=1)
 
 

@@ -17,14 +17,17 @@ from fastapi.testclient import TestClient
 from pydicom import dcmread
 from sqlalchemy import select
 
+import agents.review.worklist as worklist_module
 from agents.review.app import create_app
 from agents.review.auth import Users
-from agents.review.corrections import read_nifti_label
+from agents.review.corrections import read_nifti_label, write_nifti
+from dicom_listener import Ingestor, InstanceHeader
 from radloop.app.phantoms.abdomen import WrittenStudy
 from radloop.db import Annotation, Label, OutboxEvent, Store
-from radloop.domain import Role
+from radloop.domain import IngestSource, Role
 from radloop.modelspec import PACKAGED_MODELS, ModelSpec, load_spec
 from radloop.settings import Settings
+from tests.dicom_files import generated_ct
 from tests.drafted import annotator, correction_seg, received_phantom, reference_dice
 from tests.models import export_version
 
@@ -225,6 +228,40 @@ def test_nifti_correction_then_a_reviewer_validates_it_into_the_training_set(
     assert [e["label_id"] for e in events(review.store, "radloop.label.validated")] == [label.id]
     again = rita.post(f"/api/annotations/{case}/validate")
     assert again.status_code == 409
+
+
+def test_ingest_of_another_study_goes_on_while_a_validated_label_is_written(
+    review: Review, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Validation gzip-writes the whole series into the training set; on SQLite a write
+    transaction around that would hold the one write lock ingest needs for seconds."""
+    case, study = review.drafted(41)
+    ann, rita = review.client("ann"), review.client("rita")
+    ann.post(f"/api/annotations/{case}/claim")
+    assert ann.put(f"/api/annotations/{case}/label", content=truth_nifti(study)).status_code == 200
+    arriving = generated_ct(tmp_path / "arriving", 3, seed=4)
+    ingested: list[str] = []
+
+    def ingest_arriving() -> None:
+        ingestor = Ingestor(review.store, review.settings.spool_dir)
+        for path in arriving:
+            ds = dcmread(path)
+            header = InstanceHeader.from_dataset(ds, str(ds.file_meta.TransferSyntaxUID))
+            ingestor.ingest(header, path.read_bytes(), IngestSource.DIMSE)
+            ingested.append(header.sop_instance_uid)
+
+    written = write_nifti
+
+    def write_while_a_study_arrives(array: Any, series: Any, path: Path) -> None:
+        arrival = threading.Thread(target=ingest_arriving)
+        arrival.start()
+        arrival.join(timeout=10)
+        written(array, series, path)
+
+    monkeypatch.setattr(worklist_module, "write_nifti", write_while_a_study_arrives)
+    validated = rita.post(f"/api/annotations/{case}/validate")
+    assert validated.status_code == 200, validated.text
+    assert len(ingested) == len(arriving)  # stored while the label was being written
 
 
 def test_the_corrector_cannot_validate_their_own_correction(review: Review) -> None:

@@ -9,6 +9,7 @@ transaction under names derived from ids, so a retry rewrites the same files.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -347,7 +348,8 @@ class Worklist:
         with self.store.read() as session:
             draft = session.get_one(Annotation, annotation_id)
             sop_uid, seg_path = draft.seg_sop_instance_uid, draft.seg_path
-        assert sop_uid is not None and seg_path is not None
+        if sop_uid is None or seg_path is None:
+            raise Conflict(f"annotation {annotation_id} has no draft SEG to accept")
         return self._record(
             case_, user, spec, series, label_map, sop_uid, Path(seg_path), accepted=True
         )
@@ -428,6 +430,11 @@ class Worklist:
         dice = mean_dice(scores)
         label_path = seg_path.with_name(seg_path.name.removesuffix(".dcm") + ".label.nii.gz")
         write_nifti(label_map, series, label_path)
+        staged = (
+            self._stage_pair(case_.annotation_id, case_.model, series, label_path)
+            if self.settings.single_reader
+            else None
+        )
         now = utcnow()
         with self.store.transaction() as session:
             annotation = session.get_one(Annotation, case_.annotation_id)
@@ -455,8 +462,8 @@ class Worklist:
                     reader=user,
                 ),
             )
-            if self.settings.single_reader:
-                self._validate(session, annotation, case_.study_uid, user, series, now)
+            if staged is not None:
+                self._validate(session, annotation, case_.study_uid, user, series, staged, now)
         log.info(
             "annotation %d corrected by %s: Dice(draft, correction) %.3f",
             case_.annotation_id,
@@ -473,6 +480,11 @@ class Worklist:
         if case_.state != AnnotationState.CORRECTED.value:
             raise Conflict(f"annotation {annotation_id} is {case_.state}, not corrected")
         _, series = self._load(case_)
+        with self.store.read() as session:
+            correction_path = session.get_one(Annotation, annotation_id).correction_path
+        if correction_path is None:
+            raise Conflict(f"annotation {annotation_id} has no correction to validate")
+        staged = self._stage_pair(annotation_id, case_.model, series, Path(correction_path))
         with self.store.transaction() as session:
             annotation = session.get_one(Annotation, annotation_id)
             if annotation.state != AnnotationState.CORRECTED.value:
@@ -482,8 +494,25 @@ class Worklist:
                     f"{user} made this correction; a second person validates it "
                     "(review.single_reader lets the save validate on one-reader sites)"
                 )
-            self._validate(session, annotation, case_.study_uid, user, series, utcnow())
+            self._validate(session, annotation, case_.study_uid, user, series, staged, utcnow())
         return self.item(annotation_id)
+
+    def _stage_pair(
+        self, annotation_id: int, model: str, series: LoadedSeries, correction: Path
+    ) -> tuple[Path, Path]:
+        """Write the training pair (series image, corrected label) under names derived from
+        the annotation, outside any transaction: gzip-writing a whole series takes seconds,
+        and on SQLite a transaction holds the one write lock that ingest needs too."""
+        staging = self.datasets_dir / model / ".staging"
+        image, label = (
+            staging / f"a{annotation_id}_image.nii.gz",
+            staging / f"a{annotation_id}_label.nii.gz",
+        )
+        write_nifti(series.array, series, image)
+        partial = label.with_name(label.name + ".partial")
+        shutil.copyfile(correction, partial)
+        os.replace(partial, label)
+        return image, label
 
     def _validate(
         self,
@@ -492,8 +521,11 @@ class Worklist:
         study_uid: str,
         user: str,
         series: LoadedSeries,
+        staged: tuple[Path, Path],
         now: datetime,
     ) -> None:
+        """Record the label; move the staged pair to its place (a rename, so the transaction
+        stays short). A transaction that fails after the rename leaves files no row names."""
         split = self._split(session, annotation)
         label = Label(
             annotation_id=annotation.id,
@@ -512,9 +544,9 @@ class Worklist:
         folder = self.datasets_dir / annotation.model_name / split.value
         image_path = folder / f"{label.id:06d}_image.nii.gz"
         label_path = folder / f"{label.id:06d}_label.nii.gz"
-        write_nifti(series.array, series, image_path)
-        assert annotation.correction_path is not None
-        shutil.copyfile(annotation.correction_path, label_path)
+        folder.mkdir(parents=True, exist_ok=True)
+        os.replace(staged[0], image_path)
+        os.replace(staged[1], label_path)
         label.image_path, label.label_path = str(image_path), str(label_path)
         annotation.state = AnnotationState.VALIDATED.value
         annotation.validated_by = user

@@ -134,7 +134,8 @@ class Demo:
             repository.export(self.spec, torch.jit.script(network))
             TritonBackend(self.settings.triton.base_url).load(MODEL)
         version = repository.champion(MODEL)
-        assert version is not None
+        if version is None:
+            raise DemoFailed(f"no version of {MODEL} in {repository.root} after the starter model")
         adopt(
             Registry(self.settings.mlflow.effective_tracking_uri),
             MODEL,
@@ -257,7 +258,8 @@ class Demo:
                 f"corrected, effort 1−Dice {effort:.3f}, validated"
                 + (" → holdout" if self._split_of(case) == "holdout" else "")
             )
-            assert validated["state"] == "validated"
+            if validated["state"] != "validated":
+                raise DemoFailed(f"case {case} is {validated['state']} after validation")
 
     def _split_of(self, annotation_id: int) -> str | None:
         from radloop.db import Label

@@ -97,7 +97,6 @@ def _follow(store: Store, model: str, since: Any, quiet: bool) -> dict[str, Any]
     """Show the run's epochs as the flow trains (from its training_runs row) until decided."""
     from agents.retrain import Outcome, training_record
 
-    run_id = None
     with _progress(quiet) as progress:
         task = progress.add_task("waiting for the flow to start", total=None, loss="")
         while True:
@@ -108,7 +107,6 @@ def _follow(store: Store, model: str, since: Any, quiet: bool) -> dict[str, Any]
                     .order_by(TrainingRun.id)
                 ).first()
                 if row is not None:
-                    run_id, state = row.id, row.state
                     progress.update(
                         task,
                         description=f"training run {row.id}",
@@ -116,8 +114,6 @@ def _follow(store: Store, model: str, since: Any, quiet: bool) -> dict[str, Any]
                         completed=row.epoch,
                         loss="" if row.loss is None else f"{row.loss:.4f}",
                     )
-                    if state != Outcome.RUNNING.value:
-                        break
+                    if row.state != Outcome.RUNNING.value:
+                        return training_record(store, row.id)
             time.sleep(1.0)
-    assert run_id is not None
-    return training_record(store, run_id)
