@@ -44,6 +44,8 @@ pytestmark = [
     ),
     # One `radloop up` with every part: the database-specific paths run in test_review/test_up.
     ONCE,
+    # Start-up, three drafts, two viewers and a failed draft's retries take 4-6 minutes.
+    pytest.mark.timeout(900),
 ]
 
 
