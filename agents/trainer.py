@@ -1,5 +1,5 @@
 """Training with MONAI on labelled volumes: the starter model of `radloop models bootstrap`
-(and, later, fine-tuning from the champion).
+and fine-tuning from the champion (`agents.retrain`).
 
 Inputs go through the served model's own `preprocess` (window, resample to the spec spacing),
 so a trained network sees at training time exactly what Triton feeds it. Randomness is chosen

@@ -14,8 +14,6 @@ from sqlalchemy import select
 
 from radloop.db import Annotation, Store
 
-_OPEN_SINCE = ("queued", "drafted", "claimed")
-
 
 def _svg(figure: Figure) -> str:
     buffer = io.StringIO()

@@ -11,9 +11,6 @@ from radloop.app.commands.common import cli_model_specs, cli_settings
 
 flows_app = typer.Typer(help="Prefect flows and their deployments.", no_args_is_help=True)
 
-DEPLOYMENT = "annotate-study/on-study-completed"
-RETRAIN_DEPLOYMENT = "retrain-model/retrain"
-
 
 @flows_app.command("serve")
 def serve(
