@@ -1,5 +1,5 @@
 # The two commands: `make run` and `make test`. Both install what is missing first.
-.PHONY: run test test-sqlite test-postgresql lint bench install
+.PHONY: run test test-fast test-sqlite test-postgresql lint bench install
 
 PYTEST = .venv/bin/python -m pytest
 
@@ -10,6 +10,10 @@ run: install
 	.venv/bin/radloop up
 
 test: install lint test-sqlite test-postgresql
+
+# Before each commit: lint and the tests that start no server (SQLite), a few minutes.
+test-fast: install lint
+	$(PYTEST) -q -m "not slow"
 
 test-sqlite:
 	$(PYTEST) -q

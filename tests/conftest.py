@@ -23,6 +23,15 @@ from radloop.settings import Settings, load_settings
 from tests.servers import PostgresServer, RadloopProcess, free_port
 
 BACKEND = os.environ.get("RADLOOP_TEST_DATABASE", "sqlite")
+# Fixtures that start a real server process: a test using one is `slow` (make test-fast skips
+# it). Tests that start processes themselves carry the mark in their module.
+SERVER_FIXTURES = {"orthanc", "triton", "review_service", "mlflow_server", "listener"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

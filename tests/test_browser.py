@@ -39,6 +39,7 @@ from tests.test_viewer_store import TYPE2_REMOVED
 ARTIFACTS = Path(os.environ.get("RADLOOP_TEST_ARTIFACTS", PROJECT_ROOT / "test-artifacts"))
 
 pytestmark = [
+    pytest.mark.slow,
     pytest.mark.skipif(
         not CHROMIUM.exists(), reason="Debian's chromium is not installed (make install does it)"
     ),

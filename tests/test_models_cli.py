@@ -6,11 +6,15 @@ import json
 import subprocess
 from pathlib import Path
 
+import pytest
 import torch
 from monai.networks.nets.unet import UNet
 
 from radloop.modelspec import PACKAGED_MODELS, load_spec
 from tests.servers import RADLOOP
+
+# Trains starter models and imports bundles (a minute and more).
+pytestmark = pytest.mark.slow
 
 
 def radloop(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:

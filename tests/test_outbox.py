@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from pydicom import dcmread
 from sqlalchemy import select
 
@@ -15,6 +16,9 @@ from radloop.settings import Settings
 from tests.dicom_files import generated_ct
 from tests.servers import RadloopProcess, wait_until
 from tests.test_scp import storescu
+
+# A real Prefect server.
+pytestmark = pytest.mark.slow
 
 
 def prefect_events(api: str) -> list[dict[str, Any]]:

@@ -31,6 +31,9 @@ from tests.conftest_marks import ONCE
 from tests.drafted import annotator, received_phantom, worklist
 from tests.servers import radloop_json
 
+# Trains and serves models.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def champion_network() -> torch.jit.ScriptModule:

@@ -31,6 +31,9 @@ from tests.dicom_files import generated_ct
 from tests.drafted import annotator, correction_seg, received_phantom, reference_dice
 from tests.models import export_version
 
+# Every case is drafted by in-process inference first (minutes in all).
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture
 def spec() -> ModelSpec:

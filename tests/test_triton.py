@@ -18,7 +18,7 @@ from radloop.settings import Settings
 from tests.conftest_marks import ONCE
 from tests.models import scripted_network
 
-pytestmark = ONCE
+pytestmark = [ONCE, pytest.mark.slow]
 
 
 @pytest.fixture

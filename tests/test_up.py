@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 from pydicom import dcmread
 
 from agents.review.corrections import read_nifti_label
@@ -21,6 +22,9 @@ from tests.drafted import correction_seg, stow_body
 from tests.models import export_version
 from tests.servers import RadloopProcess, radloop_json, wait_until
 from tests.test_scp import storescu
+
+# Each test runs the whole `radloop up`.
+pytestmark = pytest.mark.slow
 
 
 def study_state(env: dict[str, str], study_uid: str) -> str | None:
