@@ -3,6 +3,9 @@
 The resume point (Orthanc's change sequence number) lives in the database, saved after each
 change is fully handled, so a restart of radloop or Orthanc resumes where it stopped; a change
 handled twice finds its instances known and its revision already complete, and does nothing.
+A change that fails while Orthanc and the database answer (its study was deleted meanwhile, an
+instance Orthanc cannot return) is tried `MAX_ATTEMPTS` times, then skipped with its reason in
+`<rejected>/orthanc-change-<seq>.reason`, so one bad change never stalls the follower.
 """
 
 from __future__ import annotations
@@ -10,12 +13,14 @@ from __future__ import annotations
 import logging
 import threading
 from io import BytesIO
+from pathlib import Path
 from typing import Any
 
 import httpx
 from pydicom import dcmread
 from pyorthanc import Orthanc
 from sqlalchemy import or_, select
+from sqlalchemy.exc import SQLAlchemyError
 
 from dicom_listener.assembly import StudyAssembler
 from dicom_listener.ingest import Ingestor
@@ -27,6 +32,9 @@ log = logging.getLogger(__name__)
 
 CURSOR_NAME = "orthanc.changes"
 PAGE = 100
+MAX_ATTEMPTS = 3
+# Outages: the change is tried again later, however often, and never skipped for them.
+_OUTAGES = (httpx.TransportError, OSError, SQLAlchemyError)
 
 
 class OrthancFollower:
@@ -37,12 +45,16 @@ class OrthancFollower:
         assembler: StudyAssembler,
         client: Orthanc,
         poll_seconds: float = 1.0,
+        rejected_folder: Path | None = None,
     ) -> None:
         self.store = store
         self.ingestor = ingestor
         self.assembler = assembler
         self.client = client
         self.poll_seconds = poll_seconds
+        self.rejected_folder = rejected_folder
+        # Failed attempts per change sequence number; a restart grants a change new attempts.
+        self._attempts: dict[int, int] = {}
 
     def cursor(self) -> int:
         with self.store.read() as session:
@@ -72,10 +84,35 @@ class OrthancFollower:
             self._save_cursor(0)
             return 0
         for change in changes:
+            seq = int(change["Seq"])
             if change.get("ChangeType") == "StableStudy":
-                self.import_study(str(change["ID"]))
-            self._save_cursor(int(change["Seq"]))
+                try:
+                    self.import_study(str(change["ID"]))
+                except _OUTAGES:
+                    raise
+                except Exception as error:
+                    self._attempts[seq] = self._attempts.get(seq, 0) + 1
+                    if self._attempts[seq] < MAX_ATTEMPTS:
+                        raise
+                    self._skip(seq, str(change["ID"]), error)
+            self._attempts.pop(seq, None)
+            self._save_cursor(seq)
         return len(changes)
+
+    def _skip(self, seq: int, orthanc_id: str, error: Exception) -> None:
+        reason = (
+            f"Orthanc change {seq} (StableStudy, Orthanc study {orthanc_id}) skipped after "
+            f"{MAX_ATTEMPTS} attempts: {type(error).__name__}: {str(error)[:300]}\n"
+        )
+        log.warning(
+            "Orthanc change %d skipped after %d attempts (%s)",
+            seq,
+            MAX_ATTEMPTS,
+            type(error).__name__,
+        )
+        if self.rejected_folder is not None:
+            self.rejected_folder.mkdir(parents=True, exist_ok=True)
+            (self.rejected_folder / f"orthanc-change-{seq}.reason").write_text(reason)
 
     def import_study(self, orthanc_id: str) -> None:
         """Copy the study's new instances into the spool, then complete its revision.

@@ -94,3 +94,42 @@ def test_follower_completes_each_stable_study_once_and_resumes_after_restarts(
         (study_uid, 2, 6),
         (str(dcmread(second[0]).StudyInstanceUID), 1, 3),
     ]
+
+
+def test_a_change_the_follower_cannot_handle_is_skipped_with_its_reason_and_it_goes_on(
+    orthanc: Child, settings: Settings, store: Store, tmp_path: Path
+) -> None:
+    broken = generated_ct(tmp_path / "broken", 3, seed=3)
+    broken_id = upload(orthanc, broken)
+
+    def stable_change() -> int | None:
+        changes = httpx.get(f"{orthanc.spec.url}/changes", params={"limit": 1000}).json()
+        for change in changes["Changes"]:
+            if change["ChangeType"] == "StableStudy" and change["ID"] == broken_id:
+                return int(change["Seq"])
+        return None
+
+    seq = wait_until(stable_change, timeout=30)
+    # Orthanc's storage loses the study's files (a disk fault; restarted, so its storage cache
+    # is empty): it still lists the study but cannot return its instances, so its StableStudy
+    # change can never be handled.
+    orthanc.stop()
+    storage = settings.data_dir / "orthanc" / "storage"
+    lost = [path for path in storage.rglob("*") if path.is_file()]
+    assert lost
+    for path in lost:
+        path.unlink()
+    orthanc.start()
+    orthanc.wait_healthy()
+    kept = generated_ct(tmp_path / "kept", 3, seed=4)
+    upload(orthanc, kept)
+    services = Services(settings, store)
+    services.start_follower()
+    try:
+        wait_until(lambda: len(completed_events(store)) == 1, timeout=60)
+    finally:
+        services.stop()
+    (event,) = completed_events(store)
+    assert event["study_uid"] == str(dcmread(kept[0]).StudyInstanceUID)
+    reason = (settings.rejected_folder / f"orthanc-change-{seq}.reason").read_text()
+    assert f"Orthanc study {broken_id}" in reason and "skipped after 3 attempts" in reason

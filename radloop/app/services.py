@@ -85,7 +85,12 @@ class Services:
     def start_follower(self) -> None:
         orthanc = self.settings.orthanc
         follower = OrthancFollower(
-            self.store, self.ingestor, self.assembler, self._orthanc(), orthanc.poll_seconds
+            self.store,
+            self.ingestor,
+            self.assembler,
+            self._orthanc(),
+            orthanc.poll_seconds,
+            rejected_folder=self.settings.rejected_folder,
         )
         self._spawn("orthanc-follower", follower.run)
         log.info("following Orthanc changes at %s", orthanc.base_url)
