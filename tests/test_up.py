@@ -147,3 +147,34 @@ def test_triton_killed_during_a_study_the_flow_retries_and_drafts_once(
         assert "Retry 1/8" in flow_log  # the task failed while Triton was down, then retried
     finally:
         assert up.stop(sig=signal.SIGINT, timeout=60) == 0, up.output()
+
+
+@pytest.mark.timeout(900)
+def test_a_site_with_an_allow_list_gets_no_demo_and_a_failing_demo_leaves_radloop_running(
+    radloop_env: dict[str, str], settings: Settings
+) -> None:
+    spec = load_spec(PACKAGED_MODELS / "phantom-abdomen.yaml")
+    export_version(settings, spec)
+    env = {
+        **radloop_env,
+        "RADLOOP_DEMO_ON_FIRST_RUN": "true",
+        "RADLOOP_DICOM__ALLOWED_CALLERS": "PACS@10.1.2.3,ECHOSCU@127.0.0.1,RADLOOP-STATUS",
+        "COLUMNS": "200",  # rich wraps its messages at the terminal's width
+    }
+    up = RadloopProcess(env, command=("up",)).start(timeout=240)
+    try:
+        time.sleep(5)  # the demo would have started by now
+        assert "turning the loop once" not in up.output()
+        assert all(s["healthy"] for s in radloop_json(env, "status")["services"])
+    finally:
+        assert up.stop(sig=signal.SIGINT, timeout=60) == 0, up.output()
+
+    # Asked for anyway, the demo's association is refused: the demo fails, radloop stays up.
+    asked = RadloopProcess(env, command=("up", "--demo")).start(timeout=240)
+    try:
+        wait_until(lambda: "the demo failed; radloop keeps running" in asked.output(), 120)
+        assert "refused the demo's association" in asked.output()
+        time.sleep(3)
+        assert all(s["healthy"] for s in radloop_json(env, "status")["services"])
+    finally:
+        assert asked.stop(sig=signal.SIGINT, timeout=60) == 0, asked.output()

@@ -31,7 +31,7 @@ from radloop.app.commands.review import review_app, users_app
 from radloop.app.commands.studies import studies_app
 from radloop.app.commands.train import train
 from radloop.db import Store, Study, User
-from radloop.settings import Settings
+from radloop.settings import DicomSettings, Settings
 
 app = typer.Typer(help="radloop: the radiology active-learning loop.", no_args_is_help=True)
 app.add_typer(studies_app, name="studies")
@@ -102,14 +102,20 @@ def up(
     settings = cli_settings()
     store = open_store(settings)
     if demo is None:
-        demo = settings.demo_on_first_run and _is_empty(store)
+        # A site that has set who may send it studies is configured: no demo unless asked.
+        demo = settings.demo_on_first_run and _is_empty(store) and not _site_allow_list(settings)
     after_up = None
     if demo:
         from radloop.app.demo import Demo
 
-        console.print("empty data dir: turning the loop once with phantoms (--no-demo skips)")
+        console.print("turning the loop once with phantoms first (--no-demo skips)")
         after_up = lambda stop: Demo(settings, store, console).run()  # noqa: E731
     run_stack(settings, store, after_up)
+
+
+def _site_allow_list(settings: Settings) -> bool:
+    """Whether the site replaced the default allow-list of DICOM callers."""
+    return settings.dicom.allowed_callers != DicomSettings().allowed_callers
 
 
 def run_stack(
@@ -168,10 +174,11 @@ def run_stack(
             def background() -> None:
                 try:
                     after_up(stop)
-                except BaseException as error:  # reported, and the stack stops
+                except BaseException as error:
                     failed.append(error)
                     err_console.print(f"[red]{type(error).__name__}: {error}[/red]")
-                    stop.set()
+                    if not exit_after:  # `radloop up`: the service goes on without it
+                        err_console.print("[yellow]the demo failed; radloop keeps running[/yellow]")
                 if exit_after:
                     stop.set()
 
@@ -182,7 +189,7 @@ def run_stack(
         services.stop()
         supervisor.stop()
         store.close()
-    if failed:
+    if failed and exit_after:
         raise typer.Exit(1)
 
 
