@@ -17,6 +17,7 @@ from radloop.app.phantoms.abdomen import write_study
 from radloop.db import Store
 from radloop.modelspec import PACKAGED_MODELS, load_spec
 from radloop.settings import Settings
+from tests.conftest_marks import ONCE
 from tests.dicom_files import generated_ct
 from tests.drafted import correction_seg, stow_body
 from tests.models import export_version
@@ -150,6 +151,7 @@ def test_triton_killed_during_a_study_the_flow_retries_and_drafts_once(
 
 
 @pytest.mark.timeout(900)
+@ONCE  # start-up and demo choices: nothing database-specific
 def test_a_site_with_an_allow_list_gets_no_demo_and_a_failing_demo_leaves_radloop_running(
     radloop_env: dict[str, str], settings: Settings
 ) -> None:
