@@ -115,6 +115,7 @@ def test_up_starts_every_part_ingests_from_each_source_drafts_and_stops_on_ctrl_
             pass
 
 
+@ONCE  # Triton outages and flow retries: nothing database-specific
 def test_triton_killed_during_a_study_the_flow_retries_and_drafts_once(
     radloop_env: dict[str, str], settings: Settings, tmp_path: Path
 ) -> None:
