@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 from pydicom import dcmread
 from sqlalchemy import select
 
-import agents.review.worklist as worklist_module
+import agents.review.training_set as training_set
 from agents.review.app import create_app
 from agents.review.auth import Users
 from agents.review.corrections import read_nifti_label, write_nifti
@@ -261,7 +261,7 @@ def test_ingest_of_another_study_goes_on_while_a_validated_label_is_written(
         arrival.join(timeout=10)
         written(array, series, path)
 
-    monkeypatch.setattr(worklist_module, "write_nifti", write_while_a_study_arrives)
+    monkeypatch.setattr(training_set, "write_nifti", write_while_a_study_arrives)
     validated = rita.post(f"/api/annotations/{case}/validate")
     assert validated.status_code == 200, validated.text
     assert len(ingested) == len(arriving)  # stored while the label was being written

@@ -9,9 +9,6 @@ transaction under names derived from ids, so a retry rewrites the same files.
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -22,6 +19,16 @@ from sqlalchemy import case, func, select, update
 from sqlalchemy.orm import Session
 
 from agents.drafts import write_draft
+from agents.review.cases import (
+    OPEN_STATES,
+    Case,
+    Conflict,
+    NotFound,
+    ReviewError,
+    Unprocessable,
+    iso,
+    item_row,
+)
 from agents.review.corrections import (
     InvalidLabel,
     dice_per_label,
@@ -33,70 +40,19 @@ from agents.review.corrections import (
     seg_label_map,
     write_nifti,
 )
+from agents.review.training_set import add_label, stage_pair
 from agents.volume import LoadedSeries, SeriesRejected, load_series, series_files
-from radloop.db import Annotation, Label, Store, Study, utcnow
-from radloop.domain import AnnotationState, LabelSplit, StudyState
-from radloop.events import AnnotationCorrected, EventType, LabelValidated, record_event
+from radloop.db import Annotation, Store, Study, utcnow
+from radloop.domain import AnnotationState, StudyState
+from radloop.events import AnnotationCorrected, EventType, record_event
 from radloop.modelspec import ModelSpec
 from radloop.settings import ReviewSettings
 
 log = logging.getLogger(__name__)
 
-OPEN_STATES = (AnnotationState.QUEUED, AnnotationState.DRAFTED, AnnotationState.CLAIMED)
+__all__ = ["OPEN_STATES", "Conflict", "NotFound", "ReviewError", "Unprocessable", "Worklist"]
+
 _CLAIMABLE = (AnnotationState.QUEUED.value, AnnotationState.DRAFTED.value)
-
-
-class ReviewError(Exception):
-    """A refused review action; `status` is the HTTP status that says what kind."""
-
-    status = 400
-
-
-class NotFound(ReviewError):
-    status = 404
-
-
-class Conflict(ReviewError):
-    status = 409
-
-
-class Unprocessable(ReviewError):
-    status = 422
-
-
-@dataclass(frozen=True)
-class Case:
-    """What a correction is checked against."""
-
-    annotation_id: int
-    study_uid: str
-    series_uid: str
-    model: str
-    model_version: str | None
-    state: str
-    claimed_by: str | None
-    lease_expires_at: datetime | None
-    draft_nifti: str | None
-
-    @classmethod
-    def of(cls, annotation: Annotation, study_uid: str) -> Case:
-        if annotation.series_uid is None:
-            raise Conflict(f"annotation {annotation.id} has no series to label")
-        return cls(
-            annotation_id=annotation.id,
-            study_uid=study_uid,
-            series_uid=annotation.series_uid,
-            model=annotation.model_name,
-            model_version=annotation.model_version,
-            state=annotation.state,
-            claimed_by=annotation.claimed_by,
-            lease_expires_at=annotation.lease_expires_at,
-            draft_nifti=annotation.nifti_path,
-        )
-
-
-def _iso(value: datetime | None) -> str | None:
-    return value.isoformat() if value is not None else None
 
 
 class Worklist:
@@ -147,7 +103,7 @@ class Worklist:
             query = query.where(Annotation.id == annotation_id)
         with self.store.read() as session:
             return [
-                _item(annotation, study_uid, study_date, effective)
+                item_row(annotation, study_uid, study_date, effective)
                 for annotation, study_uid, study_date, effective in session.execute(query)
             ]
 
@@ -246,7 +202,7 @@ class Worklist:
         if annotation.state == AnnotationState.CLAIMED.value:
             return Conflict(
                 f"annotation {annotation_id} is held by {annotation.claimed_by} "
-                f"until {_iso(annotation.lease_expires_at)}"
+                f"until {iso(annotation.lease_expires_at)}"
             )
         if annotation.series_uid is None:
             return Conflict(f"annotation {annotation_id} has no series to label")
@@ -374,13 +330,12 @@ class Worklist:
             return
         if case_.claimed_by == user and lease is not None and lease <= now:
             raise Conflict(
-                f"your lease on annotation {case_.annotation_id} expired at {_iso(lease)}; "
+                f"your lease on annotation {case_.annotation_id} expired at {iso(lease)}; "
                 "claim the case again to save"
             )
         if case_.state == AnnotationState.CLAIMED.value:
             raise Conflict(
-                f"annotation {case_.annotation_id} is held by {case_.claimed_by} "
-                f"until {_iso(lease)}"
+                f"annotation {case_.annotation_id} is held by {case_.claimed_by} until {iso(lease)}"
             )
         if case_.state not in (s.value for s in OPEN_STATES):
             raise Conflict(f"annotation {case_.annotation_id} is already {case_.state}")
@@ -431,7 +386,7 @@ class Worklist:
         label_path = seg_path.with_name(seg_path.name.removesuffix(".dcm") + ".label.nii.gz")
         write_nifti(label_map, series, label_path)
         staged = (
-            self._stage_pair(case_.annotation_id, case_.model, series, label_path)
+            stage_pair(self.datasets_dir, case_.annotation_id, case_.model, series, label_path)
             if self.settings.single_reader
             else None
         )
@@ -463,7 +418,7 @@ class Worklist:
                 ),
             )
             if staged is not None:
-                self._validate(session, annotation, case_.study_uid, user, series, staged, now)
+                self._add_label(session, annotation, case_.study_uid, user, series, staged, now)
         log.info(
             "annotation %d corrected by %s: Dice(draft, correction) %.3f",
             case_.annotation_id,
@@ -484,7 +439,9 @@ class Worklist:
             correction_path = session.get_one(Annotation, annotation_id).correction_path
         if correction_path is None:
             raise Conflict(f"annotation {annotation_id} has no correction to validate")
-        staged = self._stage_pair(annotation_id, case_.model, series, Path(correction_path))
+        staged = stage_pair(
+            self.datasets_dir, annotation_id, case_.model, series, Path(correction_path)
+        )
         with self.store.transaction() as session:
             annotation = session.get_one(Annotation, annotation_id)
             if annotation.state != AnnotationState.CORRECTED.value:
@@ -494,27 +451,10 @@ class Worklist:
                     f"{user} made this correction; a second person validates it "
                     "(review.single_reader lets the save validate on one-reader sites)"
                 )
-            self._validate(session, annotation, case_.study_uid, user, series, staged, utcnow())
+            self._add_label(session, annotation, case_.study_uid, user, series, staged, utcnow())
         return self.item(annotation_id)
 
-    def _stage_pair(
-        self, annotation_id: int, model: str, series: LoadedSeries, correction: Path
-    ) -> tuple[Path, Path]:
-        """Write the training pair (series image, corrected label) under names derived from
-        the annotation, outside any transaction: gzip-writing a whole series takes seconds,
-        and on SQLite a transaction holds the one write lock that ingest needs too."""
-        staging = self.datasets_dir / model / ".staging"
-        image, label = (
-            staging / f"a{annotation_id}_image.nii.gz",
-            staging / f"a{annotation_id}_label.nii.gz",
-        )
-        write_nifti(series.array, series, image)
-        partial = label.with_name(label.name + ".partial")
-        shutil.copyfile(correction, partial)
-        os.replace(partial, label)
-        return image, label
-
-    def _validate(
+    def _add_label(
         self,
         session: Session,
         annotation: Annotation,
@@ -524,82 +464,17 @@ class Worklist:
         staged: tuple[Path, Path],
         now: datetime,
     ) -> None:
-        """Record the label; move the staged pair to its place (a rename, so the transaction
-        stays short). A transaction that fails after the rename leaves files no row names."""
-        split = self._split(session, annotation)
-        label = Label(
-            annotation_id=annotation.id,
-            study_id=annotation.study_id,
-            model_name=annotation.model_name,
-            split=split.value,
-            series_uid=series.series_uid,
-            seg_sop_instance_uid=annotation.correction_sop_instance_uid
-            or annotation.seg_sop_instance_uid,
-            image_path="",
-            label_path="",
-            created_at=now,
-        )
-        session.add(label)
-        session.flush()
-        folder = self.datasets_dir / annotation.model_name / split.value
-        image_path = folder / f"{label.id:06d}_image.nii.gz"
-        label_path = folder / f"{label.id:06d}_label.nii.gz"
-        folder.mkdir(parents=True, exist_ok=True)
-        os.replace(staged[0], image_path)
-        os.replace(staged[1], label_path)
-        label.image_path, label.label_path = str(image_path), str(label_path)
-        annotation.state = AnnotationState.VALIDATED.value
-        annotation.validated_by = user
-        annotation.validated_at = now
-        annotation.updated_at = now
-        study = session.get_one(Study, annotation.study_id)
-        still_open = session.scalar(
-            select(func.count())
-            .select_from(Annotation)
-            .where(
-                Annotation.study_id == study.id,
-                Annotation.id != annotation.id,
-                Annotation.state.in_([s.value for s in OPEN_STATES] + ["corrected"]),
-            )
-        )
-        if not still_open:
-            study.state = StudyState.VALIDATED.value
-        record_event(
+        add_label(
             session,
-            EventType.LABEL_VALIDATED,
-            LabelValidated(
-                label_id=label.id,
-                annotation_id=annotation.id,
-                study_uid=study_uid,
-                series_uid=series.series_uid,
-                model=annotation.model_name,
-                split=split.value,
-                validated_by=user,
-            ),
+            annotation,
+            study_uid,
+            user,
+            series,
+            staged,
+            now,
+            self.datasets_dir,
+            self.settings.holdout_fraction,
         )
-        log.info("label %d (%s) validated by %s", label.id, split.value, user)
-
-    def _split(self, session: Session, annotation: Annotation) -> LabelSplit:
-        """A study keeps the split of its first label (no leakage between revisions); new
-        studies go to the holdout while it is below its configured fraction."""
-        earlier = session.scalar(
-            select(Label.split).where(
-                Label.study_id == annotation.study_id, Label.model_name == annotation.model_name
-            )
-        )
-        if earlier is not None:
-            return LabelSplit(earlier)
-        rows = session.execute(
-            select(Label.split, func.count())
-            .where(Label.model_name == annotation.model_name)
-            .group_by(Label.split)
-        ).all()
-        counts = {split: int(n) for split, n in rows}
-        holdout = counts.get(LabelSplit.HOLDOUT.value, 0)
-        total = sum(counts.values())
-        if holdout < self.settings.holdout_fraction * (total + 1):
-            return LabelSplit.HOLDOUT
-        return LabelSplit.TRAIN
 
 
 def _label(make: Any) -> Any:
@@ -607,40 +482,3 @@ def _label(make: Any) -> Any:
         return make()
     except InvalidLabel as invalid:
         raise Unprocessable(str(invalid)) from None
-
-
-def _item(
-    annotation: Annotation, study_uid: str, study_date: str | None, effective: float | None
-) -> dict[str, Any]:
-    return {
-        "annotation_id": annotation.id,
-        "study_uid": study_uid,
-        "study_date": study_date,
-        "revision": annotation.study_revision,
-        "series_uid": annotation.series_uid,
-        "state": annotation.state,
-        "priority": effective if annotation.priority is not None or annotation.urgent else None,
-        "uncertainty": annotation.uncertainty,
-        "urgent": annotation.urgent,
-        "model": annotation.model_name,
-        "model_version": annotation.model_version,
-        "seg_sop_instance_uid": annotation.seg_sop_instance_uid,
-        "claimed_by": annotation.claimed_by
-        if annotation.state == AnnotationState.CLAIMED.value
-        else None,
-        "lease_expires_at": _iso(annotation.lease_expires_at)
-        if annotation.state == AnnotationState.CLAIMED.value
-        else None,
-        "corrected_by": annotation.corrected_by,
-        "corrected_at": _iso(annotation.corrected_at),
-        "correction_sop_instance_uid": annotation.correction_sop_instance_uid,
-        "correction_dice": annotation.correction_dice,
-        "correction_dice_per_label": annotation.correction_dice_per_label,
-        "validated_by": annotation.validated_by,
-        "validated_at": _iso(annotation.validated_at),
-        "reason": annotation.reason,
-        # Its images and draft are readable through DICOMweb; until then, `viewer_error`.
-        "viewable": annotation.viewable_at is not None,
-        "viewer_error": annotation.viewer_error,
-        "created_at": annotation.created_at.isoformat(),
-    }

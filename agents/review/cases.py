@@ -1,0 +1,104 @@
+"""What the review service works on: a case (one annotation) as readers see it, and the
+refusals review actions answer with."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from radloop.db import Annotation
+from radloop.domain import AnnotationState
+
+# Cases still waiting for a reader.
+OPEN_STATES = (AnnotationState.QUEUED, AnnotationState.DRAFTED, AnnotationState.CLAIMED)
+
+
+class ReviewError(Exception):
+    """A refused review action; `status` is the HTTP status that says what kind."""
+
+    status = 400
+
+
+class NotFound(ReviewError):
+    status = 404
+
+
+class Conflict(ReviewError):
+    status = 409
+
+
+class Unprocessable(ReviewError):
+    status = 422
+
+
+@dataclass(frozen=True)
+class Case:
+    """What a correction is checked against."""
+
+    annotation_id: int
+    study_uid: str
+    series_uid: str
+    model: str
+    model_version: str | None
+    state: str
+    claimed_by: str | None
+    lease_expires_at: datetime | None
+    draft_nifti: str | None
+
+    @classmethod
+    def of(cls, annotation: Annotation, study_uid: str) -> Case:
+        if annotation.series_uid is None:
+            raise Conflict(f"annotation {annotation.id} has no series to label")
+        return cls(
+            annotation_id=annotation.id,
+            study_uid=study_uid,
+            series_uid=annotation.series_uid,
+            model=annotation.model_name,
+            model_version=annotation.model_version,
+            state=annotation.state,
+            claimed_by=annotation.claimed_by,
+            lease_expires_at=annotation.lease_expires_at,
+            draft_nifti=annotation.nifti_path,
+        )
+
+
+def iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def item_row(
+    annotation: Annotation, study_uid: str, study_date: str | None, effective: float | None
+) -> dict[str, Any]:
+    return {
+        "annotation_id": annotation.id,
+        "study_uid": study_uid,
+        "study_date": study_date,
+        "revision": annotation.study_revision,
+        "series_uid": annotation.series_uid,
+        "state": annotation.state,
+        "priority": effective if annotation.priority is not None or annotation.urgent else None,
+        "uncertainty": annotation.uncertainty,
+        "urgent": annotation.urgent,
+        "model": annotation.model_name,
+        "model_version": annotation.model_version,
+        "seg_sop_instance_uid": annotation.seg_sop_instance_uid,
+        "claimed_by": annotation.claimed_by
+        if annotation.state == AnnotationState.CLAIMED.value
+        else None,
+        "lease_expires_at": iso(annotation.lease_expires_at)
+        if annotation.state == AnnotationState.CLAIMED.value
+        else None,
+        "corrected_by": annotation.corrected_by,
+        "corrected_at": iso(annotation.corrected_at),
+        "correction_sop_instance_uid": annotation.correction_sop_instance_uid,
+        "correction_dice": annotation.correction_dice,
+        "correction_dice_per_label": annotation.correction_dice_per_label,
+        "validated_by": annotation.validated_by,
+        "validated_at": iso(annotation.validated_at),
+        "reason": annotation.reason,
+        # Its images and draft are readable through DICOMweb; until then, `viewer_error`.
+        "viewable": annotation.viewable_at is not None,
+        "viewer_error": annotation.viewer_error,
+        "created_at": annotation.created_at.isoformat(),
+    }
