@@ -13,12 +13,13 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from pynetdicom import AE
+
+from radloop.wait import wait_until
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 RADLOOP = str(Path(sys.executable).with_name("radloop"))
@@ -28,18 +29,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def wait_until(predicate: Any, timeout: float = 30.0, interval: float = 0.2) -> Any:
-    """Poll `predicate` until it returns a truthy value; fail with the last value otherwise."""
-    deadline = time.monotonic() + timeout
-    value = None
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout} s (last value: {value!r})")
 
 
 def dicom_echo(port: int, called: str = "RADLOOP", calling: str = "ECHOSCU") -> bool:

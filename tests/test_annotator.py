@@ -21,9 +21,10 @@ from radloop.db import Annotation, OutboxEvent, Store, Study
 from radloop.domain import AnnotationState
 from radloop.modelspec import PACKAGED_MODELS, ModelSpec, load_spec
 from radloop.settings import Settings
+from radloop.wait import wait_until
 from tests.drafted import annotator, received_phantom
 from tests.models import export_version
-from tests.servers import radloop_json, wait_until
+from tests.servers import radloop_json
 
 
 @pytest.fixture

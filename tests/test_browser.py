@@ -29,10 +29,11 @@ from radloop.app.viewer_snapshot import (
 )
 from radloop.modelspec import PACKAGED_MODELS, load_spec
 from radloop.settings import PROJECT_ROOT, Settings
+from radloop.wait import wait_until
 from tests.conftest_marks import ONCE
 from tests.drafted import strip_attributes
 from tests.models import export_version
-from tests.servers import RadloopProcess, radloop_json, wait_until
+from tests.servers import RadloopProcess, radloop_json
 from tests.test_scp import storescu
 from tests.test_viewer_store import TYPE2_REMOVED
 

@@ -12,8 +12,9 @@ from radloop.app.services import Services
 from radloop.app.supervisor import Child
 from radloop.db import OutboxEvent, Store
 from radloop.settings import Settings
+from radloop.wait import wait_until
 from tests.dicom_files import generated_ct
-from tests.servers import RadloopProcess, radloop_json, wait_until
+from tests.servers import RadloopProcess, radloop_json
 
 
 def upload(orthanc: Child, files: list[Path]) -> str:

@@ -13,8 +13,9 @@ from sqlalchemy import select
 from radloop.app.supervisor import Child, prefect_spec
 from radloop.db import OutboxEvent, Store
 from radloop.settings import Settings
+from radloop.wait import wait_until
 from tests.dicom_files import generated_ct
-from tests.servers import RadloopProcess, wait_until
+from tests.servers import RadloopProcess
 from tests.test_scp import storescu
 
 # A real Prefect server.
@@ -66,7 +67,9 @@ def test_events_wait_while_prefect_is_down_and_arrive_once_it_is_back(
         prefect.start()
         prefect.wait_healthy()
         wait_until(lambda: all(r.delivered_at for r in outbox(store)), timeout=30)
-        events = wait_until(lambda: len(prefect_events(api)) == 2 and prefect_events(api), 30)
+        events = wait_until(
+            lambda: prefect_events(api) if len(prefect_events(api)) == 2 else None, 30
+        )
         assert {e["id"] for e in events} == {r.event_id for r in outbox(store)}
     finally:
         listener.stop()

@@ -18,6 +18,7 @@ from pynetdicom import _config as pynetdicom_config
 from sqlalchemy import select
 
 from radloop.db import Instance, OutboxEvent, Store
+from radloop.wait import wait_until
 from tests.dicom_files import (
     REAL_FILES_FOR_STORESCU,
     REAL_FILES_J2K,
@@ -27,7 +28,7 @@ from tests.dicom_files import (
     truncated,
     with_uid,
 )
-from tests.servers import RadloopProcess, radloop_json, wait_until
+from tests.servers import RadloopProcess, radloop_json
 
 STORESCU = "/usr/bin/storescu"
 

@@ -6,6 +6,7 @@ import shutil
 import signal
 import subprocess
 import time
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -17,11 +18,12 @@ from radloop.app.phantoms.abdomen import write_study
 from radloop.db import Store
 from radloop.modelspec import PACKAGED_MODELS, load_spec
 from radloop.settings import Settings
+from radloop.wait import wait_until
 from tests.conftest_marks import ONCE
 from tests.dicom_files import generated_ct
 from tests.drafted import correction_seg, stow_body
 from tests.models import export_version
-from tests.servers import RadloopProcess, radloop_json, wait_until
+from tests.servers import RadloopProcess, radloop_json
 from tests.test_scp import storescu
 
 # Each test runs the whole `radloop up`.
@@ -33,6 +35,10 @@ def study_state(env: dict[str, str], study_uid: str) -> str | None:
         if study["study_uid"] == study_uid:
             return str(study["state"])
     return None
+
+
+def study_has_state(env: dict[str, str], study_uid: str, state: str) -> bool:
+    return study_state(env, study_uid) == state
 
 
 def test_up_starts_every_part_ingests_from_each_source_drafts_and_stops_on_ctrl_c(
@@ -58,8 +64,8 @@ def test_up_starts_every_part_ingests_from_each_source_drafts_and_stops_on_ctrl_
 
         for files in (pushed, uploaded, dropped):
             uid = str(dcmread(files[0]).StudyInstanceUID)
-            wait_until(lambda uid=uid: study_state(radloop_env, uid) is not None, timeout=60)
-            wait_until(lambda uid=uid: study_state(radloop_env, uid) == "complete", timeout=60)
+            wait_until(partial(study_state, radloop_env, uid), timeout=60)
+            wait_until(partial(study_has_state, radloop_env, uid, "complete"), timeout=60)
 
         # A phantom CT pushed with storescu is drafted by the served model, no human step.
         phantom = write_study(tmp_path / "phantoms", 0, seed=5)

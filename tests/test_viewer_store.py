@@ -29,10 +29,11 @@ from radloop.db import Store
 from radloop.domain import AnnotationState, IngestSource
 from radloop.modelspec import PACKAGED_MODELS, ModelSpec, load_spec
 from radloop.settings import Settings
+from radloop.wait import wait_until
 from tests.dicom_files import with_uid
 from tests.drafted import annotator, received_phantom, worklist
 from tests.models import export_version
-from tests.servers import free_port, radloop_json, wait_until
+from tests.servers import free_port, radloop_json
 
 # Type 2 attributes of the Patient and General Study modules that de-identified exports omit.
 TYPE2_REMOVED = (
@@ -133,7 +134,7 @@ def test_a_study_taken_from_orthanc_is_not_sent_back(
     follower = OrthancFollower(
         store, Ingestor(store, settings.spool_dir), StudyAssembler(store, 1), client
     )
-    wait_until(lambda: follower.poll_once() and radloop_study_complete(store, study.study_uid))
+    wait_until(lambda: follower.poll_once() and radloop_study_complete(store, study.study_uid), 30)
     # Someone removes one slice from Orthanc before radloop drafts the study.
     removed = sorted(study.dicom_dir.glob("*.dcm"))[0]
     (hit,) = httpx.post(f"{url}/tools/lookup", content=str(dcmread(removed).SOPInstanceUID)).json()

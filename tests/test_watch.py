@@ -15,15 +15,15 @@ from sqlalchemy import select
 from radloop.app.services import Services
 from radloop.db import Instance, OutboxEvent, Store
 from radloop.settings import Settings
+from radloop.wait import wait_until
 from tests.dicom_files import generated_ct, truncated
-from tests.servers import wait_until
 
 
 @pytest.fixture
 def watching(settings: Settings, store: Store) -> Iterator[Services]:
     services = Services(settings, store)
     services.start_watch()
-    wait_until(settings.watch_folder.is_dir)
+    wait_until(settings.watch_folder.is_dir, timeout=30)
     yield services
     services.stop()
 
