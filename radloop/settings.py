@@ -229,6 +229,18 @@ class RetrainSettings(BaseModel):
     timezone: str = "UTC"
 
 
+class SupervisorSettings(BaseModel):
+    """How `radloop up` treats a child process (Orthanc, Prefect, ...) that exits."""
+
+    # First restart after this long, doubling with each exit in a row, up to the maximum.
+    restart_backoff_seconds: float = Field(2.0, gt=0)
+    max_backoff_seconds: float = Field(120.0, gt=0)
+    # Exits in a row after which the child is left stopped and shown failed in `radloop status`.
+    restart_limit: int = Field(5, ge=0)
+    # A child up this long after a restart is healthy again: its count of exits starts over.
+    stable_seconds: float = Field(60.0, gt=0)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
@@ -255,6 +267,7 @@ class Settings(BaseSettings):
     review: ReviewSettings = ReviewSettings()
     mlflow: MlflowSettings = MlflowSettings()
     retrain: RetrainSettings = RetrainSettings()
+    supervisor: SupervisorSettings = SupervisorSettings()
 
     @field_validator("database_url")
     @classmethod

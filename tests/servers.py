@@ -19,6 +19,7 @@ from typing import Any
 
 from pynetdicom import AE
 
+from radloop.app.supervisor import ChildProcess
 from radloop.wait import wait_until
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
@@ -58,7 +59,7 @@ class PostgresServer:
         self.root = root
         self.data = root / "pgdata"
         self.port = free_port()
-        self.process: subprocess.Popen[bytes] | None = None
+        self.process: ChildProcess | None = None
         # PostgreSQL refuses to run as root; CI runs as root, so use the `postgres` account.
         self.as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
 
@@ -82,7 +83,8 @@ class PostgresServer:
             check=True,
             capture_output=True,
         )
-        self.process = subprocess.Popen(
+        self.process = ChildProcess(
+            "postgres",
             [
                 *self.as_user,
                 str(PG_BIN / "postgres"),
@@ -99,10 +101,8 @@ class PostgresServer:
                 "-c",
                 "max_connections=200",
             ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
         )
+        self.process.start()
         wait_until(self._ready, timeout=30)
 
     def _ready(self) -> bool:
@@ -131,9 +131,8 @@ class PostgresServer:
         return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{name}"
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGINT)  # fast shutdown
-            self.process.wait(30)
+        if self.process is not None:
+            self.process.stop(signal.SIGINT, timeout=30)  # fast shutdown
         shutil.rmtree(self.root, ignore_errors=True)
 
 
@@ -143,21 +142,15 @@ class RadloopProcess:
     def __init__(self, env: dict[str, str], command: Sequence[str] = ("listen",)) -> None:
         self.env = env
         self.command = list(command)
-        self.process: subprocess.Popen[bytes] | None = None
         self.log = Path(env["RADLOOP_DATA_DIR"]) / f"radloop-{self.command[0]}.log"
+        self.process = ChildProcess(
+            f"radloop {self.command[0]}", [RADLOOP, *command], env, self.log
+        )
 
     def start(self, calling: str | None = "ECHOSCU", timeout: float = 60.0) -> RadloopProcess:
         """Start and wait until the SCP answers a C-ECHO from `calling` — or, with `calling`
         None (a TLS listener), until its port accepts connections."""
-        self.log.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log, "ab") as out:
-            self.process = subprocess.Popen(
-                [RADLOOP, *self.command],
-                env=self.env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        self.process.start()
         port = int(self.env["RADLOOP_DICOM__PORT"])
 
         def ready() -> bool:
@@ -169,29 +162,19 @@ class RadloopProcess:
         return self
 
     def _check_alive(self) -> bool:
-        assert self.process is not None
-        if self.process.poll() is not None:
-            raise AssertionError(f"radloop exited with {self.process.returncode}:\n{self.output()}")
+        if not self.process.alive():
+            code = self.process.returncode()
+            raise AssertionError(f"radloop exited with {code}:\n{self.output()}")
         return True
 
     def output(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
     def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+        self.process.kill()
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
-        if self.process is None:
-            return 0
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, sig)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        return self.process.returncode
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int | None:
+        return self.process.stop(sig, timeout)
 
 
 def radloop_json(env: dict[str, str], *args: str, exit_codes: tuple[int, ...] = (0,)) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import signal
@@ -11,6 +12,7 @@ from collections.abc import Callable
 from typing import Annotated
 
 import typer
+from rich.console import Console
 from rich.table import Table
 from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
@@ -55,10 +57,19 @@ def _configure_logging(settings: Settings) -> None:
 
 
 def _wait_for_signal() -> threading.Event:
+    """An event set by Ctrl-C, SIGTERM, or SIGHUP (the terminal closed): a clean stop."""
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, lambda *_: stop.set())
     return stop
+
+
+def _say(message: str, to: Console = console) -> None:
+    """Print, unless the output is gone (`radloop up | tee log` and Ctrl-C ends tee first):
+    stopping the children must not depend on anyone reading. Rich answers a broken pipe with
+    SystemExit(1) (`Console.on_broken_pipe`), which would skip the stopping."""
+    with contextlib.suppress(OSError, ValueError, SystemExit):
+        to.print(message)
 
 
 def _safe_url(url: str) -> str:
@@ -127,9 +138,11 @@ def run_stack(
 ) -> None:
     """Start the children and in-process services, run `after_up` (in a thread), serve until
     Ctrl-C/SIGTERM — or, with `exit_after`, until `after_up` returns — then stop all."""
+    from radloop.app.runstate import state_file
     from radloop.app.services import Services, load_served_models
     from radloop.app.supervisor import (
         Supervisor,
+        SupervisorError,
         flows_spec,
         mlflow_spec,
         orthanc_spec,
@@ -153,11 +166,13 @@ def run_stack(
         specs.append(triton)
     specs.append(flows_spec(settings))
     specs.append(review_spec(settings))
-    supervisor = Supervisor(specs)
+    supervisor = Supervisor(specs, settings.supervisor, state_file(settings))
     stop = _wait_for_signal()
     services = Services(settings, store)
     failed: list[BaseException] = []
     try:
+        for leftover in supervisor.clean_leftovers():
+            console.print(f"ended {leftover}, left running by a radloop up that was killed")
         with console.status("starting " + ", ".join(s.name for s in specs) + " ..."):
             supervisor.start()
         services.start_listener()
@@ -184,8 +199,12 @@ def run_stack(
 
             threading.Thread(target=background, name="after-up", daemon=True).start()
         supervisor.watch(stop)
+    except SupervisorError as error:
+        failed.append(error)
+        _say(f"[red]{error}[/red]", err_console)
+        exit_after = True
     finally:
-        console.print("stopping ...")
+        _say("stopping ...")
         services.stop()
         supervisor.stop()
         store.close()
@@ -233,7 +252,7 @@ def _hint_first_user(store: Store) -> None:
 @app.command()
 def status(as_json: JsonOption = False) -> None:
     """Probe each configured part and say whether it answers."""
-    from radloop.app.health import probe_all
+    from radloop.app.probes import probe_all
 
     settings = cli_settings()
     report = probe_all(settings)

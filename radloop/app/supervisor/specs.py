@@ -1,44 +1,22 @@
-"""Child processes radloop starts and stops itself: Orthanc, the Prefect server, ...
-
-Each child has a command, an environment, a log file under the data dir and a health probe.
-`Supervisor` starts children in order, waits for each to be healthy, restarts one that dies,
-and stops all of them (SIGTERM, then SIGKILL) on shutdown — tests use the same children.
-"""
+"""What `radloop up` runs as child processes — Orthanc, the Prefect server, MLflow, Triton,
+the flow runner and the review service — each as a `ChildSpec`: command, environment, log
+file under the data dir, the ports it must own and the probe that says it is healthy."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
 import os
 import shutil
-import signal
-import subprocess
 import sys
-import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
-
+from radloop.app.probes import http_ok
 from radloop.settings import Settings
-
-log = logging.getLogger(__name__)
 
 ORTHANC_BINARY = "/usr/sbin/Orthanc"
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
-
-
-def http_ok(url: str) -> Callable[[], bool]:
-    def probe() -> bool:
-        try:
-            return httpx.get(url, timeout=2.0).status_code < 400
-        except httpx.HTTPError:
-            return False
-
-    return probe
 
 
 @dataclass
@@ -52,70 +30,8 @@ class ChildSpec:
     start_timeout: float = 90.0
     # Runs once the child is healthy, after every (re)start: e.g. Triton's explicit model loads.
     after_start: Callable[[], None] | None = None
-
-
-class Child:
-    """One running child process with its log file."""
-
-    def __init__(self, spec: ChildSpec) -> None:
-        self.spec = spec
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def pid(self) -> int | None:
-        return self.process.pid if self.process else None
-
-    def start(self) -> None:
-        self.spec.log_file.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.spec.log_file, "ab") as out:
-            self.process = subprocess.Popen(
-                self.spec.argv,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env={**os.environ, **self.spec.env},
-                start_new_session=True,  # Ctrl-C reaches radloop, which stops children in order
-            )
-        log.info("started %s (pid %d)", self.spec.name, self.process.pid)
-
-    def wait_healthy(self) -> None:
-        deadline = time.monotonic() + self.spec.start_timeout
-        while time.monotonic() < deadline:
-            if not self.alive():
-                raise RuntimeError(
-                    f"{self.spec.name} exited with {self.returncode()} during start-up; "
-                    f"see {self.spec.log_file}"
-                )
-            if self.spec.healthy():
-                time.sleep(0.25)
-                if self.alive():  # not another process answering on the same port
-                    return
-                continue
-            time.sleep(0.25)
-        raise RuntimeError(f"{self.spec.name} not healthy after {self.spec.start_timeout:.0f} s")
-
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def returncode(self) -> int | None:
-        return None if self.process is None else self.process.poll()
-
-    def stop(self, timeout: float = 15.0) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
-        log.info("stopped %s", self.spec.name)
-
-    def kill(self) -> None:
-        """SIGKILL, no goodbye: for tests that check what survives a crash."""
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+    # Ports the child listens on: held by anyone else, `radloop up` stops and names the holder.
+    ports: list[int] = field(default_factory=list)
 
 
 def orthanc_spec(settings: Settings, radloop_port: int | None = None) -> ChildSpec:
@@ -156,6 +72,7 @@ def orthanc_spec(settings: Settings, radloop_port: int | None = None) -> ChildSp
         url=url,
         # dcmtk inside Orthanc otherwise waits on Nagle + delayed ACK for every PDU.
         env={"TCP_NODELAY": "1"},
+        ports=[orthanc.http_port, orthanc.dicom_port],
         start_timeout=30.0,
     )
 
@@ -179,6 +96,7 @@ def prefect_spec(settings: Settings) -> ChildSpec:
             "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}",
             "PREFECT_LOGGING_LEVEL": "WARNING",
         },
+        ports=[port],
         start_timeout=120.0,
     )
 
@@ -210,6 +128,7 @@ def mlflow_spec(settings: Settings) -> ChildSpec:
         healthy=http_ok(f"http://127.0.0.1:{port}/health"),
         url=f"http://127.0.0.1:{port}",
         env={"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"},
+        ports=[port],
         start_timeout=120.0,
     )
 
@@ -269,6 +188,7 @@ def triton_spec(settings: Settings) -> ChildSpec:
             # venv's first so models import the venv's torch and MONAI.
             "PATH": venv_bin + os.pathsep + os.environ.get("PATH", ""),
         },
+        ports=[triton.http_port, triton.grpc_port, triton.metrics_port],
         start_timeout=60.0,
     )
 
@@ -303,37 +223,6 @@ def review_spec(settings: Settings) -> ChildSpec:
         log_file=settings.data_dir / "logs" / "review.log",
         healthy=http_ok(f"{base}/api/health"),
         url=settings.review.base_url,
+        ports=[settings.review.port],
         start_timeout=60.0,
     )
-
-
-class Supervisor:
-    """Starts children in order, restarts any that die, stops all in reverse order."""
-
-    def __init__(self, specs: list[ChildSpec]) -> None:
-        self.children = [Child(spec) for spec in specs]
-
-    def start(self) -> None:
-        for child in self.children:
-            child.start()
-            child.wait_healthy()
-            if child.spec.after_start is not None:
-                child.spec.after_start()
-
-    def watch(self, stop: threading.Event, interval: float = 2.0) -> None:
-        while not stop.wait(interval):
-            for child in self.children:
-                if not child.alive():
-                    log.error("%s exited with %s; restarting", child.spec.name, child.returncode())
-                    try:
-                        child.start()
-                        child.wait_healthy()
-                        if child.spec.after_start is not None:
-                            child.spec.after_start()
-                    except Exception as error:
-                        log.error("%s did not come back: %s", child.spec.name, error)
-
-    def stop(self) -> None:
-        for child in reversed(self.children):
-            with contextlib.suppress(ProcessLookupError):
-                child.stop()

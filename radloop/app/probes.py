@@ -1,9 +1,11 @@
-"""Health probes behind `radloop status`: each part is asked, not assumed."""
+"""Health probes: each part is asked, not assumed. `radloop status` reports them; the
+supervisor waits on the same HTTP probe before it calls a child healthy."""
 
 from __future__ import annotations
 
 import socket
 import ssl
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -11,6 +13,8 @@ from pynetdicom import AE
 from sqlalchemy import func, select, text
 from sqlalchemy.engine import make_url
 
+from radloop.app import runstate
+from radloop.app.runstate import ChildState
 from radloop.db import OutboxEvent, Store
 from radloop.settings import Settings
 
@@ -58,15 +62,25 @@ def _accepts_tcp(host: str, port: int) -> bool:
         return False
 
 
-def probe_http(name: str, url: str, path: str) -> dict[str, Any]:
-    entry: dict[str, Any] = {"name": name, "url": url, "healthy": False}
+def http_answer(url: str, timeout: float = 3.0) -> str | None:
+    """None when `url` answers a GET below 400; otherwise what went wrong, in a few words."""
     try:
-        response = httpx.get(url.rstrip("/") + path, timeout=3.0)
-        entry["healthy"] = response.status_code < 400
-        if not entry["healthy"]:
-            entry["detail"] = f"HTTP {response.status_code}"
+        response = httpx.get(url, timeout=timeout)
     except httpx.HTTPError as error:
-        entry["detail"] = type(error).__name__
+        return type(error).__name__
+    return None if response.status_code < 400 else f"HTTP {response.status_code}"
+
+
+def http_ok(url: str) -> Callable[[], bool]:
+    """A probe for the supervisor: whether `url` answers a GET below 400."""
+    return lambda: http_answer(url, timeout=2.0) is None
+
+
+def probe_http(name: str, url: str, path: str) -> dict[str, Any]:
+    problem = http_answer(url.rstrip("/") + path)
+    entry: dict[str, Any] = {"name": name, "url": url, "healthy": problem is None}
+    if problem is not None:
+        entry["detail"] = problem
     return entry
 
 
@@ -102,4 +116,33 @@ def probe_all(settings: Settings) -> dict[str, Any]:
             "review", f"http://{settings.review.host}:{settings.review.port}", "/api/health"
         ),
     ]
+    _add_supervision(settings, services)
     return {"services": services, "outbox": outbox}
+
+
+def _add_supervision(settings: Settings, services: list[dict[str, Any]]) -> None:
+    """What the running `radloop up` knows of its children: a child it gave up restarting is
+    failed whatever answers its port; a supervised part without a probe is listed too."""
+    record = runstate.live_record(settings)
+    if record is None:
+        return
+    by_name = {entry["name"]: entry for entry in services}
+    for name, child in record["children"].items():
+        entry = by_name.get(name)
+        if entry is None:
+            entry = {"name": name, "url": child["url"], "healthy": True}
+            services.append(entry)
+        entry["supervised"] = {
+            key: child[key] for key in ("state", "pid", "restarts", "last_exit", "log")
+        }
+        state = ChildState(child["state"])
+        if state is not ChildState.RUNNING:
+            entry["healthy"] = False
+            if state is ChildState.FAILED:
+                entry["detail"] = (
+                    f"failed: exited {child['exits_in_a_row']} times in a row (last exit "
+                    f"status {child['last_exit']}); radloop up stopped restarting it — see "
+                    f"{child['log']}"
+                )
+            else:
+                entry["detail"] = f"{state.value} (radloop up is restarting it)"
