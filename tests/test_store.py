@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from datetime import timedelta
 from pathlib import Path
 
+import pytest
+from alembic import command
+from alembic.config import Config
 from pydicom import dcmread
 from sqlalchemy import select
 
 from dicom_listener import Ingestor, IngestOutcome, InstanceHeader, StudyAssembler
 from radloop.db import Instance, OutboxEvent, Store, Study, utcnow
+from radloop.db.engine import MIGRATIONS, schema_head, schema_revision
 from radloop.domain import IngestSource, StudyState
 from radloop.settings import Settings
 from tests.dicom_files import generated_ct
+from tests.servers import RADLOOP, RadloopProcess, radloop_json
 
 
 def _ingest_files(ingestor: Ingestor, paths: list[Path]) -> list[IngestOutcome]:
@@ -91,3 +97,28 @@ def test_events_carry_no_patient_data(store: Store, settings: Settings, tmp_path
         text = json.dumps(row.payload) + row.resource_id + row.idempotency_key
     for value in (str(ds.PatientName), str(ds.PatientID), "PHANTOM"):
         assert value not in text
+
+
+@pytest.mark.slow  # starts `radloop listen`
+def test_an_outdated_schema_is_refused_by_commands_and_upgraded_by_a_service_start(
+    store: Store, settings: Settings, radloop_env: dict[str, str]
+) -> None:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    with store.engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.downgrade(config, "-1")
+    previous = schema_revision(store.engine)
+    assert previous is not None and previous != schema_head()
+
+    listing = subprocess.run(
+        [RADLOOP, "studies", "list", "--json"], env=radloop_env, capture_output=True, text=True
+    )
+    assert listing.returncode == 2
+    assert f"the database schema is at {previous}" in listing.stderr
+    assert schema_revision(store.engine) == previous  # a command never migrates
+
+    listener = RadloopProcess(radloop_env).start()  # a service: upgrades once, at start
+    listener.stop()
+    assert schema_revision(store.engine) == schema_head()
+    assert radloop_json(radloop_env, "studies", "list") == []

@@ -83,7 +83,7 @@ def listen() -> None:
 
     settings = cli_settings()
     _configure_logging(settings)
-    store = open_store(settings)
+    store = open_store(settings, migrate=True)
     services = Services(settings, store)
     stop = _wait_for_signal()
     services.start_listener()
@@ -111,7 +111,7 @@ def up(
     """Start everything on embedded defaults: Orthanc, Prefect, MLflow, Triton, flows, the
     review service, listener, follower, watch folder."""
     settings = cli_settings()
-    store = open_store(settings)
+    store = open_store(settings, migrate=True)
     if demo is None:
         # A site that has set who may send it studies is configured: no demo unless asked.
         demo = settings.demo_on_first_run and _is_empty(store) and not _site_allow_list(settings)

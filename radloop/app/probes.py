@@ -15,7 +15,7 @@ from sqlalchemy.engine import make_url
 
 from radloop.app import runstate
 from radloop.app.runstate import ChildState
-from radloop.db import OutboxEvent, Store
+from radloop.db import OutboxEvent, Store, make_engine
 from radloop.settings import Settings
 
 
@@ -93,7 +93,7 @@ def probe_all(settings: Settings) -> dict[str, Any]:
     }
     outbox: dict[str, Any] = {}
     try:
-        store = Store.open(url, migrate=False)
+        store = Store(make_engine(url))  # asks; never creates or upgrades a schema
         with store.read() as session:
             session.execute(text("SELECT 1"))
             outbox["pending"] = session.scalar(

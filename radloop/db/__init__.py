@@ -1,6 +1,6 @@
 """The state store: tables, engine, migrations."""
 
-from radloop.db.engine import Store, make_engine, upgrade
+from radloop.db.engine import SchemaOutdated, Store, make_engine, upgrade
 from radloop.db.models import (
     Annotation,
     Base,
@@ -23,6 +23,7 @@ __all__ = [
     "Instance",
     "Label",
     "OutboxEvent",
+    "SchemaOutdated",
     "Series",
     "Store",
     "Study",

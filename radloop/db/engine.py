@@ -5,11 +5,14 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 from alembic import command
 from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -47,10 +50,31 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
 
 
-def upgrade(engine: Engine) -> None:
-    """Apply every Alembic migration up to head (idempotent)."""
+class SchemaOutdated(RuntimeError):
+    """The database holds an older schema than this radloop's; a service start upgrades it."""
+
+
+def _config() -> Config:
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
+    return config
+
+
+@cache
+def schema_head() -> str | None:
+    """The newest migration this radloop ships (read once per process)."""
+    return ScriptDirectory.from_config(_config()).get_current_head()
+
+
+def schema_revision(engine: Engine) -> str | None:
+    """The migration the database is at; None for a database radloop never used."""
+    with engine.connect() as connection:
+        return MigrationContext.configure(connection).get_current_revision()
+
+
+def upgrade(engine: Engine) -> None:
+    """Apply every Alembic migration up to head (idempotent)."""
+    config = _config()
     with engine.begin() as connection:
         config.attributes["connection"] = connection
         command.upgrade(config, "head")
@@ -73,10 +97,22 @@ class Store:
         )
 
     @classmethod
-    def open(cls, url: str, migrate: bool = True) -> Store:
+    def open(cls, url: str, migrate: bool = False) -> Store:
+        """Connect. Services pass `migrate` once at start-up and upgrade the schema; everyone
+        else (commands, flow tasks) only checks it is current — a new database gets the
+        schema, an older one is refused with what to do, rather than migrated under services
+        that still run the old code."""
         engine = make_engine(url)
-        if migrate:
-            upgrade(engine)
+        current = schema_revision(engine)
+        if current != schema_head():
+            if migrate or current is None:
+                upgrade(engine)
+            else:
+                engine.dispose()
+                raise SchemaOutdated(
+                    f"the database schema is at {current}, this radloop needs {schema_head()}: "
+                    "start `radloop up` (or `radloop listen`) once to upgrade it"
+                )
         return cls(engine)
 
     @contextmanager

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from radloop.db import Store
+from radloop.db import SchemaOutdated, Store
 from radloop.modelspec import ModelSpec, ModelSpecError, load_specs
 from radloop.settings import Settings, SettingsError, load_settings
 
@@ -28,10 +28,15 @@ def cli_settings() -> Settings:
         raise typer.Exit(2) from None
 
 
-def open_store(settings: Settings) -> Store:
-    """The state store, migrated to the current schema."""
+def open_store(settings: Settings, migrate: bool = False) -> Store:
+    """The state store. Services (`up`, `listen`, `review serve`, `demo`) pass `migrate` and
+    upgrade the schema at start; other commands exit 2 on an outdated one."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    return Store.open(settings.effective_database_url)
+    try:
+        return Store.open(settings.effective_database_url, migrate=migrate)
+    except SchemaOutdated as error:
+        err_console.print(f"[red]{error}[/red]")
+        raise typer.Exit(2) from None
 
 
 def cli_model_specs(settings: Settings) -> dict[str, ModelSpec]:

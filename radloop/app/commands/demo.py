@@ -34,7 +34,7 @@ def demo(
     settings = cli_settings()
     # Phantoms arrive in one burst: a short quiet period completes them sooner.
     settings.dicom.quiet_seconds = min(settings.dicom.quiet_seconds, 5.0)
-    store = open_store(settings)
+    store = open_store(settings, migrate=True)
     run_stack(
         settings,
         store,

@@ -38,7 +38,7 @@ def serve() -> None:
         level=settings.log_level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s"
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    app = create_app(settings, open_store(settings), cli_model_specs(settings))
+    app = create_app(settings, open_store(settings, migrate=True), cli_model_specs(settings))
     review = settings.review
     # No access log: QIDO query strings can carry patient names (OHIF's study search).
     uvicorn.run(app, host=review.host, port=review.port, access_log=False, log_config=None)
