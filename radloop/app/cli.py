@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import signal
 import sys
@@ -28,6 +27,7 @@ from radloop.app.commands.common import (
 from radloop.app.commands.demo import demo_app
 from radloop.app.commands.flows import flows_app
 from radloop.app.commands.models import models_app
+from radloop.app.commands.output import Column, Row, print_json, print_rows
 from radloop.app.commands.queue import queue_app
 from radloop.app.commands.review import review_app, users_app
 from radloop.app.commands.studies import studies_app
@@ -256,19 +256,18 @@ def status(as_json: JsonOption = False) -> None:
 
     settings = cli_settings()
     report = probe_all(settings)
+    columns: list[Column | str] = ["name", "url", "healthy", Column("detail", _detail)]
     if as_json:
-        print(json.dumps(report, indent=2))
+        print_json(report)
     else:
-        table = Table(title="radloop status")
-        for column in ("name", "url", "healthy", "detail"):
-            table.add_column(column)
-        for service in report["services"]:
-            mark = "[green]yes[/green]" if service["healthy"] else "[red]no[/red]"
-            table.add_row(service["name"], service["url"], mark, service.get("detail", ""))
-        console.print(table)
+        print_rows(console, report["services"], columns, "radloop status", as_json=False)
         console.print(f"outbox: {report['outbox']}")
     if not all(s["healthy"] for s in report["services"]):
         raise typer.Exit(1)
+
+
+def _detail(row: Row) -> str:
+    return str(row.get("detail", ""))
 
 
 @app.command("config")
@@ -280,7 +279,7 @@ def show_config() -> None:
     if data["orthanc"].get("password"):
         data["orthanc"]["password"] = "***"
     data["dicom"]["allowed_callers"] = [str(r) for r in settings.dicom.allowed_callers]
-    print(json.dumps(data, indent=2))
+    print_json(data)
 
 
 def main() -> None:

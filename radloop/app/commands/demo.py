@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from radloop.app.commands.common import JsonOption, cli_settings, console, err_console
+from radloop.app.commands.output import print_json
 
 demo_app = typer.Typer(
     help="Turn the loop once on phantoms (`radloop demo`), or write demo data.",
@@ -65,7 +65,7 @@ def demo_data(
             written.append(write_study(root, index, seed=seed + index))
             progress.advance(task)
     if as_json:
-        print(json.dumps([study.summary() for study in written], indent=2))
+        print_json([study.summary() for study in written])
         return
     slices = sum(study.slices for study in written)
     console.print(f"{studies} phantom studies ({slices} CT slices) in {root}")

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from radloop.app.commands.common import (
     JsonOption,
@@ -18,6 +16,7 @@ from radloop.app.commands.common import (
     err_console,
     open_store,
 )
+from radloop.app.commands.output import Column, print_json, print_rows
 from radloop.modelspec import ModelSpec
 from radloop.settings import Settings
 
@@ -66,23 +65,15 @@ def models_list(as_json: JsonOption = False) -> None:
                     "modality": spec.input.modality,
                 }
             )
-    if as_json:
-        print(json.dumps(rows, indent=2))
-        return
-    table = Table(title=f"{len(rows)} model versions")
-    for column in ("name", "version", "mlflow", "aliases", "holdout Dice", "served"):
-        table.add_column(column)
-    for row in rows:
-        dice = row["holdout_dice"]
-        table.add_row(
-            row["name"],
-            str(row["version"] or "—"),
-            row["mlflow_version"] or "—",
-            ",".join(row["aliases"]),
-            "—" if dice is None else f"{dice:.3f}",
-            "yes" if row["served"] else "no",
-        )
-    console.print(table)
+    columns: list[Column | str] = [
+        "name",
+        "version",
+        Column("mlflow", lambda row: row["mlflow_version"]),
+        "aliases",
+        Column("holdout Dice", lambda row: row["holdout_dice"]),
+        "served",
+    ]
+    print_rows(console, rows, columns, f"{len(rows)} model versions", as_json)
 
 
 @models_app.command("rollback")
@@ -147,7 +138,7 @@ def rollback(
         "seconds": round(deployed.total_seconds, 2),
     }
     if as_json:
-        print(json.dumps(result, indent=2))
+        print_json(result)
     else:
         console.print(f"{model}: v{current} → v{target} (MLflow champion: {mlflow_version or '—'})")
 
@@ -254,7 +245,7 @@ def bootstrap(
         "holdout_dice": dice,
     }
     if as_json:
-        print(json.dumps(result, indent=2))
+        print_json(result)
         return
     scores = ", ".join(f"{name} {score:.2f}" for name, score in dice.items())
     console.print(f"{spec.name} v{version}: Dice on {holdout} held-out phantoms: {scores}")

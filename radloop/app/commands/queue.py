@@ -3,11 +3,9 @@ reader's actions on it, acting as a named user with that user's role."""
 
 from __future__ import annotations
 
-import json
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.table import Table
 
 from radloop.app.commands.common import (
     JsonOption,
@@ -17,6 +15,7 @@ from radloop.app.commands.common import (
     err_console,
     open_store,
 )
+from radloop.app.commands.output import Column, Row, print_json, print_rows
 
 if TYPE_CHECKING:
     from agents.review.auth import Principal
@@ -79,7 +78,7 @@ def _act(action: str, annotation_id: int, user: str, as_json: bool) -> None:
         err_console.print(f"[red]refused:[/red] {refused}")
         raise typer.Exit(1) from None
     if as_json:
-        print(json.dumps(item, indent=2))
+        print_json(item)
     else:
         console.print(f"annotation {annotation_id}: {item['state']}")
 
@@ -120,25 +119,20 @@ def queue_list(
     from agents.review.worklist import OPEN_STATES
 
     rows = _worklist().items(states=None if all_states else OPEN_STATES, limit=limit)
-    if as_json:
-        print(json.dumps(rows, indent=2))
-        return
-    table = Table(title=f"{len(rows)} in the review queue")
-    columns = ("annotation_id", "study_uid", "state", "priority", "model", "held by", "why")
-    for column in columns:
-        table.add_column(column)
-    for row in rows:
-        priority = "—" if row["priority"] is None else f"{row['priority']:.3f}"
-        why = [row["reason"]] if row["reason"] else []
-        if not row["viewable"]:
-            why.append(row["viewer_error"] or "images being stored for the viewer")
-        table.add_row(
-            str(row["annotation_id"]),
-            row["study_uid"],
-            row["state"],
-            priority,
-            f"{row['model']} v{row['model_version'] or '—'}",
-            row["claimed_by"] or "",
-            "; ".join(why),
-        )
-    console.print(table)
+    columns: list[Column | str] = [
+        "annotation_id",
+        "study_uid",
+        "state",
+        "priority",
+        Column("model", lambda row: f"{row['model']} v{row['model_version'] or '—'}"),
+        Column("held by", lambda row: row["claimed_by"] or ""),
+        Column("why", _why),
+    ]
+    print_rows(console, rows, columns, f"{len(rows)} in the review queue", as_json)
+
+
+def _why(row: Row) -> str:
+    why = [row["reason"]] if row["reason"] else []
+    if not row["viewable"]:
+        why.append(row["viewer_error"] or "images being stored for the viewer")
+    return "; ".join(why)

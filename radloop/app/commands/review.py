@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.table import Table
 
 from radloop.app.commands.common import (
     JsonOption,
@@ -17,6 +15,7 @@ from radloop.app.commands.common import (
     err_console,
     open_store,
 )
+from radloop.app.commands.output import print_json, print_rows
 from radloop.domain import Role
 
 if TYPE_CHECKING:
@@ -71,7 +70,7 @@ def add(
         err_console.print(f"[red]{error}[/red]")
         raise typer.Exit(1) from None
     if as_json:
-        print(json.dumps({"name": name, "role": role.value, "token": token}))
+        print_json({"name": name, "role": role.value, "token": token})
     else:
         console.print(f"user [bold]{name}[/bold] ({role.value}); API token, shown once:")
         print(token)
@@ -100,12 +99,5 @@ def disable(name: str) -> None:
 @users_app.command("list")
 def list_users(as_json: JsonOption = False) -> None:
     rows = _users().list()
-    if as_json:
-        print(json.dumps(rows, indent=2))
-        return
-    table = Table(title=f"{len(rows)} users")
-    for column in ("name", "role", "created_at", "disabled_at"):
-        table.add_column(column)
-    for row in rows:
-        table.add_row(*(row[c] or "" for c in ("name", "role", "created_at", "disabled_at")))
-    console.print(table)
+    columns = ["name", "role", "created_at", "disabled_at"]
+    print_rows(console, rows, columns, f"{len(rows)} users", as_json)

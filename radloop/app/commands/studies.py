@@ -6,10 +6,10 @@ import json
 from typing import Annotated, Any
 
 import typer
-from rich.table import Table
 from sqlalchemy import func, select
 
 from radloop.app.commands.common import JsonOption, cli_settings, console, err_console, open_store
+from radloop.app.commands.output import print_json, print_rows
 from radloop.db import Instance, OutboxEvent, Series, Store, Study
 from radloop.domain import StudyState
 
@@ -70,22 +70,8 @@ def studies_list(
     settings = cli_settings()
     store = open_store(settings)
     rows = _study_rows(store, state, limit)
-    if as_json:
-        print(json.dumps(rows, indent=2))
-        return
-    table = Table(title=f"{len(rows)} studies")
-    for column in ("study_uid", "state", "revision", "instances", "series", "modalities"):
-        table.add_column(column)
-    for row in rows:
-        table.add_row(
-            row["study_uid"],
-            row["state"],
-            str(row["revision"]),
-            str(row["instances"]),
-            str(row["series"]),
-            ",".join(row["modalities"]),
-        )
-    console.print(table)
+    columns = ["study_uid", "state", "revision", "instances", "series", "modalities"]
+    print_rows(console, rows, columns, f"{len(rows)} studies", as_json)
 
 
 @studies_app.command("show")
@@ -133,6 +119,6 @@ def studies_show(study_uid: str, as_json: JsonOption = False) -> None:
         detail = _study_json(study, sum(per_series.values()), len(series))
     detail.update(series=series, events=events)
     if as_json:
-        print(json.dumps(detail, indent=2))
+        print_json(detail)
         return
     console.print_json(json.dumps(detail))
