@@ -15,7 +15,7 @@ router = APIRouter(include_in_schema=False)
 
 @router.get("/login")
 def login_page(request: Request, templates: TemplatesDep, next: str = "/worklist") -> HTMLResponse:
-    return templates.TemplateResponse(request, "login.html", {"next": safe_next(next)})
+    return templates.TemplateResponse(request, "login.html", {"next": _safe_next(next)})
 
 
 @router.post("/login")
@@ -34,12 +34,12 @@ def login(
         return templates.TemplateResponse(
             request,
             "login.html",
-            {"next": safe_next(next), "error": "Wrong user name or password."},
+            {"next": _safe_next(next), "error": "Wrong user name or password."},
             status_code=401,
         )
     cookie, who = opened
     log.info("%s logged in", who.name)
-    response = RedirectResponse(safe_next(next), status_code=303)
+    response = RedirectResponse(_safe_next(next), status_code=303)
     response.set_cookie(
         SESSION_COOKIE,
         cookie,
@@ -59,7 +59,7 @@ def logout(request: Request, who: FormReader, users: UsersDep) -> RedirectRespon
     return response
 
 
-def safe_next(target: str) -> str:
+def _safe_next(target: str) -> str:
     """Only local paths: a login link must not send the reader to another site."""
     if not target.startswith("/") or target.startswith("//") or "\\" in target:
         return "/worklist"
