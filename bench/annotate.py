@@ -39,7 +39,7 @@ from sqlalchemy import select
 from agents.volume import load_series
 from model_registry.inference import InferenceBackend, InProcessBackend, TritonBackend
 from model_registry.repository import TritonRepository
-from radloop.app.phantoms.abdomen import WrittenStudy, write_study
+from radloop.app.phantoms import WrittenStudy, write_study
 from radloop.db import Annotation, OutboxEvent, Store, Study
 from radloop.domain import AnnotationState
 from radloop.events import EventType

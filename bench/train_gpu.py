@@ -2,7 +2,7 @@
 
 `agents.trainer.train` trains on the GPU with autocast + GradScaler when torch sees one, else
 on the CPU in fp32. This runs that function as the product does — the packaged spec
-(`phantom-abdomen`), phantoms from `radloop.app.phantoms.abdomen` prepared with the served
+(`phantom-abdomen`), phantoms from `radloop.app.phantoms` prepared with the served
 model's own preprocessing — on both devices of one machine, in the same run:
 
 * GPU (AMP): `--epochs` epochs; seconds per optimiser step from the second epoch on (the first
@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from agents.trainer import TrainingConfig, evaluate, prepare, train
-from radloop.app.phantoms.abdomen import generate
+from radloop.app.phantoms import generate
 from radloop.modelspec import PACKAGED_MODELS, load_spec
 
 

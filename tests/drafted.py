@@ -18,7 +18,7 @@ from agents.volume import load_series, series_files
 from dicom_listener import Ingestor, InstanceHeader, StudyAssembler
 from model_registry.inference import InProcessBackend
 from model_registry.repository import TritonRepository
-from radloop.app.phantoms.abdomen import WrittenStudy, write_study
+from radloop.app.phantoms import WrittenStudy, write_study
 from radloop.db import Store
 from radloop.domain import IngestSource
 from radloop.modelspec import ModelSpec

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import tritonclient.http as triton_http
 
-from radloop.app.phantoms.abdomen import WrittenStudy, write_study
+from radloop.app.phantoms import WrittenStudy, write_study
 from radloop.app.viewer_snapshot import (
     CHROMIUM,
     chromium_page,

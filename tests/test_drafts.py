@@ -11,7 +11,7 @@ from pydicom import dcmread
 
 from agents.drafts import read_seg_label_map, write_draft
 from agents.volume import load_series
-from radloop.app.phantoms.abdomen import write_study
+from radloop.app.phantoms import write_study
 from radloop.modelspec import PACKAGED_MODELS, ModelSpec, load_spec
 
 

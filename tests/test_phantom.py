@@ -15,7 +15,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
-from radloop.app.phantoms.abdomen import Phantom, PhantomLabel, generate, write_study
+from radloop.app.phantoms import Phantom, PhantomLabel, generate, write_study
 from tests.servers import RADLOOP
 
 

@@ -22,7 +22,7 @@ from agents.trainer import TrainingConfig, prepare, train
 from model_registry.inference import TritonBackend
 from model_registry.mlflow_registry import CHALLENGER, CHAMPION, Registry
 from model_registry.repository import TritonRepository
-from radloop.app.phantoms.abdomen import generate
+from radloop.app.phantoms import generate
 from radloop.app.supervisor import Child
 from radloop.db import Label, OutboxEvent, Store, TrainingRun, utcnow
 from radloop.modelspec import PACKAGED_MODELS, ModelSpec, load_spec

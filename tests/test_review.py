@@ -22,7 +22,7 @@ from agents.review.app import create_app
 from agents.review.auth import Users
 from agents.review.corrections import read_nifti_label, write_nifti
 from dicom_listener import Ingestor, InstanceHeader
-from radloop.app.phantoms.abdomen import WrittenStudy
+from radloop.app.phantoms import WrittenStudy
 from radloop.db import Annotation, Label, OutboxEvent, Store
 from radloop.domain import IngestSource, Role
 from radloop.modelspec import PACKAGED_MODELS, ModelSpec, load_spec

@@ -12,7 +12,7 @@ from pyorthanc import Orthanc
 
 from agents.review.auth import Users
 from agents.review.corrections import read_nifti_label
-from radloop.app.phantoms.abdomen import WrittenStudy
+from radloop.app.phantoms import WrittenStudy
 from radloop.app.supervisor import Child
 from radloop.db import Annotation, Store
 from radloop.domain import Role

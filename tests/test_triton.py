@@ -11,7 +11,7 @@ import pytest
 from agents.volume import LoadedSeries, load_series
 from model_registry.inference import InProcessBackend, TritonBackend
 from model_registry.repository import TritonRepository
-from radloop.app.phantoms.abdomen import write_study
+from radloop.app.phantoms import write_study
 from radloop.app.supervisor import Child
 from radloop.modelspec import PACKAGED_MODELS, ModelSpec, load_spec
 from radloop.settings import Settings

@@ -14,7 +14,7 @@ import pytest
 from pydicom import dcmread
 
 from agents.review.corrections import read_nifti_label
-from radloop.app.phantoms.abdomen import write_study
+from radloop.app.phantoms import write_study
 from radloop.db import Store
 from radloop.modelspec import PACKAGED_MODELS, load_spec
 from radloop.settings import Settings

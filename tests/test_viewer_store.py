@@ -23,7 +23,7 @@ from agents.viewer_store import ViewerStore, ViewerStoreUnavailable
 from dicom_listener import Ingestor, InstanceHeader, OrthancFollower, StudyAssembler
 from model_registry.inference import InferenceUnavailable, TritonBackend
 from model_registry.repository import TritonRepository
-from radloop.app.phantoms.abdomen import write_study
+from radloop.app.phantoms import write_study
 from radloop.app.supervisor import Child
 from radloop.db import Store
 from radloop.domain import AnnotationState, IngestSource

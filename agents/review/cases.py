@@ -1,14 +1,20 @@
-"""What the review service works on: a case (one annotation) as readers see it, and the
-refusals review actions answer with."""
+"""What the review service works on: a case (one annotation) as readers see it, read from the
+database with the spec and series its labels are checked against, and the refusals review
+actions answer with."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
-from radloop.db import Annotation
+from sqlalchemy import select
+
+from agents.volume import LoadedSeries, SeriesRejected, load_series, series_files
+from radloop.db import Annotation, Store, Study
 from radloop.domain import AnnotationState
+from radloop.modelspec import ModelSpec
 
 # Cases still waiting for a reader.
 OPEN_STATES = (AnnotationState.QUEUED, AnnotationState.DRAFTED, AnnotationState.CLAIMED)
@@ -61,6 +67,35 @@ class Case:
             lease_expires_at=annotation.lease_expires_at,
             draft_nifti=annotation.nifti_path,
         )
+
+
+def load_case(store: Store, annotation_id: int) -> Case:
+    """The case `annotation_id` as it is now; `NotFound` when there is none."""
+    with store.read() as session:
+        row = session.execute(
+            select(Annotation, Study.study_uid)
+            .join(Study, Study.id == Annotation.study_id)
+            .where(Annotation.id == annotation_id)
+        ).first()
+    if row is None:
+        raise NotFound(f"no annotation {annotation_id}")
+    annotation, study_uid = row
+    return Case.of(annotation, study_uid)
+
+
+def load_inputs(
+    case_: Case, specs: dict[str, ModelSpec], store: Store, spool_dir: Path
+) -> tuple[ModelSpec, LoadedSeries]:
+    """The spec and the series a label of `case_` is checked against; `Conflict` when either
+    is missing."""
+    spec = specs.get(case_.model)
+    if spec is None:
+        raise Conflict(f"model {case_.model} has no spec loaded; cannot check labels")
+    try:
+        series = load_series(series_files(store, spool_dir, case_.series_uid))
+    except SeriesRejected as rejected:
+        raise Conflict(f"the draft's series cannot be loaded: {rejected}") from None
+    return spec, series
 
 
 def iso(value: datetime | None) -> str | None:

@@ -4,6 +4,8 @@ Reads (QIDO-RS, WADO-RS) stream through unchanged. A STOW-RS — what OHIF's "sa
 read first: each SEG in it that labels a series radloop drafted becomes that draft's correction
 (checked against the draft; a bad one is refused with 4xx and nothing is forwarded), then the
 whole request goes on to Orthanc, so the correction is in the PACS like any other SEG.
+Their routes, which authenticate the caller first, are `agents.review.routes.dicomweb` and
+`agents.review.routes.viewer`.
 """
 
 import email.message
@@ -11,15 +13,15 @@ import email.parser
 import email.policy
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from io import BytesIO
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import httpx
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
@@ -67,76 +69,65 @@ class DicomWebProxy:
     async def close(self) -> None:
         await self.client.aclose()
 
-    def mount(
-        self,
-        app: FastAPI,
-        reader: Callable[[Request], Awaitable[Principal]],
-        corrector: Callable[[Request], Awaitable[Principal]],
-    ) -> None:
-        @app.post("/dicom-web/studies", tags=["dicomweb"])
-        @app.post("/dicom-web/studies/{study_uid}", tags=["dicomweb"])
-        async def stow(request: Request, who: Annotated[Principal, Depends(corrector)]) -> Response:
-            """STOW-RS: SEGs on radloop's drafts become corrections; all goes to Orthanc."""
-            body = await request.body()
-            content_type = request.headers.get("content-type", "")
+    async def stow(self, request: Request, who: Principal) -> Response:
+        """STOW-RS: SEGs on radloop's drafts become corrections; all goes to Orthanc."""
+        body = await request.body()
+        content_type = request.headers.get("content-type", "")
+        try:
+            parts = split_multipart_related(body, content_type)
+        except ValueError as error:
+            raise HTTPException(415, str(error)) from None
+        recorded = []
+        for part in parts:
+            annotation_id = await run_in_threadpool(self._correction_target, part, who.name)
+            if annotation_id is None:
+                continue
             try:
-                parts = split_multipart_related(body, content_type)
-            except ValueError as error:
-                raise HTTPException(415, str(error)) from None
-            recorded = []
-            for part in parts:
-                annotation_id = await run_in_threadpool(self._correction_target, part, who.name)
-                if annotation_id is None:
-                    continue
-                try:
-                    await run_in_threadpool(
-                        self.worklist.correct_with_seg, annotation_id, who.name, part
-                    )
-                except ReviewError as refused:
-                    log.info("STOW from %s refused: %s", who.name, refused)
-                    raise HTTPException(refused.status, str(refused)) from None
-                recorded.append(annotation_id)
-            path = "studies" + (
-                f"/{request.path_params['study_uid']}" if "study_uid" in request.path_params else ""
-            )
-            try:
-                answer = await self.client.post(path, content=body, headers=self._headers(request))
-            except httpx.HTTPError as error:
-                detail = f"Orthanc did not take the instances: {error}"
-                if recorded:
-                    detail += f" (corrections of {recorded} are recorded; saving again is safe)"
-                raise HTTPException(502, detail) from None
+                await run_in_threadpool(
+                    self.worklist.correct_with_seg, annotation_id, who.name, part
+                )
+            except ReviewError as refused:
+                log.info("STOW from %s refused: %s", who.name, refused)
+                raise HTTPException(refused.status, str(refused)) from None
+            recorded.append(annotation_id)
+        path = "studies" + (
+            f"/{request.path_params['study_uid']}" if "study_uid" in request.path_params else ""
+        )
+        try:
+            answer = await self.client.post(path, content=body, headers=self._headers(request))
+        except httpx.HTTPError as error:
+            detail = f"Orthanc did not take the instances: {error}"
             if recorded:
-                log.info("%s saved corrections of annotations %s", who.name, recorded)
-            return Response(
-                answer.content,
-                status_code=answer.status_code,
-                media_type=answer.headers.get("content-type"),
-            )
+                detail += f" (corrections of {recorded} are recorded; saving again is safe)"
+            raise HTTPException(502, detail) from None
+        if recorded:
+            log.info("%s saved corrections of annotations %s", who.name, recorded)
+        return Response(
+            answer.content,
+            status_code=answer.status_code,
+            media_type=answer.headers.get("content-type"),
+        )
 
-        @app.get("/dicom-web/{path:path}", tags=["dicomweb"])
-        async def read(
-            path: str, request: Request, who: Annotated[Principal, Depends(reader)]
-        ) -> Response:
-            """QIDO-RS and WADO-RS, streamed from Orthanc."""
-            outgoing = self.client.build_request(
-                "GET", path, params=request.query_params, headers=self._headers(request)
-            )
+    async def read(self, path: str, request: Request) -> Response:
+        """QIDO-RS and WADO-RS, streamed from Orthanc."""
+        outgoing = self.client.build_request(
+            "GET", path, params=request.query_params, headers=self._headers(request)
+        )
+        try:
+            answer = await self.client.send(outgoing, stream=True)
+        except httpx.HTTPError as error:
+            raise HTTPException(502, f"Orthanc is not answering: {error}") from None
+        # The body goes through as Orthanc encoded it (gzip, if the viewer accepts it).
+        headers = {k: v for k, v in answer.headers.items() if k.lower() not in _HOP}
+
+        async def body() -> AsyncIterator[bytes]:
             try:
-                answer = await self.client.send(outgoing, stream=True)
-            except httpx.HTTPError as error:
-                raise HTTPException(502, f"Orthanc is not answering: {error}") from None
-            # The body goes through as Orthanc encoded it (gzip, if the viewer accepts it).
-            headers = {k: v for k, v in answer.headers.items() if k.lower() not in _HOP}
+                async for chunk in answer.aiter_raw():
+                    yield chunk
+            finally:
+                await answer.aclose()
 
-            async def body() -> AsyncIterator[bytes]:
-                try:
-                    async for chunk in answer.aiter_raw():
-                        yield chunk
-                finally:
-                    await answer.aclose()
-
-            return StreamingResponse(body(), status_code=answer.status_code, headers=headers)
+        return StreamingResponse(body(), status_code=answer.status_code, headers=headers)
 
     def _correction_target(self, part: bytes, user: str) -> int | None:
         """The annotation a STOW part corrects: a SEG on a series radloop drafted."""
@@ -163,6 +154,7 @@ class OhifHost:
 
     def __init__(self, dist: Path) -> None:
         self.dist = dist.resolve()
+        self.index = self.dist / "index.html"
 
     def app_config(self) -> str:
         source = {
@@ -209,26 +201,14 @@ class OhifHost:
             f"{roots}"
         )
 
-    def mount(self, app: FastAPI, viewer: Callable[[Request], Awaitable[Principal]]) -> None:
-        @app.get("/app-config.js", include_in_schema=False)
-        def app_config() -> Response:
-            return Response(
-                self.app_config(),
-                media_type="application/javascript",
-                headers={"cache-control": "no-store"},
+    def file(self, path: str) -> Path | None:
+        """The viewer's file at `path`, or None when it has none there (a client-side route,
+        or a path outside its dist). 503 when the viewer is not installed."""
+        if not self.index.is_file():
+            raise HTTPException(
+                503, f"the OHIF viewer is not installed at {self.dist}: run `make install`"
             )
-
-        @app.get("/{path:path}", include_in_schema=False)
-        async def static(path: str, request: Request) -> Response:
-            """The viewer's files; any other path is one of its client-side routes."""
-            if not (self.dist / "index.html").is_file():
-                raise HTTPException(
-                    503, f"the OHIF viewer is not installed at {self.dist}: run `make install`"
-                )
-            candidate = (self.dist / path).resolve()
-            if path and candidate.is_file() and candidate.is_relative_to(self.dist):
-                return FileResponse(candidate)
-            if path.startswith(("api/", "dicom-web/")) or "." in Path(path).name:
-                raise HTTPException(404, f"no such file: /{path}")
-            await viewer(request)  # the viewer's pages need a login; its assets do not
-            return FileResponse(self.dist / "index.html", headers={"cache-control": "no-store"})
+        candidate = (self.dist / path).resolve()
+        if path and candidate.is_file() and candidate.is_relative_to(self.dist):
+            return candidate
+        return None

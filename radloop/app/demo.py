@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.table import Table
 from sqlalchemy import func, select
 
-from radloop.app.phantoms.abdomen import WrittenStudy, write_study
+from radloop.app.phantoms import WrittenStudy, write_study
 from radloop.db import Annotation, Store, Study, TrainingRun
 from radloop.domain import Role
 from radloop.modelspec import load_specs
@@ -119,7 +119,7 @@ class Demo:
         from model_registry.inference import TritonBackend
         from model_registry.mlflow_registry import Registry, adopt
         from model_registry.repository import TritonRepository
-        from radloop.app.phantoms.abdomen import generate
+        from radloop.app.phantoms import generate
 
         repository = TritonRepository(self.settings.model_repository)
         if repository.champion(MODEL) is None:

@@ -55,7 +55,7 @@ def demo_data(
     """Write CT phantom studies (DICOM) with their ground-truth masks (NIfTI + truth.json)."""
     from rich.progress import Progress
 
-    from radloop.app.phantoms.abdomen import PhantomLabel, write_study
+    from radloop.app.phantoms import PhantomLabel, write_study
 
     root = out or cli_settings().data_dir / "demo" / "phantoms"
     written = []

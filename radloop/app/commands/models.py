@@ -206,7 +206,7 @@ def bootstrap(
     from rich.progress import Progress
 
     from agents.trainer import TrainingConfig, evaluate, prepare, train
-    from radloop.app.phantoms.abdomen import Phantom, PhantomLabel, generate
+    from radloop.app.phantoms import Phantom, PhantomLabel, generate
 
     settings = cli_settings()
     spec = _spec(settings, model)

@@ -1,0 +1,70 @@
+"""`/login` and `/logout`: browser sessions behind an HttpOnly, SameSite=Strict cookie."""
+
+import logging
+from typing import Annotated
+
+from fastapi import APIRouter, Form, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+
+from agents.review.deps import SESSION_COOKIE, FormReader, ReviewSettingsDep, TemplatesDep, UsersDep
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(include_in_schema=False)
+
+
+@router.get("/login")
+def login_page(request: Request, templates: TemplatesDep, next: str = "/worklist") -> HTMLResponse:
+    return templates.TemplateResponse(request, "login.html", {"next": _safe_next(next)})
+
+
+@router.post("/login")
+def login(
+    request: Request,
+    username: Annotated[str, Form()],
+    password: Annotated[str, Form()],
+    users: UsersDep,
+    review: ReviewSettingsDep,
+    templates: TemplatesDep,
+    next: Annotated[str, Form()] = "/worklist",
+) -> Response:
+    opened = users.login(username, password, review.session_hours)
+    if opened is None:
+        log.info("failed login for a user name from %s", _client(request))
+        return templates.TemplateResponse(
+            request,
+            "login.html",
+            {"next": _safe_next(next), "error": "Wrong user name or password."},
+            status_code=401,
+        )
+    cookie, who = opened
+    log.info("%s logged in", who.name)
+    response = RedirectResponse(_safe_next(next), status_code=303)
+    response.set_cookie(
+        SESSION_COOKIE,
+        cookie,
+        max_age=int(review.session_hours * 3600),
+        httponly=True,
+        samesite="strict",
+        secure=review.secure_cookies,
+    )
+    return response
+
+
+@router.post("/logout")
+def logout(request: Request, who: FormReader, users: UsersDep) -> RedirectResponse:
+    users.logout(request.cookies[SESSION_COOKIE])
+    response = RedirectResponse("/login", status_code=303)
+    response.delete_cookie(SESSION_COOKIE)
+    return response
+
+
+def _safe_next(target: str) -> str:
+    """Only local paths: a login link must not send the reader to another site."""
+    if not target.startswith("/") or target.startswith("//") or "\\" in target:
+        return "/worklist"
+    return target
+
+
+def _client(request: Request) -> str:
+    return request.client.host if request.client else "?"
