@@ -45,7 +45,12 @@ def build_annotator(settings: Settings, store: Store) -> Annotator:
         settings.drafts_dir,
         TritonRepository(settings.model_repository),
         TritonBackend(settings.triton.base_url, settings.triton.timeout_seconds),
-        Orthanc(orthanc.base_url, orthanc.username, orthanc.password, timeout=60.0),
+        Orthanc(
+            orthanc.base_url,
+            orthanc.username,
+            orthanc.password.get_secret_value() if orthanc.password else None,
+            timeout=60.0,
+        ),
     )
 
 

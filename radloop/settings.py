@@ -8,14 +8,16 @@ e.g. `RADLOOP_DICOM__PORT`), the YAML file named by `RADLOOP_CONFIG` (default
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 import re
 import ssl
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -23,6 +25,9 @@ from pydantic_settings import (
     SettingsConfigDict,
     YamlConfigSettingsSource,
 )
+from sqlalchemy.engine import make_url
+
+log = logging.getLogger(__name__)
 
 ENV_PREFIX = "RADLOOP_"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -121,7 +126,7 @@ class OrthancSettings(BaseModel):
     # Unset: `radloop up` starts its own Orthanc on the ports below.
     url: str | None = None
     username: str | None = None
-    password: str | None = None
+    password: SecretStr | None = None
     http_port: int = Field(8042, ge=1, le=65535)
     dicom_port: int = Field(4242, ge=1, le=65535)
     ae_title: str = "ORTHANC"
@@ -241,6 +246,16 @@ class SupervisorSettings(BaseModel):
     stable_seconds: float = Field(60.0, gt=0)
 
 
+class Environment(StrEnum):
+    DEVELOPMENT = "development"
+    PRODUCTION = "production"
+
+
+# Values shipped in examples (configs/radloop.yaml, deploy/) or left by a hurried install.
+SECRET_KEYS = frozenset({"password", "database_url"})
+PLACEHOLDER_SECRETS = frozenset({"change-me", "changeme", "changethis", "secret", "password"})
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
@@ -249,6 +264,8 @@ class Settings(BaseSettings):
         validate_default=True,
     )
 
+    # production: placeholder secrets (PLACEHOLDER_SECRETS) stop start-up instead of a warning.
+    environment: Environment = Environment.DEVELOPMENT
     data_dir: Path = Path.home() / ".local" / "share" / "radloop"
     # Unset: SQLite (WAL) at `<data_dir>/radloop.db`.
     database_url: str | None = None
@@ -282,6 +299,24 @@ class Settings(BaseSettings):
         if value.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise ValueError("must be DEBUG, INFO, WARNING or ERROR")
         return value.upper()
+
+    @model_validator(mode="after")
+    def _no_placeholder_secrets(self) -> Settings:
+        found = []
+        if self.orthanc.password and self.orthanc.password.get_secret_value() in (
+            PLACEHOLDER_SECRETS
+        ):
+            found.append("RADLOOP_ORTHANC__PASSWORD")
+        if self.database_url and make_url(self.database_url).password in PLACEHOLDER_SECRETS:
+            found.append("RADLOOP_DATABASE_URL")
+        if found and self.environment is Environment.PRODUCTION:
+            raise ValueError(
+                f"{' and '.join(found)} still hold an example password; set real secrets "
+                "(RADLOOP_ENVIRONMENT=production refuses placeholders)"
+            )
+        for key in found:
+            log.warning("%s holds an example password: fine for development only", key)
+        return self
 
     @property
     def effective_database_url(self) -> str:
@@ -342,10 +377,18 @@ class SettingsError(Exception):
 
 
 def describe_errors(error: ValidationError) -> str:
+    """One line per error naming the variable; the value is echoed only for keys that cannot
+    hold a secret."""
     lines = []
     for item in error.errors():
-        key = ENV_PREFIX + "__".join(str(part) for part in item["loc"]).upper()
-        lines.append(f"{key}: {item['msg']} (got {item.get('input')!r})")
+        loc = [str(part) for part in item["loc"]]
+        if not loc:  # a rule across settings: its message names the variables
+            lines.append(str(item["msg"]).removeprefix("Value error, "))
+            continue
+        key = ENV_PREFIX + "__".join(loc).upper()
+        secret = any(part in SECRET_KEYS for part in loc)
+        shown = "" if secret else f" (got {item.get('input')!r})"
+        lines.append(f"{key}: {item['msg']}{shown}")
     return "\n".join(lines)
 
 

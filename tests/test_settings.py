@@ -77,3 +77,34 @@ def test_yaml_file_is_read_and_environment_wins(
     settings = load_settings()
     assert settings.dicom.ae_title == "FROM_YAML"
     assert settings.dicom.quiet_seconds == 5
+
+
+def test_placeholder_secrets_stop_a_production_start_and_are_never_echoed(
+    radloop_env: dict[str, str],
+) -> None:
+    env = {
+        **radloop_env,
+        "RADLOOP_ENVIRONMENT": "production",
+        "RADLOOP_ORTHANC__PASSWORD": "change-me",
+        "RADLOOP_DATABASE_URL": "postgresql+psycopg://radloop:secret@db.example/radloop",
+    }
+    result = subprocess.run([RADLOOP, "listen"], env=env, capture_output=True, text=True)
+    assert result.returncode == 2
+    said = " ".join((result.stderr + result.stdout).split())  # rich wraps long lines
+    assert "RADLOOP_ORTHANC__PASSWORD and RADLOOP_DATABASE_URL still hold an example" in said
+    assert "change-me" not in said and "secret@" not in said
+
+
+def test_in_development_a_placeholder_secret_is_a_warning_and_config_hides_secrets(
+    radloop_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("RADLOOP_ORTHANC__PASSWORD", "change-me")
+    settings = load_settings()
+    assert settings.orthanc.password is not None
+    assert settings.orthanc.password.get_secret_value() == "change-me"
+    assert "change-me" not in repr(settings) and "change-me" not in str(settings.orthanc)
+    assert "RADLOOP_ORTHANC__PASSWORD holds an example password" in caplog.text
+
+    env = {**radloop_env, "RADLOOP_ORTHANC__PASSWORD": "s3cr3t-for-real"}
+    shown = subprocess.run([RADLOOP, "config"], env=env, capture_output=True, text=True)
+    assert shown.returncode == 0 and "s3cr3t-for-real" not in shown.stdout

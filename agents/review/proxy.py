@@ -58,7 +58,8 @@ def split_multipart_related(body: bytes, content_type: str) -> list[bytes]:
 
 class DicomWebProxy:
     def __init__(self, orthanc: OrthancSettings, worklist: Worklist) -> None:
-        auth = (orthanc.username, orthanc.password or "") if orthanc.username else None
+        password = orthanc.password.get_secret_value() if orthanc.password else ""
+        auth = (orthanc.username, password) if orthanc.username else None
         self.client = httpx.AsyncClient(
             base_url=orthanc.base_url.rstrip("/") + "/dicom-web/",
             auth=auth,

@@ -77,7 +77,7 @@ class Services:
         return Orthanc(
             orthanc.base_url,
             orthanc.username,
-            orthanc.password,
+            orthanc.password.get_secret_value() if orthanc.password else None,
             timeout=60.0,
             limits=httpx.Limits(keepalive_expiry=0.5),
         )
