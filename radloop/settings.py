@@ -17,7 +17,15 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -67,7 +75,13 @@ class CallerRule:
         return self.ae_title + (f"@{self.network}" if self.network else "")
 
 
-class TlsSettings(BaseModel):
+class _Section(BaseModel):
+    """A section of the settings tree: read once at start, never changed after."""
+
+    model_config = ConfigDict(frozen=True)
+
+
+class TlsSettings(_Section):
     """DICOM TLS (PS3.15 B.1): the server's certificate and key; with `ca_file`, callers must
     present a certificate signed by that CA (mutual TLS)."""
 
@@ -92,7 +106,7 @@ class TlsSettings(BaseModel):
         return context
 
 
-class DicomSettings(BaseModel):
+class DicomSettings(_Section):
     ae_title: str = "RADLOOP"
     host: str = "127.0.0.1"
     port: int = Field(11112, ge=1, le=65535)
@@ -122,7 +136,7 @@ class DicomSettings(BaseModel):
         return value
 
 
-class OrthancSettings(BaseModel):
+class OrthancSettings(_Section):
     # Unset: `radloop up` starts its own Orthanc on the ports below.
     url: str | None = None
     username: str | None = None
@@ -139,7 +153,7 @@ class OrthancSettings(BaseModel):
         return self.url or f"http://127.0.0.1:{self.http_port}"
 
 
-class WatchSettings(BaseModel):
+class WatchSettings(_Section):
     enabled: bool = True
     # Unset: `<data_dir>/incoming` and `<data_dir>/rejected`.
     folder: Path | None = None
@@ -147,7 +161,7 @@ class WatchSettings(BaseModel):
     settle_seconds: float = Field(2.0, gt=0)
 
 
-class PrefectSettings(BaseModel):
+class PrefectSettings(_Section):
     # Unset: `radloop up` starts a local Prefect server on `port`.
     api_url: str | None = None
     port: int = Field(4200, ge=1, le=65535)
@@ -157,7 +171,7 @@ class PrefectSettings(BaseModel):
         return self.api_url or f"http://127.0.0.1:{self.port}/api"
 
 
-class TritonSettings(BaseModel):
+class TritonSettings(_Section):
     # Unset: `radloop up` starts the `tritonserver` of the nvidia-pytriton wheel on these ports.
     url: str | None = None
     http_port: int = Field(8000, ge=1, le=65535)
@@ -172,7 +186,7 @@ class TritonSettings(BaseModel):
         return self.url or f"http://127.0.0.1:{self.http_port}"
 
 
-class AnnotationSettings(BaseModel):
+class AnnotationSettings(_Section):
     """Drafting a completed study (the `annotate-study` flow) and putting it where readers
     open it."""
 
@@ -185,13 +199,13 @@ class AnnotationSettings(BaseModel):
     viewer_retry_seconds: float = Field(15.0, gt=0)
 
 
-class OutboxSettings(BaseModel):
+class OutboxSettings(_Section):
     poll_seconds: float = Field(0.5, gt=0)
     batch_size: int = Field(100, ge=1)
     max_backoff_seconds: float = Field(60.0, gt=0)
 
 
-class ReviewSettings(BaseModel):
+class ReviewSettings(_Section):
     """The review service: worklist, REST API, OHIF host and DICOMweb proxy."""
 
     host: str = "127.0.0.1"
@@ -217,7 +231,7 @@ class ReviewSettings(BaseModel):
         return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
 
 
-class MlflowSettings(BaseModel):
+class MlflowSettings(_Section):
     # Unset: `radloop up` starts `mlflow server` on `port` with a SQLite backend and an
     # artifact folder under the data dir.
     tracking_uri: str | None = None
@@ -228,13 +242,13 @@ class MlflowSettings(BaseModel):
         return self.tracking_uri or f"http://127.0.0.1:{self.port}"
 
 
-class RetrainSettings(BaseModel):
+class RetrainSettings(_Section):
     # Prefect cron schedule of the retraining that runs when any new labels exist.
     schedule: str = "0 2 * * *"
     timezone: str = "UTC"
 
 
-class SupervisorSettings(BaseModel):
+class SupervisorSettings(_Section):
     """How `radloop up` treats a child process (Orthanc, Prefect, ...) that exits."""
 
     # First restart after this long, doubling with each exit in a row, up to the maximum.
@@ -261,6 +275,7 @@ class Settings(BaseSettings):
         env_prefix=ENV_PREFIX,
         env_nested_delimiter="__",
         extra="forbid",
+        frozen=True,
         validate_default=True,
     )
 

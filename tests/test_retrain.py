@@ -68,8 +68,8 @@ def validate_studies(
 ) -> None:
     """Studies pushed, drafted by the champion, corrected by a reader (single-reader mode:
     the save validates), as the review service would do it. `label_for(index, truth)`."""
-    settings.review.single_reader = True
-    cases = worklist(store, settings, spec)
+    single = settings.review.model_copy(update={"single_reader": True})
+    cases = worklist(store, settings.model_copy(update={"review": single}), spec)
     for index, seed in enumerate(seeds):
         study = received_phantom(store, settings, tmp_path, seed=seed)
         case = annotator(store, settings, None).annotate(study.study_uid, 1, spec).annotation_id

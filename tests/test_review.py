@@ -4,9 +4,9 @@ reviewer makes, and every refusal, through HTTP as clients send it."""
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from agents.review.auth import Users
 from agents.review.corrections import read_nifti_label, write_nifti
 from dicom_listener import Ingestor, InstanceHeader
 from radloop.app.phantoms import WrittenStudy
-from radloop.db import Annotation, Label, OutboxEvent, Store
+from radloop.db import Annotation, Label, OutboxEvent, Store, utcnow
 from radloop.domain import IngestSource, Role
 from radloop.modelspec import PACKAGED_MODELS, ModelSpec, load_spec
 from radloop.settings import Settings
@@ -47,9 +47,14 @@ class Review:
     spec: ModelSpec
     tokens: dict[str, str]
     tmp_path: Path
+    # Added to the wall clock the service measures leases against: tests move time forward.
+    skew: timedelta = timedelta(0)
+
+    def now(self) -> datetime:
+        return utcnow() + self.skew
 
     def client(self, user: str | None = None) -> TestClient:
-        app = create_app(self.settings, self.store, {self.spec.name: self.spec})
+        app = create_app(self.settings, self.store, {self.spec.name: self.spec}, self.now)
         client = TestClient(app, follow_redirects=False)
         if user is not None:
             client.headers["authorization"] = f"Bearer {self.tokens[user]}"
@@ -151,11 +156,10 @@ def test_claim_is_exclusive_until_released(review: Review) -> None:
 def test_an_abandoned_claim_returns_to_the_worklist_and_a_late_save_is_refused(
     review: Review,
 ) -> None:
-    review.settings.review.lease_minutes = 1 / 60  # one second
     case, study = review.drafted(34)
     ann, bob = review.client("ann"), review.client("bob")
     assert ann.post(f"/api/annotations/{case}/claim").status_code == 200
-    time.sleep(1.5)
+    review.skew = timedelta(minutes=review.settings.review.lease_minutes, seconds=1)
     listed = {item["annotation_id"]: item for item in bob.get("/api/worklist").json()}
     assert listed[case]["state"] == "drafted" and listed[case]["claimed_by"] is None
 
@@ -277,7 +281,8 @@ def test_the_corrector_cannot_validate_their_own_correction(review: Review) -> N
 
 
 def test_single_reader_mode_validates_on_save(review: Review) -> None:
-    review.settings.review.single_reader = True
+    single = review.settings.review.model_copy(update={"single_reader": True})
+    review.settings = review.settings.model_copy(update={"review": single})
     case, study = review.drafted(39)
     ann = review.client("ann")
     ann.post(f"/api/annotations/{case}/claim")

@@ -9,8 +9,9 @@ SameSite=Strict, and the proxy's STOW accepts only multipart/related bodies, whi
 HTML form cannot send.
 """
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from datetime import datetime
 from pathlib import Path
 from urllib.parse import quote
 
@@ -33,13 +34,19 @@ from agents.review.routes import (
     worklist,
 )
 from agents.review.worklist import Worklist
-from radloop.db import Store
+from radloop.db import Store, utcnow
 from radloop.modelspec import ModelSpec
 from radloop.settings import Settings
 
 
-def create_app(settings: Settings, store: Store, specs: dict[str, ModelSpec]) -> FastAPI:
-    """The review service on `store`, checking corrections against `specs` (by model name)."""
+def create_app(
+    settings: Settings,
+    store: Store,
+    specs: dict[str, ModelSpec],
+    clock: Callable[[], datetime] = utcnow,
+) -> FastAPI:
+    """The review service on `store`, checking corrections against `specs` (by model name);
+    claims are measured against `clock`."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -59,6 +66,7 @@ def create_app(settings: Settings, store: Store, specs: dict[str, ModelSpec]) ->
         settings.spool_dir,
         settings.drafts_dir,
         settings.datasets_dir,
+        clock,
     )
     app.state.review_settings = settings.review
     app.state.store = store

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import TypeVar
 
@@ -59,6 +60,7 @@ class CorrectionIntake:
         spool_dir: Path,
         drafts_dir: Path,
         datasets_dir: Path,
+        clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self.store = store
         self.settings = settings
@@ -66,6 +68,7 @@ class CorrectionIntake:
         self.spool_dir = spool_dir
         self.drafts_dir = drafts_dir
         self.datasets_dir = datasets_dir
+        self.clock = clock
 
     def open_case_for_study(self, study_uid: str, series_uids: set[str], user: str) -> int | None:
         """The annotation a SEG on `series_uids` of `study_uid` corrects, or None when radloop
@@ -92,7 +95,7 @@ class CorrectionIntake:
         sop_uid = str(ds.get("SOPInstanceUID", ""))
         if self._already_recorded(annotation_id, sop_uid):
             return
-        check_holder(case_, user)
+        check_holder(case_, user, self.clock())
         spec, series = self._inputs(case_)
         label_map = _label(lambda: seg_label_map(ds, series, spec))
         path = self.drafts_dir / case_.study_uid / "corrections" / f"{sop_uid}.dcm"
@@ -103,7 +106,7 @@ class CorrectionIntake:
     def correct_with_nifti(self, annotation_id: int, user: str, data: bytes) -> None:
         """A NIfTI label map becomes the correction; radloop writes it as a MANUAL SEG too."""
         case_ = load_case(self.store, annotation_id)
-        check_holder(case_, user)
+        check_holder(case_, user, self.clock())
         spec, series = self._inputs(case_)
         label_map = _label(lambda: nifti_label_map(data, series, spec))
         _label(lambda: require_not_empty(label_map))
@@ -122,7 +125,7 @@ class CorrectionIntake:
     def accept_draft(self, annotation_id: int, user: str) -> None:
         """The reader found nothing to change: the draft itself is the correction (Dice 1)."""
         case_ = load_case(self.store, annotation_id)
-        check_holder(case_, user)
+        check_holder(case_, user, self.clock())
         if case_.draft_nifti is None:
             raise Conflict(f"annotation {annotation_id} has no draft to accept")
         spec, series = self._inputs(case_)
@@ -176,7 +179,7 @@ class CorrectionIntake:
             if self.settings.single_reader
             else None
         )
-        now = utcnow()
+        now = self.clock()
         with self.store.transaction() as session:
             annotation = session.get_one(Annotation, case_.annotation_id)
             # Checked again inside the transaction: the lease may have lapsed while we worked.

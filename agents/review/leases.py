@@ -16,7 +16,7 @@ from sqlalchemy import case, func, select, update
 from sqlalchemy.orm import Session
 
 from agents.review.cases import OPEN_STATES, Case, Conflict, NotFound, ReviewError, iso
-from radloop.db import Annotation, Store, Study, utcnow
+from radloop.db import Annotation, Store, Study
 from radloop.domain import AnnotationState, StudyState
 
 log = logging.getLogger(__name__)
@@ -24,9 +24,8 @@ log = logging.getLogger(__name__)
 _CLAIMABLE = (AnnotationState.QUEUED.value, AnnotationState.DRAFTED.value)
 
 
-def expire_leases(store: Store) -> int:
-    """Return lapsed claims to the worklist; the last holder stays recorded."""
-    now = utcnow()
+def expire_leases(store: Store, now: datetime) -> int:
+    """Return claims lapsed by `now` to the worklist; the last holder stays recorded."""
     with store.read() as session:
         lapsed = session.scalar(
             select(func.count())
@@ -56,11 +55,10 @@ def expire_leases(store: Store) -> int:
         return int(result.rowcount or 0)  # type: ignore[attr-defined]
 
 
-def claim(store: Store, annotation_id: int, user: str, lease_minutes: float) -> None:
-    """Give `user` the case for `lease_minutes`; the holder claiming again renews the lease.
-    Raises `NotFound` or `Conflict` (saying why) when the case cannot be claimed."""
-    expire_leases(store)
-    now = utcnow()
+def claim(store: Store, annotation_id: int, user: str, lease_minutes: float, now: datetime) -> None:
+    """Give `user` the case for `lease_minutes` from `now`; the holder claiming again renews
+    the lease. Raises `NotFound` or `Conflict` (saying why) when the case cannot be claimed."""
+    expire_leases(store, now)
     lease = now + timedelta(minutes=lease_minutes)
     with store.transaction() as session:
         result = session.execute(
@@ -110,9 +108,10 @@ def _why_not_claimable(session: Session, annotation_id: int) -> ReviewError:
     return Conflict(f"annotation {annotation_id} is {annotation.state}, not open for review")
 
 
-def release(store: Store, annotation_id: int, user: str, *, force: bool = False) -> None:
+def release(
+    store: Store, annotation_id: int, user: str, now: datetime, *, force: bool = False
+) -> None:
     """Give the case back. Only its holder may, unless `force` (reviewers, admins)."""
-    now = utcnow()
     with store.transaction() as session:
         annotation = session.get(Annotation, annotation_id)
         if annotation is None:
@@ -132,9 +131,9 @@ def release(store: Store, annotation_id: int, user: str, *, force: bool = False)
         annotation.updated_at = now
 
 
-def check_holder(case_: Case, user: str, now: datetime | None = None) -> None:
-    """Refuse (`Conflict`, saying why) unless `user` holds `case_` on a lease still running."""
-    now = now or utcnow()
+def check_holder(case_: Case, user: str, now: datetime) -> None:
+    """Refuse (`Conflict`, saying why) unless `user` holds `case_` on a lease running at
+    `now`."""
     lease = case_.lease_expires_at
     holds = case_.state == AnnotationState.CLAIMED.value and case_.claimed_by == user
     if holds and lease is not None and lease > now:

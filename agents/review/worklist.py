@@ -10,6 +10,8 @@ with exactly one winner and a clear refusal for the other.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -45,14 +47,19 @@ class Worklist:
         spool_dir: Path,
         drafts_dir: Path,
         datasets_dir: Path,
+        clock: Callable[[], datetime] = utcnow,
     ) -> None:
+        """`clock` gives the time leases are measured against (tests move it forward)."""
+        self.clock = clock
         self.store = store
         self.settings = settings
         self.specs = specs
         self.spool_dir = spool_dir
         self.drafts_dir = drafts_dir
         self.datasets_dir = datasets_dir
-        self.intake = CorrectionIntake(store, settings, specs, spool_dir, drafts_dir, datasets_dir)
+        self.intake = CorrectionIntake(
+            store, settings, specs, spool_dir, drafts_dir, datasets_dir, clock
+        )
 
     # -- reading -------------------------------------------------------------------------
 
@@ -109,16 +116,16 @@ class Worklist:
 
     def expire_leases(self) -> int:
         """Return lapsed claims to the worklist; the last holder stays recorded."""
-        return leases.expire_leases(self.store)
+        return leases.expire_leases(self.store, self.clock())
 
     def claim(self, annotation_id: int, user: str) -> dict[str, Any]:
         """Take the case for `lease_minutes`; the holder claiming again renews the lease."""
-        leases.claim(self.store, annotation_id, user, self.settings.lease_minutes)
+        leases.claim(self.store, annotation_id, user, self.settings.lease_minutes, self.clock())
         return self.item(annotation_id)
 
     def release(self, annotation_id: int, user: str, *, force: bool = False) -> dict[str, Any]:
         """Give the case back. Only its holder may, unless `force` (reviewers, admins)."""
-        leases.release(self.store, annotation_id, user, force=force)
+        leases.release(self.store, annotation_id, user, self.clock(), force=force)
         return self.item(annotation_id)
 
     def set_urgent(self, annotation_id: int, urgent: bool) -> dict[str, Any]:
@@ -127,7 +134,7 @@ class Worklist:
             if annotation is None:
                 raise NotFound(f"no annotation {annotation_id}")
             annotation.urgent = urgent
-            annotation.updated_at = utcnow()
+            annotation.updated_at = self.clock()
         return self.item(annotation_id)
 
     # -- corrections (agents.review.intake) ----------------------------------------------
@@ -184,7 +191,7 @@ class Worklist:
                 user,
                 series,
                 staged,
-                utcnow(),
+                self.clock(),
                 self.datasets_dir,
                 self.settings.holdout_fraction,
             )

@@ -33,7 +33,9 @@ def demo(
 
     settings = cli_settings()
     # Phantoms arrive in one burst: a short quiet period completes them sooner.
-    settings.dicom.quiet_seconds = min(settings.dicom.quiet_seconds, 5.0)
+    quiet = min(settings.dicom.quiet_seconds, 5.0)
+    dicom = settings.dicom.model_copy(update={"quiet_seconds": quiet})
+    settings = settings.model_copy(update={"dicom": dicom})
     store = open_store(settings, migrate=True)
     run_stack(
         settings,
