@@ -40,11 +40,13 @@ from agents.volume import load_series
 from model_registry.inference import InferenceBackend, InProcessBackend, TritonBackend
 from model_registry.repository import TritonRepository
 from radloop.app.phantoms import WrittenStudy, write_study
+from radloop.app.supervisor import ChildProcess
 from radloop.db import Annotation, OutboxEvent, Store, Study
 from radloop.domain import AnnotationState
 from radloop.events import EventType
 from radloop.modelspec import PACKAGED_MODELS, load_spec
 from radloop.settings import Settings, load_settings
+from radloop.wait import WaitTimeout, wait_until
 
 STORESCU = "/usr/bin/storescu"  # dcmtk's; the venv's bin holds pynetdicom's `storescu`
 RADLOOP = str(Path(sys.executable).with_name("radloop"))
@@ -90,37 +92,26 @@ def configure(data: Path, extra: dict[str, str]) -> tuple[Settings, dict[str, st
 
 
 @contextmanager
-def radloop_up(env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """`radloop up` in its own process group; SIGINT (it stops its children), then SIGKILL."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "ab") as out:
-        up = subprocess.Popen(
-            [RADLOOP, "up"], env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
+def radloop_up(env: dict[str, str], log: Path) -> Iterator[ChildProcess]:
+    """`radloop up` as a child that dies with this process; SIGINT (it stops its children)."""
+    up = ChildProcess("radloop up", [RADLOOP, "up"], env, log)
+    up.start()
     try:
         yield up
     finally:
-        if up.poll() is None:
-            os.killpg(up.pid, signal.SIGINT)
-            try:
-                up.wait(90)
-            except subprocess.TimeoutExpired:
-                os.killpg(up.pid, signal.SIGKILL)
-                up.wait()
+        up.stop(signal.SIGINT, timeout=90)
 
 
 def wait_for(what: str, probe: Callable[[], Any], timeout: float, interval: float = 1.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := probe():
-            return value
-        time.sleep(interval)
-    raise SystemExit(f"timed out after {timeout:.0f} s waiting for {what}")
+    try:
+        return wait_until(probe, timeout, interval, what)
+    except WaitTimeout as error:
+        raise SystemExit(str(error)) from None
 
 
-def healthy(env: dict[str, str], up: subprocess.Popen[bytes]) -> bool:
-    if up.poll() is not None:
-        raise SystemExit(f"radloop up exited with {up.returncode}; see its log")
+def healthy(env: dict[str, str], up: ChildProcess) -> bool:
+    if not up.alive():
+        raise SystemExit(f"radloop up exited with {up.returncode()}; see its log")
     status = subprocess.run([RADLOOP, "status", "--json"], env=env, capture_output=True)
     return status.returncode == 0 and all(
         s["healthy"] for s in json.loads(status.stdout)["services"]

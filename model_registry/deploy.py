@@ -26,6 +26,7 @@ from numpy.typing import NDArray
 from model_registry.inference import InferenceUnavailable, TritonBackend
 from model_registry.repository import TritonRepository
 from radloop.modelspec import ModelSpec
+from radloop.wait import WaitTimeout, wait_until
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +75,12 @@ def hot_reload(
         repository.write_config(name, [v for v in (previous, version) if v is not None])
     try:
         backend.load(name)
-        deadline = time.monotonic() + ready_timeout
-        while not backend.ready(name, str(version)):
-            if time.monotonic() > deadline:
-                raise DeployFailed(f"{name} v{version} was not ready within {ready_timeout:.0f} s")
-            time.sleep(0.2)
+        try:
+            wait_until(lambda: backend.ready(name, str(version)), ready_timeout, 0.2)
+        except WaitTimeout:
+            raise DeployFailed(
+                f"{name} v{version} was not ready within {ready_timeout:.0f} s"
+            ) from None
         loaded = time.monotonic()
         image, spacing = warmup_volume(spec)
         answer = backend.infer(name, image, spacing, version)

@@ -28,6 +28,7 @@ from radloop.db import Annotation, Store, Study, TrainingRun
 from radloop.domain import Role
 from radloop.modelspec import load_specs
 from radloop.settings import Settings
+from radloop.wait import WaitTimeout, wait_until
 
 MODEL = "phantom-abdomen"
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -61,14 +62,11 @@ class Reader:
 
 
 def wait_for(what: str, check: Callable[[], T | None], timeout: float, console: Console) -> T:
-    deadline = time.monotonic() + timeout
     with console.status(what):
-        while time.monotonic() < deadline:
-            value = check()
-            if value:
-                return value
-            time.sleep(1.0)
-    raise DemoFailed(f"timed out after {timeout:.0f} s: {what}")
+        try:
+            return wait_until(check, timeout, 1.0, what)
+        except WaitTimeout:
+            raise DemoFailed(f"timed out after {timeout:.0f} s: {what}") from None
 
 
 class Demo:
