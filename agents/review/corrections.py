@@ -7,8 +7,6 @@ Every refusal is an `InvalidLabel` whose message says what is wrong, for the HTT
 
 from __future__ import annotations
 
-import gzip
-import os
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -21,7 +19,8 @@ from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import SegmentationStorage
 
-from agents.drafts import nifti_affine
+from agents import nifti
+from agents.nifti import NotAVolume, read_nifti
 from agents.volume import LoadedSeries
 from radloop.modelspec import ModelSpec
 
@@ -189,26 +188,25 @@ def _frame_slice(item: Dataset, slices: dict[str, int], positions: NDArray[Any])
 def nifti_label_map(data: bytes, series: LoadedSeries, spec: ModelSpec) -> NDArray[np.uint8]:
     """The label map of a NIfTI label on the series' voxel grid (any axis order or flips)."""
     try:
-        raw = gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
-        image = nib.Nifti1Image.from_bytes(raw)
-        values = np.asanyarray(image.dataobj)
+        values, affine = read_nifti(data)
+    except NotAVolume as error:
+        raise InvalidLabel(f"{error}; a label map is 3-D") from None
     except Exception as error:  # nibabel raises many kinds for a damaged file
         raise InvalidLabel(f"not a readable NIfTI file: {error}") from None
-    if values.ndim == 4 and values.shape[3] == 1:
-        values = values[..., 0]
-    if values.ndim != 3:
-        raise InvalidLabel(f"the NIfTI is {values.ndim}-D, a label map is 3-D")
-    target = nifti_affine(series)
-    # The upload's voxel axes in the target's voxel space: a permutation with flips, or no fit.
-    to_target = np.linalg.inv(target) @ image.affine
+    target = series.affine
+    # The upload's voxel axes in the series' voxel space: a permutation with flips, or no fit.
+    to_target = np.linalg.inv(target) @ affine
     orientation = nib.orientations.io_orientation(to_target)  # type: ignore[no-untyped-call]
+    flip = nib.orientations.inv_ornt_aff(orientation, values.shape)  # type: ignore[no-untyped-call]
     values = nib.orientations.apply_orientation(values, orientation)  # type: ignore[no-untyped-call]
-    flip = nib.orientations.inv_ornt_aff(orientation, image.shape[:3])  # type: ignore[no-untyped-call]
-    affine = image.affine @ flip
-    expected = tuple(reversed(series.array.shape))
-    if values.shape != expected or not np.allclose(affine, target, atol=_GEOMETRY_TOLERANCE_MM):
+    affine = affine @ flip
+    if values.shape != series.array.shape or not np.allclose(
+        affine, target, atol=_GEOMETRY_TOLERANCE_MM
+    ):
+        # In the file's (column, row, slice) order, as the uploader's tools show it.
+        grid, expected = tuple(reversed(values.shape)), tuple(reversed(series.array.shape))
         raise InvalidLabel(
-            f"the NIfTI's grid {values.shape} does not match the draft series {expected} "
+            f"the NIfTI's grid {grid} does not match the draft series {expected} "
             "at the same positions (resampled or another series?)"
         )
     if not np.all(np.equal(np.mod(values, 1), 0)):
@@ -219,7 +217,7 @@ def nifti_label_map(data: bytes, series: LoadedSeries, spec: ModelSpec) -> NDArr
         raise InvalidLabel(
             f"unknown label values {unknown}; model {spec.name} knows {sorted(known)}"
         )
-    return np.ascontiguousarray(values.astype(np.uint8).transpose(2, 1, 0))
+    return np.ascontiguousarray(values.astype(np.uint8))
 
 
 def require_not_empty(label_map: NDArray[Any]) -> None:
@@ -244,17 +242,11 @@ def mean_dice(scores: dict[str, float]) -> float:
     return float(np.mean(list(scores.values()))) if scores else 1.0
 
 
+# worklist.py still imports these two under their old names; once it calls agents.nifti
+# directly (`write_nifti(path, array, series.affine)` and `read_label_map(path)`) they go.
 def write_nifti(array: NDArray[Any], series: LoadedSeries, path: Path) -> None:
-    """`array` (slice, row, column) as RAS NIfTI on the series' grid, replaced atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image = nib.Nifti1Image(array.transpose(2, 1, 0), nifti_affine(series))  # type: ignore[no-untyped-call]
-    image.header.set_xyzt_units("mm")  # type: ignore[no-untyped-call]
-    partial = path.with_name(path.name + ".partial.nii.gz")
-    nib.save(image, partial)
-    os.replace(partial, path)
+    """`array` (slice, row, column) as NIfTI on the series' grid, replaced durably."""
+    nifti.write_nifti(path, array, series.affine)
 
 
-def read_nifti_label(path: Path) -> NDArray[np.uint8]:
-    """A label NIfTI radloop wrote, back in (slice, row, column) order."""
-    image = nib.nifti1.load(path)  # type: ignore[no-untyped-call]
-    return np.ascontiguousarray(np.asarray(image.dataobj, dtype=np.uint8).transpose(2, 1, 0))
+read_nifti_label = nifti.read_label_map
