@@ -3,7 +3,7 @@
 The SEG references the source series and its frame of reference, carries one segment per spec
 label with its coded concepts, and says who made it: SegmentAlgorithmType AUTOMATIC with the
 model's name and version. The NIfTI copy has the same voxels (`agents.nifti`). Both files are
-written durably (`radloop.durable`).
+written durably (`radloop.durable`); `agents.segmentation` reads a SEG back as a label map.
 """
 
 from __future__ import annotations
@@ -159,23 +159,3 @@ def write_draft(
     nifti_path = out_dir / f"{seg_uid}.nii.gz"
     write_nifti(nifti_path, labels, series.affine)
     return DraftFiles(seg_path, nifti_path, str(seg_uid), str(seg_series_uid))
-
-
-def read_seg_label_map(seg_path: Path, series: LoadedSeries) -> NDArray[Any]:
-    """The label map a SEG holds, in `series`' slice order (for checks and corrections)."""
-    seg = hd.seg.segread(seg_path)
-    if len(series.source) == 1:
-        source_uid = str(series.source[0].SOPInstanceUID)
-        frames = seg.get_pixels_by_source_frame(
-            source_sop_instance_uid=source_uid,
-            source_frame_numbers=list(series.source_frames),
-            combine_segments=True,
-        )
-        return np.asarray(frames, dtype=np.uint8)
-    return np.asarray(
-        seg.get_pixels_by_source_instance(
-            source_sop_instance_uids=[str(ds.SOPInstanceUID) for ds in series.source],
-            combine_segments=True,
-        ),
-        dtype=np.uint8,
-    )

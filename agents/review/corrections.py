@@ -1,6 +1,7 @@
 """A reader's label for a draft, from a DICOM SEG (OHIF's save, any SEG writer) or a NIfTI
 file (3D Slicer, ITK-SNAP), checked against the draft's series and model spec and turned into
-a label map in that series' voxel grid.
+a label map in that series' voxel grid. The reading itself is `agents.segmentation` (SEG) and
+`agents.nifti` (NIfTI); what is here is what makes an upload this draft's label.
 
 Every refusal is an `InvalidLabel` whose message says what is wrong, for the HTTP answer.
 """
@@ -11,7 +12,6 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any
 
-import highdicom as hd
 import nibabel as nib
 import numpy as np
 from numpy.typing import NDArray
@@ -21,13 +21,12 @@ from pydicom.uid import SegmentationStorage
 
 from agents import nifti
 from agents.nifti import NotAVolume, read_nifti
+from agents.segmentation import LABEL_MAP_SEGMENTATION, SegDoesNotFit, label_map_from_seg
 from agents.volume import LoadedSeries
 from radloop.modelspec import ModelSpec
 
 # Voxel positions agree when within this many millimetres.
 _GEOMETRY_TOLERANCE_MM = 0.01
-# DICOM 2024: one frame per source plane, pixel values = segment numbers. OHIF 3.13 saves this.
-LABEL_MAP_SEGMENTATION = "1.2.840.10008.5.1.4.1.1.66.7"
 SEGMENTATION_CLASSES = (SegmentationStorage, LABEL_MAP_SEGMENTATION)
 
 
@@ -90,99 +89,10 @@ def seg_label_map(ds: Dataset, series: LoadedSeries, spec: ModelSpec) -> NDArray
     rows, columns = series.array.shape[1:]
     if (ds.Rows, ds.Columns) != (rows, columns):
         raise InvalidLabel(f"the SEG is {ds.Rows}x{ds.Columns} pixels, the series {rows}x{columns}")
-    mapping = _segment_values(ds, spec)
-    if ds.SOPClassUID == LABEL_MAP_SEGMENTATION or ds.get("SegmentationType") == "LABELMAP":
-        return _label_map_frames(ds, series, mapping)
     try:
-        seg = hd.seg.Segmentation.from_dataset(ds, copy=False)
-    except (AttributeError, ValueError, KeyError) as error:
-        raise InvalidLabel(f"not a valid DICOM SEG: {error}") from None
-    source_uids = [str(item.SOPInstanceUID) for item in series.source]
-    frame_sources = {uid for _, _, uid in seg.get_source_image_uids()}
-    outside = frame_sources - set(source_uids)
-    if outside:
-        raise InvalidLabel(f"the SEG references {len(outside)} image(s) outside the draft series")
-    numbers = sorted(mapping)
-    try:
-        if len(series.source) == 1:
-            masks = seg.get_pixels_by_source_frame(
-                source_sop_instance_uid=source_uids[0],
-                source_frame_numbers=list(series.source_frames),
-                segment_numbers=numbers,
-                assert_missing_frames_are_empty=True,
-            )
-        else:
-            masks = seg.get_pixels_by_source_instance(
-                source_sop_instance_uids=source_uids,
-                segment_numbers=numbers,
-                assert_missing_frames_are_empty=True,
-            )
-    except (ValueError, KeyError, RuntimeError) as error:
-        raise InvalidLabel(f"the SEG's frames do not map onto the series: {error}") from None
-    label_map = np.zeros(series.array.shape, dtype=np.uint8)
-    for index, number in enumerate(numbers):
-        label_map[np.asarray(masks[..., index]) > 0.5] = mapping[number]
-    return label_map
-
-
-def _label_map_frames(
-    ds: Dataset, series: LoadedSeries, mapping: dict[int, int]
-) -> NDArray[np.uint8]:
-    """A LABELMAP SEG read frame by frame. highdicom 0.28 cannot open the ones OHIF 3.13 writes
-    (no FrameContentSequence), so each frame is placed by the source image it derives from,
-    else by its position."""
-    slices = {str(item.SOPInstanceUID): index for index, item in enumerate(series.source)}
-    if len(series.source) == 1:
-        slices = {}  # a multi-frame source: frames are placed by position
-    positions = (
-        series.affine[:3, :3]
-        @ np.stack(
-            [
-                np.arange(series.array.shape[0]),
-                np.zeros(series.array.shape[0]),
-                np.zeros(series.array.shape[0]),
-            ]
-        )
-        + series.affine[:3, 3:4]
-    )
-    try:
-        pixels = ds.pixel_array
-    except Exception as error:  # pydicom's decoders raise many kinds
-        raise InvalidLabel(f"the SEG's pixel data cannot be decoded: {error}") from None
-    pixels = pixels.reshape((-1, *pixels.shape[-2:]))
-    frames = ds.get("PerFrameFunctionalGroupsSequence", [])
-    if len(frames) != len(pixels):
-        raise InvalidLabel("the SEG has a different number of frames than functional groups")
-    unknown = sorted(set(np.unique(pixels).tolist()) - {0, *mapping})
-    if unknown:
-        raise InvalidLabel(f"the SEG's pixels hold segment numbers {unknown} it does not describe")
-    lookup = np.zeros(max(mapping, default=0) + 1, dtype=np.uint8)
-    for number, value in mapping.items():
-        lookup[number] = value
-    label_map = np.zeros(series.array.shape, dtype=np.uint8)
-    for frame, item in zip(pixels, frames, strict=True):
-        index = _frame_slice(item, slices, positions)
-        label_map[index] = np.maximum(label_map[index], lookup[frame])
-    return label_map
-
-
-def _frame_slice(item: Dataset, slices: dict[str, int], positions: NDArray[Any]) -> int:
-    for derivation in item.get("DerivationImageSequence", []):
-        for source in derivation.get("SourceImageSequence", []):
-            uid = str(source.get("ReferencedSOPInstanceUID", ""))
-            if uid in slices:
-                return slices[uid]
-            if slices:
-                raise InvalidLabel("a SEG frame derives from an image outside the draft series")
-    try:
-        position = np.asarray(item.PlanePositionSequence[0].ImagePositionPatient, dtype=np.float64)
-    except (AttributeError, IndexError):
-        raise InvalidLabel("a SEG frame says neither its source image nor its position") from None
-    distances = np.linalg.norm(positions - position[:, None], axis=0)
-    index = int(np.argmin(distances))
-    if distances[index] > 0.5:
-        raise InvalidLabel("a SEG frame lies where the draft series has no slice")
-    return index
+        return label_map_from_seg(ds, series, _segment_values(ds, spec))
+    except SegDoesNotFit as error:
+        raise InvalidLabel(str(error)) from None
 
 
 def nifti_label_map(data: bytes, series: LoadedSeries, spec: ModelSpec) -> NDArray[np.uint8]:
