@@ -2,7 +2,8 @@
 
 The SEG references the source series and its frame of reference, carries one segment per spec
 label with its coded concepts, and says who made it: SegmentAlgorithmType AUTOMATIC with the
-model's name and version. The NIfTI copy has the same voxels in RAS orientation.
+model's name and version. The NIfTI copy has the same voxels (`agents.nifti`). Both files are
+written durably (`radloop.durable`); `agents.segmentation` reads a SEG back as a label map.
 """
 
 from __future__ import annotations
@@ -13,20 +14,17 @@ from pathlib import Path
 from typing import Any
 
 import highdicom as hd
-import nibabel as nib
 import numpy as np
 from numpy.typing import NDArray
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
+from agents.nifti import write_nifti
 from agents.volume import LoadedSeries
+from radloop.durable import durable_path
 from radloop.modelspec import Code, ModelSpec
 
-# NIfTI is RAS, DICOM patient space LPS: flip the first two axes.
-_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
-# NIfTI voxel (i, j, k) = (column, row, slice) -> radloop's (slice, row, column).
-_NIFTI_TO_SRC = np.array([[0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]], dtype=np.float64)
 DRAFT_SERIES_NUMBER = 9901
 CORRECTION_SERIES_NUMBER = 9902
 # Type 2 attributes of the Patient and General Study modules that highdicom copies from the
@@ -108,11 +106,6 @@ def _with_type2_attributes(sources: list[Dataset]) -> list[Dataset]:
     return fixed
 
 
-def nifti_affine(series: LoadedSeries) -> NDArray[Any]:
-    """The NIfTI (RAS) affine of a label map stored as (column, row, slice)."""
-    return _LPS_TO_RAS @ series.affine @ _NIFTI_TO_SRC
-
-
 def write_draft(
     series: LoadedSeries,
     label_map: NDArray[Any],
@@ -160,31 +153,9 @@ def write_draft(
         content_creator_name=f"{reader}^" if reader else None,
         omit_empty_frames=False,
     )
-    out_dir.mkdir(parents=True, exist_ok=True)
     seg_path = out_dir / f"{seg_uid}.dcm"
-    seg.save_as(seg_path)
+    with durable_path(seg_path) as temporary:
+        seg.save_as(temporary)
     nifti_path = out_dir / f"{seg_uid}.nii.gz"
-    image = nib.Nifti1Image(labels.transpose(2, 1, 0), nifti_affine(series))  # type: ignore[no-untyped-call]
-    image.header.set_xyzt_units("mm")  # type: ignore[no-untyped-call]
-    nib.save(image, nifti_path)
+    write_nifti(nifti_path, labels, series.affine)
     return DraftFiles(seg_path, nifti_path, str(seg_uid), str(seg_series_uid))
-
-
-def read_seg_label_map(seg_path: Path, series: LoadedSeries) -> NDArray[Any]:
-    """The label map a SEG holds, in `series`' slice order (for checks and corrections)."""
-    seg = hd.seg.segread(seg_path)
-    if len(series.source) == 1:
-        source_uid = str(series.source[0].SOPInstanceUID)
-        frames = seg.get_pixels_by_source_frame(
-            source_sop_instance_uid=source_uid,
-            source_frame_numbers=list(series.source_frames),
-            combine_segments=True,
-        )
-        return np.asarray(frames, dtype=np.uint8)
-    return np.asarray(
-        seg.get_pixels_by_source_instance(
-            source_sop_instance_uids=[str(ds.SOPInstanceUID) for ds in series.source],
-            combine_segments=True,
-        ),
-        dtype=np.uint8,
-    )

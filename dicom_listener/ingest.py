@@ -19,9 +19,10 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from dicom_listener.instance import InstanceHeader
-from dicom_listener.spool import instance_path, write_durably
+from dicom_listener.spool import SPOOL_FILE_MODE, instance_path
 from radloop.db import Instance, Series, Store, Study, utcnow
 from radloop.domain import IngestSource, StudyState
+from radloop.durable import write_bytes_durably
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ class Ingestor:
         if self.is_known(header.sop_instance_uid):
             return IngestOutcome.DUPLICATE
         relative = instance_path(header.study_uid, header.series_uid, header.sop_instance_uid)
-        write_durably(self.spool_dir / relative, data)
+        write_bytes_durably(self.spool_dir / relative, data, mode=SPOOL_FILE_MODE)
         size = len(data) if isinstance(data, bytes) else sum(len(chunk) for chunk in data)
         with self.store.transaction() as session:
             added = self._index(session, header, relative, size, source)

@@ -1,13 +1,15 @@
-"""Durable, atomic placement of instances under a path built only from validated UIDs."""
+"""Where an instance lives in the spool: a path built only from validated UIDs, and the mode
+its file is written with. The write itself is `radloop.durable.write_bytes_durably` (temporary
+file, fsync, rename, fsync of the folder and of new parent folders)."""
 
 from __future__ import annotations
 
-import os
-import tempfile
-from collections.abc import Sequence
 from pathlib import Path
 
 from radloop.domain import is_valid_uid
+
+# Spooled instances hold patient data: readable by radloop's own user only.
+SPOOL_FILE_MODE = 0o600
 
 
 def instance_path(study_uid: str, series_uid: str, sop_instance_uid: str) -> Path:
@@ -16,49 +18,3 @@ def instance_path(study_uid: str, series_uid: str, sop_instance_uid: str) -> Pat
         if not is_valid_uid(uid):
             raise ValueError("refusing to build a spool path from an invalid UID")
     return Path(study_uid) / series_uid / f"{sop_instance_uid}.dcm"
-
-
-def write_durably(target: Path, data: bytes | Sequence[bytes | memoryview]) -> None:
-    """Write to a temporary file beside `target`, fsync it, rename, fsync the folder.
-
-    After this returns the file survives a crash or power loss; a reader never sees a partial
-    file under the final name.
-    """
-    folder = target.parent
-    if not folder.is_dir():
-        folder.mkdir(parents=True, exist_ok=True)
-        # New study/series folders must themselves be durable entries of their parents.
-        _fsync_dir(folder.parent)
-        _fsync_dir(folder.parent.parent)
-    fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=".incoming-", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb", buffering=0) as handle:
-            # Chunks go out with one writev, so a received dataset is never copied to be joined.
-            chunks: list[bytes | memoryview] = [data] if isinstance(data, bytes) else [*data]
-            while chunks:
-                written = os.writev(handle.fileno(), chunks)
-                chunks = _advance(chunks, written)
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, target)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    _fsync_dir(folder)
-
-
-def _advance(chunks: list[bytes | memoryview], written: int) -> list[bytes | memoryview]:
-    """What is left of `chunks` after a (possibly short) writev of `written` bytes."""
-    while chunks and written >= len(chunks[0]):
-        written -= len(chunks[0])
-        chunks = chunks[1:]
-    if chunks and written:
-        chunks = [memoryview(chunks[0])[written:], *chunks[1:]]
-    return chunks
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -2,19 +2,26 @@
 TorchScript weights, the spec they were trained for and the python-backend `model.py`.
 
 A version folder appears atomically (written beside, then renamed), so a Triton load never
-sees half a version. The layout is Triton's own, so NVIDIA's Triton container serves the same
+sees half a version; its files, `config.pbtxt` and the serving pointer `serving.json` are
+written durably (`radloop.durable`), so a power cut cannot leave a pointer to a version whose
+weights were never on disk. The layout is Triton's own, so NVIDIA's Triton container serves the same
 folder on a GPU (see deploy/triton/README.md).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from radloop.durable import (
+    durable_path,
+    make_folder_durably,
+    replace_durably,
+    write_bytes_durably,
+)
 from radloop.modelspec import ModelSpec
 
 if TYPE_CHECKING:
@@ -55,14 +62,6 @@ def inference_config(spec: ModelSpec) -> dict[str, Any]:
 SERVING_FILE = "serving.json"
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(text)
-    with open(partial, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(partial, path)
-
-
 class TritonRepository:
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -88,7 +87,7 @@ class TritonRepository:
             raise FileNotFoundError(f"{name} has no version {version}")
         current = self.champion(name)
         record = {"version": version, "previous": current if current != version else None}
-        _write_atomically(self.root / name / SERVING_FILE, json.dumps(record))
+        write_bytes_durably(self.root / name / SERVING_FILE, json.dumps(record).encode())
 
     def write_config(self, spec_name: str, versions: list[int] | None = None) -> bool:
         """Which versions Triton loads on the next explicit load: the two newest (None), or
@@ -103,7 +102,7 @@ class TritonRepository:
         text = _CONFIG.format(name=spec_name, policy=policy)
         if path.is_file() and path.read_text() == text:
             return False
-        _write_atomically(path, text)
+        write_bytes_durably(path, text.encode())
         return True
 
     def versions(self, name: str) -> list[int]:
@@ -129,20 +128,19 @@ class TritonRepository:
         if version in existing:
             raise FileExistsError(f"{spec.name} version {version} already exists")
         model_dir = self.root / spec.name
-        model_dir.mkdir(parents=True, exist_ok=True)
+        make_folder_durably(model_dir)
         staging = Path(tempfile.mkdtemp(dir=model_dir, prefix=".staging-"))
         try:
             # torch is imported here, not at module level: every annotation flow run imports
             # this module only to list versions, and torch cost it 1.3 s of start-up.
             import torch
 
-            torch.jit.save(model, str(staging / "model.pt"))
-            (staging / "spec.json").write_text(json.dumps(inference_config(spec), indent=2))
-            shutil.copyfile(MODEL_CODE, staging / "model.py")
-            for path in staging.iterdir():
-                with open(path, "rb") as handle:
-                    os.fsync(handle.fileno())
-            os.rename(staging, model_dir / str(version))
+            with durable_path(staging / "model.pt") as weights:
+                torch.jit.save(model, str(weights))
+            config = json.dumps(inference_config(spec), indent=2)
+            write_bytes_durably(staging / "spec.json", config.encode())
+            write_bytes_durably(staging / "model.py", MODEL_CODE.read_bytes())
+            replace_durably(staging, model_dir / str(version))
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise

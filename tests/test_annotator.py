@@ -9,10 +9,11 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from pydicom import dcmread
 from pyorthanc import Orthanc
 from sqlalchemy import func, select
 
-from agents.drafts import read_seg_label_map
+from agents.segmentation import label_map_from_seg
 from agents.volume import load_series
 from dicom_listener import Ingestor, OrthancFollower, StudyAssembler
 from model_registry.inference import InProcessBackend
@@ -71,7 +72,7 @@ def test_completed_study_gets_one_draft_whose_seg_is_in_orthanc_and_reads_back(
         spec.name, series.array, series.spacing
     )
     assert row.seg_path is not None
-    assert np.array_equal(read_seg_label_map(Path(row.seg_path), series), produced.labels)
+    assert np.array_equal(label_map_from_seg(dcmread(row.seg_path), series), produced.labels)
 
     # The follower sees the SEG appear in Orthanc and must not take it for a new instance.
     follower = OrthancFollower(

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from pydicom import dcmread
 
-from agents.drafts import read_seg_label_map, write_draft
+from agents.drafts import write_draft
+from agents.segmentation import label_map_from_seg
 from agents.volume import load_series
 from radloop.app.phantoms import write_study
 from radloop.modelspec import PACKAGED_MODELS, ModelSpec, load_spec
@@ -36,7 +37,7 @@ def test_seg_reads_back_as_the_label_map_with_coded_segments_and_provenance(
 
     files = write_draft(series, truth, spec, "7", tmp_path / "drafts")
 
-    assert np.array_equal(read_seg_label_map(files.seg_path, series), truth)
+    assert np.array_equal(label_map_from_seg(dcmread(files.seg_path), series), truth)
     seg = dcmread(files.seg_path)
     assert seg.SOPInstanceUID == files.seg_sop_instance_uid
     assert seg.FrameOfReferenceUID == series.frame_of_reference_uid

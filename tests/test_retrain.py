@@ -16,8 +16,8 @@ import pytest
 import torch
 from sqlalchemy import select
 
+from agents.nifti import read_label_map
 from agents.retrain import Outcome, Retrainer, Trigger
-from agents.review.corrections import read_nifti_label
 from agents.trainer import TrainingConfig, prepare, train
 from model_registry.inference import TritonBackend
 from model_registry.mlflow_registry import CHALLENGER, CHAMPION, Registry
@@ -74,7 +74,7 @@ def validate_studies(
         study = received_phantom(store, settings, tmp_path, seed=seed)
         case = annotator(store, settings, None).annotate(study.study_uid, 1, spec).annotation_id
         cases.claim(case, "ann")
-        truth = read_nifti_label(study.truth)
+        truth = read_label_map(study.truth)
         affine = nib.nifti1.load(study.truth).affine  # type: ignore[no-untyped-call]
         labels = label_for(index, truth).transpose(2, 1, 0)
         upload = nib.Nifti1Image(labels.astype(np.uint8), affine)  # type: ignore[no-untyped-call]

@@ -18,9 +18,9 @@ from pydicom import dcmread
 from sqlalchemy import select
 
 import agents.review.training_set as training_set
+from agents.nifti import read_label_map, write_nifti
 from agents.review.app import create_app
 from agents.review.auth import Users
-from agents.review.corrections import read_nifti_label, write_nifti
 from dicom_listener import Ingestor, InstanceHeader
 from radloop.app.phantoms import WrittenStudy
 from radloop.db import Annotation, Label, OutboxEvent, Store, utcnow
@@ -85,7 +85,7 @@ def truth_nifti(study: WrittenStudy) -> bytes:
 
 
 def truth_labels(study: WrittenStudy) -> np.ndarray[Any, Any]:
-    return read_nifti_label(study.truth)
+    return read_label_map(study.truth)
 
 
 def events(store: Store, name: str) -> list[dict[str, Any]]:
@@ -211,7 +211,7 @@ def test_nifti_correction_then_a_reviewer_validates_it_into_the_training_set(
     with review.store.read() as session:
         draft_nifti = session.get_one(Annotation, case).nifti_path
     assert draft_nifti is not None
-    expected = reference_dice(read_nifti_label(Path(draft_nifti)), truth_labels(study), review.spec)
+    expected = reference_dice(read_label_map(Path(draft_nifti)), truth_labels(study), review.spec)
     assert body["state"] == "corrected" and body["corrected_by"] == "ann"
     assert body["correction_dice"] == pytest.approx(expected)
     corrected = events(review.store, "radloop.annotation.corrected")
@@ -230,7 +230,7 @@ def test_nifti_correction_then_a_reviewer_validates_it_into_the_training_set(
     with review.store.read() as session:
         label = session.scalars(select(Label).where(Label.annotation_id == case)).one()
     assert label.split in ("train", "holdout") and label.model_name == review.spec.name
-    assert np.array_equal(read_nifti_label(Path(label.label_path)), read_nifti_label(study.truth))
+    assert np.array_equal(read_label_map(Path(label.label_path)), read_label_map(study.truth))
     assert Path(label.image_path).is_file()
     assert [e["label_id"] for e in events(review.store, "radloop.label.validated")] == [label.id]
     again = rita.post(f"/api/annotations/{case}/validate")
@@ -259,11 +259,11 @@ def test_ingest_of_another_study_goes_on_while_a_validated_label_is_written(
 
     written = write_nifti
 
-    def write_while_a_study_arrives(array: Any, series: Any, path: Path) -> None:
+    def write_while_a_study_arrives(path: Path, array: Any, affine: Any) -> None:
         arrival = threading.Thread(target=ingest_arriving)
         arrival.start()
         arrival.join(timeout=10)
-        written(array, series, path)
+        written(path, array, affine)
 
     monkeypatch.setattr(training_set, "write_nifti", write_while_a_study_arrives)
     validated = rita.post(f"/api/annotations/{case}/validate")
@@ -377,7 +377,7 @@ def test_a_nifti_in_another_orientation_of_the_same_grid_is_accepted(review: Rev
     assert saved.status_code == 200, saved.text
     with review.store.read() as session:
         stored = session.get_one(Annotation, case).correction_path
-    assert stored is not None and np.array_equal(read_nifti_label(Path(stored)), truth)
+    assert stored is not None and np.array_equal(read_label_map(Path(stored)), truth)
 
 
 # -- pages, login, CSRF ------------------------------------------------------------------

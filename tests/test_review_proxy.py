@@ -10,8 +10,8 @@ import httpx
 import pytest
 from pyorthanc import Orthanc
 
+from agents.nifti import read_label_map
 from agents.review.auth import Users
-from agents.review.corrections import read_nifti_label
 from radloop.app.phantoms import WrittenStudy
 from radloop.app.supervisor import Child
 from radloop.db import Annotation, Store
@@ -70,7 +70,7 @@ def test_a_seg_saved_through_the_proxy_becomes_the_correction_and_reaches_orthan
     proxied: Proxied, settings: Settings, store: Store, tmp_path: Path
 ) -> None:
     spec: ModelSpec = load_spec(PACKAGED_MODELS / "phantom-abdomen.yaml")
-    truth = read_nifti_label(proxied.study.truth)
+    truth = read_label_map(proxied.study.truth)
     seg = correction_seg(store, settings, spec, proxied.study, truth, tmp_path / "ohif")
     body, content_type = stow_body(seg)
     ann = proxied.client("ann")
@@ -90,7 +90,7 @@ def test_a_seg_saved_through_the_proxy_becomes_the_correction_and_reaches_orthan
         annotation = session.get_one(Annotation, proxied.annotation_id)
         assert annotation.state == "corrected" and annotation.corrected_by == "ann"
         assert annotation.nifti_path is not None
-        expected = reference_dice(read_nifti_label(Path(annotation.nifti_path)), truth, spec)
+        expected = reference_dice(read_label_map(Path(annotation.nifti_path)), truth, spec)
         assert annotation.correction_dice == pytest.approx(expected)
         sop_uid = annotation.correction_sop_instance_uid
     found = httpx.post(f"{settings.orthanc.base_url}/tools/lookup", content=str(sop_uid))
@@ -107,14 +107,14 @@ def test_a_seg_that_does_not_fit_the_draft_is_refused_and_not_forwarded(
     ann = proxied.client("ann")
     ann.post(f"/api/annotations/{proxied.annotation_id}/claim")
     good = correction_seg(
-        store, settings, spec, proxied.study, read_nifti_label(proxied.study.truth), tmp_path
+        store, settings, spec, proxied.study, read_label_map(proxied.study.truth), tmp_path
     )
     renamed = correction_seg(
         store,
         settings,
         spec,
         proxied.study,
-        read_nifti_label(proxied.study.truth),
+        read_label_map(proxied.study.truth),
         tmp_path,
         names=["Liver", "Spleen", "Lesion"],
     )

@@ -13,7 +13,7 @@ import httpx
 import pytest
 from pydicom import dcmread
 
-from agents.review.corrections import read_nifti_label
+from agents.nifti import read_label_map
 from radloop.app.phantoms import write_study
 from radloop.db import Store
 from radloop.modelspec import PACKAGED_MODELS, load_spec
@@ -94,7 +94,7 @@ def test_up_starts_every_part_ingests_from_each_source_drafts_and_stops_on_ctrl_
         assert claimed["state"] == "claimed"
         store = Store.open(settings.effective_database_url)
         seg = correction_seg(
-            store, settings, spec, phantom, read_nifti_label(phantom.truth), tmp_path
+            store, settings, spec, phantom, read_label_map(phantom.truth), tmp_path
         )
         store.close()
         body, content_type = stow_body(seg)

@@ -1,11 +1,12 @@
 """Validated corrections become the training set: a `labels` row and an image/label NIfTI
 pair per label under `datasets/<model>/<split>/`. The split is decided once per study and never
-changes; the pair is staged before the transaction and renamed into place inside it."""
+changes; the pair is staged before the transaction and renamed into place inside it. Both the
+staged files and the renames are durable (`radloop.durable`): a validated label survives a
+power cut once its transaction commits."""
 
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 from datetime import datetime
 from pathlib import Path
@@ -13,11 +14,12 @@ from pathlib import Path
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from agents.nifti import write_nifti
 from agents.review.cases import OPEN_STATES
-from agents.review.corrections import write_nifti
 from agents.volume import LoadedSeries
 from radloop.db import Annotation, Label, Study
 from radloop.domain import AnnotationState, LabelSplit, StudyState
+from radloop.durable import durable_path, replace_durably
 from radloop.events import EventType, LabelValidated, record_event
 
 log = logging.getLogger(__name__)
@@ -34,10 +36,9 @@ def stage_pair(
         staging / f"a{annotation_id}_image.nii.gz",
         staging / f"a{annotation_id}_label.nii.gz",
     )
-    write_nifti(series.array, series, image)
-    partial = label.with_name(label.name + ".partial")
-    shutil.copyfile(correction, partial)
-    os.replace(partial, label)
+    write_nifti(image, series.array, series.affine)
+    with durable_path(label) as temporary:
+        shutil.copyfile(correction, temporary)
     return image, label
 
 
@@ -72,9 +73,8 @@ def add_label(
     folder = datasets_dir / annotation.model_name / split.value
     image_path = folder / f"{label.id:06d}_image.nii.gz"
     label_path = folder / f"{label.id:06d}_label.nii.gz"
-    folder.mkdir(parents=True, exist_ok=True)
-    os.replace(staged[0], image_path)
-    os.replace(staged[1], label_path)
+    replace_durably(staged[0], image_path)
+    replace_durably(staged[1], label_path)
     label.image_path, label.label_path = str(image_path), str(label_path)
     annotation.state = AnnotationState.VALIDATED.value
     annotation.validated_by = user

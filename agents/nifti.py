@@ -1,0 +1,104 @@
+"""NIfTI in radloop: the one reader, the one writer and the one LPS→RAS affine.
+
+Today it writes draft label maps (`agents.drafts`), corrected label maps and the image/label
+training pairs of validated corrections (`agents.review`); it reads uploaded NIfTI corrections
+(`agents.review.corrections`) and the label maps radloop wrote. The trainer's dataset loading
+and the phantom generator's ground truth are to use it too (they are being restructured).
+
+Two conventions meet here, and only here:
+
+- radloop's arrays are (slice, row, column), with an affine from those indices to DICOM patient
+  space (LPS, mm): `LoadedSeries.affine`;
+- a NIfTI file holds voxel (i, j, k) = (column, row, slice), with an affine to RAS (x and y of
+  LPS negated), as nibabel, 3D Slicer and ITK-SNAP read it.
+
+`write_nifti` and `read_nifti` take and give radloop's convention, so no caller transposes an
+array or flips an affine. Files are written durably (`radloop.durable`), with the s-form and
+q-form both the scanner's space (code 1) and millimetre units.
+"""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+from numpy.typing import DTypeLike, NDArray
+
+from radloop.durable import durable_path
+
+# NIfTI is RAS, DICOM patient space LPS: negate x and y.
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+# NIfTI voxel (i, j, k) = (column, row, slice) <-> radloop's (slice, row, column): its own inverse.
+_REVERSE_AXES = np.array([[0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]], dtype=np.float64)
+# NIfTI's xform code for "scanner-based anatomical coordinates": DICOM patient space is that.
+_SCANNER = 1
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+class NotAVolume(ValueError):
+    """The NIfTI's data is not one 3-D volume; the message says its dimensions."""
+
+
+def lps_to_ras_affine(affine: NDArray[Any]) -> NDArray[np.float64]:
+    """The NIfTI affine ((column, row, slice) -> RAS mm) of a grid whose radloop affine is
+    `affine` ((slice, row, column) -> LPS mm)."""
+    return np.asarray(_LPS_TO_RAS @ np.asarray(affine, dtype=np.float64) @ _REVERSE_AXES)
+
+
+def ras_to_lps_affine(affine: NDArray[Any]) -> NDArray[np.float64]:
+    """The inverse of `lps_to_ras_affine`: a NIfTI affine as radloop's."""
+    return np.asarray(_LPS_TO_RAS @ np.asarray(affine, dtype=np.float64) @ _REVERSE_AXES)
+
+
+def voxel_spacing(affine: NDArray[Any]) -> tuple[float, float, float]:
+    """(slice, row, column) spacing in mm of a radloop affine."""
+    slice_, row, column = np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)
+    return float(slice_), float(row), float(column)
+
+
+def write_nifti(path: Path, array: NDArray[Any], affine: NDArray[Any]) -> None:
+    """Write `array` ((slice, row, column), on the grid of the radloop `affine`) as NIfTI at
+    `path` (gzip-compressed when it ends in `.gz`), atomically and durably."""
+    if array.ndim != 3:
+        raise NotAVolume(f"a {array.ndim}-D array is not a volume")
+    nifti_affine = lps_to_ras_affine(affine)
+    # nibabel's constructors and header setters carry no annotations.
+    image = nib.Nifti1Image(array.transpose(2, 1, 0), None)  # type: ignore[no-untyped-call]
+    image.set_sform(nifti_affine, code=_SCANNER)  # type: ignore[no-untyped-call]
+    image.set_qform(nifti_affine, code=_SCANNER)  # type: ignore[no-untyped-call]
+    image.header.set_xyzt_units("mm")  # type: ignore[no-untyped-call]
+    with durable_path(path) as temporary:
+        nib.save(image, temporary)
+
+
+def read_nifti(
+    source: Path | bytes, *, dtype: DTypeLike | None = None
+) -> tuple[NDArray[Any], NDArray[np.float64]]:
+    """A NIfTI file (a path, or its bytes, gzip-compressed or not) as radloop's (slice, row,
+    column) array and (slice, row, column) -> LPS affine.
+
+    The array has the file's scaling applied and is cast to `dtype` when given. A trailing axis
+    of length 1 (x, y, z, 1) is dropped; any other shape raises `NotAVolume`. nibabel's own
+    errors for a damaged file pass through."""
+    if isinstance(source, bytes):
+        raw = gzip.decompress(source) if source[:2] == _GZIP_MAGIC else source
+        image = nib.Nifti1Image.from_bytes(raw)
+    else:
+        image = nib.nifti1.load(source)  # type: ignore[no-untyped-call]
+    values = np.asarray(image.dataobj, dtype=dtype)
+    while values.ndim > 3 and values.shape[-1] == 1:
+        values = values[..., 0]
+    if values.ndim != 3:
+        raise NotAVolume(f"the NIfTI is {values.ndim}-D, not one 3-D volume")
+    # nibabel reads NIfTI in Fortran order, so the transposed array is C-contiguous: no copy.
+    array = np.ascontiguousarray(values.transpose(2, 1, 0))
+    return array, ras_to_lps_affine(np.asarray(image.affine, dtype=np.float64))
+
+
+def read_label_map(path: Path) -> NDArray[np.uint8]:
+    """A label map NIfTI (radloop's drafts, corrections and training labels, the phantoms'
+    truth) as uint8 (slice, row, column)."""
+    return read_nifti(path, dtype=np.uint8)[0]
