@@ -9,7 +9,6 @@ Every refusal is an `InvalidLabel` whose message says what is wrong, for the HTT
 from __future__ import annotations
 
 from io import BytesIO
-from pathlib import Path
 from typing import Any
 
 import nibabel as nib
@@ -19,7 +18,6 @@ from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import SegmentationStorage
 
-from agents import nifti
 from agents.nifti import NotAVolume, read_nifti
 from agents.segmentation import LABEL_MAP_SEGMENTATION, SegDoesNotFit, label_map_from_seg
 from agents.volume import LoadedSeries
@@ -150,13 +148,3 @@ def dice_per_label(
 
 def mean_dice(scores: dict[str, float]) -> float:
     return float(np.mean(list(scores.values()))) if scores else 1.0
-
-
-# worklist.py still imports these two under their old names; once it calls agents.nifti
-# directly (`write_nifti(path, array, series.affine)` and `read_label_map(path)`) they go.
-def write_nifti(array: NDArray[Any], series: LoadedSeries, path: Path) -> None:
-    """`array` (slice, row, column) as NIfTI on the series' grid, replaced durably."""
-    nifti.write_nifti(path, array, series.affine)
-
-
-read_nifti_label = nifti.read_label_map

@@ -22,6 +22,7 @@ from numpy.typing import NDArray
 from sqlalchemy import select
 
 from agents.drafts import write_draft
+from agents.nifti import read_label_map, write_nifti
 from agents.review.cases import Case, Conflict, Unprocessable, load_case, load_inputs
 from agents.review.corrections import (
     InvalidLabel,
@@ -29,16 +30,15 @@ from agents.review.corrections import (
     mean_dice,
     nifti_label_map,
     read_dicom,
-    read_nifti_label,
     require_not_empty,
     seg_label_map,
-    write_nifti,
 )
 from agents.review.leases import check_holder
 from agents.review.training_set import add_label, stage_pair
 from agents.volume import LoadedSeries
 from radloop.db import Annotation, Store, Study, utcnow
 from radloop.domain import AnnotationState
+from radloop.durable import write_bytes_durably
 from radloop.events import AnnotationCorrected, EventType, record_event
 from radloop.modelspec import ModelSpec
 from radloop.settings import ReviewSettings
@@ -99,8 +99,7 @@ class CorrectionIntake:
         spec, series = self._inputs(case_)
         label_map = _label(lambda: seg_label_map(ds, series, spec))
         path = self.drafts_dir / case_.study_uid / "corrections" / f"{sop_uid}.dcm"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
+        write_bytes_durably(path, data)
         self._record(case_, user, spec, series, label_map, sop_uid, path)
 
     def correct_with_nifti(self, annotation_id: int, user: str, data: bytes) -> None:
@@ -129,7 +128,7 @@ class CorrectionIntake:
         if case_.draft_nifti is None:
             raise Conflict(f"annotation {annotation_id} has no draft to accept")
         spec, series = self._inputs(case_)
-        label_map = read_nifti_label(Path(case_.draft_nifti))
+        label_map = read_label_map(Path(case_.draft_nifti))
         with self.store.read() as session:
             draft = session.get_one(Annotation, annotation_id)
             sop_uid, seg_path = draft.seg_sop_instance_uid, draft.seg_path
@@ -166,14 +165,14 @@ class CorrectionIntake:
     ) -> None:
         _label(lambda: require_not_empty(label_map))
         draft = (
-            read_nifti_label(Path(case_.draft_nifti))
+            read_label_map(Path(case_.draft_nifti))
             if case_.draft_nifti
             else np.zeros_like(label_map)
         )
         scores = dice_per_label(draft, label_map, spec)
         dice = mean_dice(scores)
         label_path = seg_path.with_name(seg_path.name.removesuffix(".dcm") + ".label.nii.gz")
-        write_nifti(label_map, series, label_path)
+        write_nifti(label_path, label_map, series.affine)
         staged = (
             stage_pair(self.datasets_dir, case_.annotation_id, case_.model, series, label_path)
             if self.settings.single_reader

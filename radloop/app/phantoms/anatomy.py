@@ -86,12 +86,12 @@ class Phantom:
         x0, y0, z0 = self.origin
         return (x0 + column * dx, y0 + row * dy, z0 + slice_ * dz)
 
-    def nifti_affine(self) -> NDArray[np.float64]:
-        """Affine of the NIfTI mask: voxel (i=column, j=row, k=slice) to RAS mm (x, y negated)."""
+    def affine(self) -> NDArray[np.float64]:
+        """Voxel (slice, row, column) to LPS mm, as radloop's volumes carry it."""
         dz, dy, dx = self.spacing
         x0, y0, z0 = self.origin
         return np.array(
-            [[-dx, 0, 0, -x0], [0, -dy, 0, -y0], [0, 0, dz, z0], [0, 0, 0, 1]], dtype=np.float64
+            [[0, 0, dx, x0], [0, dy, 0, y0], [dz, 0, 0, z0], [0, 0, 0, 1]], dtype=np.float64
         )
 
 

@@ -11,10 +11,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
-import numpy as np
 from pydicom.uid import generate_uid
 
+from agents.nifti import write_nifti
 from radloop.app.phantoms.anatomy import Phantom, PhantomLabel
 from radloop.app.phantoms.ct import CtSeriesHeader, write_ct_slice
 from radloop.app.phantoms.render import generate
@@ -54,7 +53,7 @@ def write_study(
     """Generate phantom `seed` (default: `index`) and write it under `root/<index:04d>/`.
 
     Writes `dicom/slice0000.dcm ...` (one CT slice per file, in position order),
-    `truth.nii.gz` (uint8 labels, axes column/row/slice, RAS affine from `nifti_affine`) and
+    `truth.nii.gz` (uint8 labels, axes column/row/slice, RAS affine of the phantom's grid) and
     `truth.json`. UIDs are new on every call; `.dcm` files left by an earlier run are removed
     so the folder only ever holds one series.
     """
@@ -98,14 +97,8 @@ def write_study(
 
 
 def _save_mask(phantom: Phantom, path: Path) -> Path:
-    """Labels as NIfTI: axes (column, row, slice), q- and s-form both scanner space (code 1)."""
-    # nibabel's constructors and header setters carry no annotations.
-    data = np.ascontiguousarray(phantom.labels.transpose(2, 1, 0))
-    image = nib.Nifti1Image(data, None)  # type: ignore[no-untyped-call]
-    image.set_sform(phantom.nifti_affine(), code=1)  # type: ignore[no-untyped-call]
-    image.set_qform(phantom.nifti_affine(), code=1)  # type: ignore[no-untyped-call]
-    image.header.set_xyzt_units("mm")  # type: ignore[no-untyped-call]
-    nib.save(image, path)
+    """Labels as NIfTI on the phantom's grid (agents.nifti: RAS, scanner-space q/s-forms)."""
+    write_nifti(path, phantom.labels, phantom.affine())
     return path
 
 
