@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 
 from radloop.wait import WaitTimeout, wait_until
@@ -19,7 +21,7 @@ class FakeClock:
 
 
 def test_wait_until_returns_the_first_truthy_value() -> None:
-    values = iter([None, 0, [], {"state": "done"}])
+    values: Iterator[object] = iter([None, 0, [], {"state": "done"}])
     clock = FakeClock()
     found = wait_until(lambda: next(values), 10, interval=1, clock=clock, sleep=clock.sleep)
     assert found == {"state": "done"} and clock.now == 3
