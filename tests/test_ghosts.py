@@ -6,22 +6,19 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 from uuid import UUID, uuid4
 
-import pytest
 from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.objects import FlowRun, State, StateType
 from prefect.client.schemas.sorting import FlowRunSort
-from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.states import Pending, Running
 from sqlalchemy import select
 
 from flows.ghosts import UNMARKED_GRACE, Sweeper, end_training_rows, ghost_reason
 from flows.process import START_LABEL, process_alive, process_start
-from radloop.app.supervisor import Child, prefect_spec
+from radloop.app.supervisor import Child
 from radloop.db import Store, TrainingRun, utcnow
 from radloop.settings import Settings
 
@@ -121,16 +118,6 @@ def test_a_crashed_retrain_run_ends_its_running_rows_and_no_others(store: Store)
     assert rows[done].state == "rejected"
 
 
-@pytest.fixture
-def prefect_server(settings: Settings) -> Iterator[Child]:
-    server = Child(prefect_spec(settings))
-    server.start()
-    server.wait_healthy()
-    with temporary_settings({PREFECT_API_URL: settings.prefect.effective_api_url}):
-        yield server
-    server.stop()
-
-
 def deployment(client: SyncPrefectClient, name: str, limit: int | None) -> UUID:
     flow, deployment_name = name.split("/")
     return client.create_deployment(
@@ -159,7 +146,6 @@ def started(
     return flow_run.id
 
 
-@pytest.mark.slow  # a real Prefect server, restarted
 def test_after_a_prefect_restart_a_ghost_holds_its_slot_until_ended_then_the_next_run_starts(
     prefect_server: Child, settings: Settings, store: Store
 ) -> None:
