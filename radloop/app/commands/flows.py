@@ -86,8 +86,8 @@ def _sweep(sweeper: Sweeper) -> None:
     try:
         with get_client(sync_client=True) as client:
             sweeper.sweep(client)
-    except Exception:  # Prefect unreachable for a moment: the next sweep tries again
-        log.exception("sweeping for flow runs without a process failed")
+    except Exception as error:  # Prefect unreachable for a moment: the next sweep tries again
+        log.warning("sweeping for flow runs without a process failed: %r", error)
 
 
 def _sweep_periodically(sweeper: Sweeper) -> None:
