@@ -17,6 +17,8 @@ from pyorthanc import Orthanc
 
 from agents.annotator import Annotator, failure_reason
 from agents.viewer_store import ViewerStoreUnavailable
+from flows.ghosts import ANNOTATE_FLOW
+from flows.process import mark_this_run
 from model_registry.inference import InferenceUnavailable, TritonBackend
 from model_registry.repository import TritonRepository
 from radloop.db import Store
@@ -84,9 +86,10 @@ def queue_without_draft(
     return {"annotation_id": outcome.annotation_id, "state": outcome.state.value}
 
 
-@flow(name="annotate-study")
+@flow(name=ANNOTATE_FLOW)
 def annotate_study(study_uid: str, revision: int) -> list[dict[str, object]]:
     """Annotate study revision `revision` with every model radloop has a spec for."""
+    mark_this_run()
     settings = load_settings()
     attempt = annotate_with_model.with_options(
         retries=settings.annotation.retries,

@@ -15,14 +15,17 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from agents.retrain import Retrainer, Trigger
+from flows.ghosts import RETRAIN_FLOW, end_training_rows_on_crash
+from flows.process import mark_this_run
 from radloop.db import Store
 from radloop.modelspec import load_specs
 from radloop.settings import load_settings
 
 
-@flow(name="retrain-model")
+@flow(name=RETRAIN_FLOW, on_crashed=[end_training_rows_on_crash])
 def retrain_model(model: str | None = None, trigger: str = "threshold") -> list[dict[str, Any]]:
     """Retrain `model` (every spec'd model when None) if `trigger` says it is due."""
+    mark_this_run()
     settings = load_settings()
     specs = load_specs(settings.effective_models_dir)
     logger = get_run_logger()

@@ -246,6 +246,8 @@ class RetrainSettings(_Section):
     # Prefect cron schedule of the retraining that runs when any new labels exist.
     schedule: str = "0 2 * * *"
     timezone: str = "UTC"
+    # `radloop train --wait` gives up (exit 1) when the run is not decided in this long.
+    wait_timeout_seconds: float = Field(3600.0, gt=0)
 
 
 class SupervisorSettings(_Section):

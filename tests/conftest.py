@@ -15,6 +15,7 @@ from radloop.app.supervisor import (
     ChildSpec,
     mlflow_spec,
     orthanc_spec,
+    prefect_spec,
     review_spec,
     triton_spec,
 )
@@ -25,7 +26,14 @@ from tests.servers import PostgresServer, RadloopProcess, free_port
 BACKEND = os.environ.get("RADLOOP_TEST_DATABASE", "sqlite")
 # Fixtures that start a real server process: a test using one is `slow` (make test-fast skips
 # it). Tests that start processes themselves carry the mark in their module.
-SERVER_FIXTURES = {"orthanc", "triton", "review_service", "mlflow_server", "listener"}
+SERVER_FIXTURES = {
+    "orthanc",
+    "triton",
+    "review_service",
+    "mlflow_server",
+    "listener",
+    "prefect_server",
+}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -137,3 +145,13 @@ def review_service(settings: Settings, orthanc: Child) -> Iterator[Child]:
 def mlflow_server(settings: Settings) -> Iterator[Child]:
     """`mlflow server` on SQLite under this test's data dir."""
     yield from _running(mlflow_spec(settings))
+
+
+@pytest.fixture
+def prefect_server(settings: Settings) -> Iterator[Child]:
+    """A Prefect server (SQLite under this test's data dir); this process's Prefect client
+    talks to it."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: settings.prefect.effective_api_url}):
+        yield from _running(prefect_spec(settings))

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 import os
-from typing import Any
+import threading
+import time
+from typing import TYPE_CHECKING, Any
 
 import typer
 
-from radloop.app.commands.common import cli_model_specs, cli_settings
+from radloop.app.commands.common import cli_model_specs, cli_settings, open_store
+
+if TYPE_CHECKING:
+    from flows.ghosts import Sweeper
+
+log = logging.getLogger(__name__)
 
 flows_app = typer.Typer(help="Prefect flows and their deployments.", no_args_is_help=True)
 
@@ -27,6 +35,7 @@ def serve(
     from prefect.types.entrypoint import EntrypointType
 
     from flows.annotate import annotate_study
+    from flows.ghosts import Sweeper
     from flows.retrain import retrain_model
 
     annotate: Any = annotate_study.to_deployment(
@@ -61,4 +70,29 @@ def serve(
         concurrency_limit=1,
         entrypoint_type=EntrypointType.MODULE_PATH,
     )
+    # Runs a stop or a crash left behind hold their deployment's slot: end them before the
+    # runner takes runs, then keep an eye out (flows/ghosts.py).
+    sweeper = Sweeper(open_store(settings), [annotate.full_name, retrain.full_name])
+    _sweep(sweeper)  # each run it ends is logged
+    threading.Thread(
+        target=_sweep_periodically, args=(sweeper,), name="ghost-sweeper", daemon=True
+    ).start()
     serve_all(annotate, retrain, limit=limit + 1, print_starting_message=False)
+
+
+def _sweep(sweeper: Sweeper) -> None:
+    from prefect.client.orchestration import get_client
+
+    try:
+        with get_client(sync_client=True) as client:
+            sweeper.sweep(client)
+    except Exception as error:  # Prefect unreachable for a moment: the next sweep tries again
+        log.warning("sweeping for flow runs without a process failed: %r", error)
+
+
+def _sweep_periodically(sweeper: Sweeper) -> None:
+    from flows.ghosts import SWEEP_SECONDS
+
+    while True:
+        time.sleep(SWEEP_SECONDS)
+        _sweep(sweeper)

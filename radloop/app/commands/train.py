@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from typing import TYPE_CHECKING, Annotated, Any
+from uuid import UUID
 
 import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -20,6 +20,7 @@ from radloop.app.commands.common import (
     open_store,
 )
 from radloop.db import Store, TrainingRun, utcnow
+from radloop.wait import WaitTimeout, wait_until
 
 if TYPE_CHECKING:
     from radloop.modelspec import ModelSpec
@@ -37,6 +38,15 @@ def train(
         bool,
         typer.Option("--local", help="Train in this process instead of through Prefect."),
     ] = False,
+    timeout: Annotated[
+        float | None,
+        typer.Option(
+            "--timeout",
+            min=1,
+            help="With --wait: give up (exit 1) after this many seconds "
+            "(default: retrain.wait_timeout_seconds, 1 h).",
+        ),
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Retrain MODEL on its validated labels now: fine-tune, MLflow run, holdout gate, deploy."""
@@ -60,7 +70,8 @@ def train(
             out = {"model": model, "flow_run_id": str(flow_run.id), "state": "requested"}
             print(json.dumps(out)) if as_json else console.print(f"requested: {out}")
             return
-        result = _follow(store, model, requested, as_json)
+        limit = timeout or settings.retrain.wait_timeout_seconds
+        result = _follow(store, model, requested, flow_run.id, limit, as_json)
     if as_json:
         print(json.dumps(result, indent=2))
     else:
@@ -93,27 +104,74 @@ def _progress(quiet: bool) -> Progress:
     )
 
 
-def _follow(store: Store, model: str, since: Any, quiet: bool) -> dict[str, Any]:
-    """Show the run's epochs as the flow trains (from its training_runs row) until decided."""
+def _follow(
+    store: Store, model: str, since: Any, flow_run_id: UUID, timeout: float, quiet: bool
+) -> dict[str, Any]:
+    """Show the run's epochs as the flow trains (from its training_runs row) until decided;
+    exit 1 when it is not decided within `timeout` seconds. A flow run that ends without
+    deciding a training (it found one running, it crashed) is reported as such."""
+    from prefect.client.orchestration import get_client
+
     from agents.retrain import Outcome, training_record
 
-    with _progress(quiet) as progress:
+    def latest() -> TrainingRun | None:
+        with store.read() as session:
+            return session.scalars(
+                select(TrainingRun)
+                .where(TrainingRun.model_name == model, TrainingRun.started_at >= since)
+                .order_by(TrainingRun.id)
+            ).first()
+
+    with _progress(quiet) as progress, get_client(sync_client=True) as client:
         task = progress.add_task("waiting for the flow to start", total=None, loss="")
-        while True:
-            with store.read() as session:
-                row = session.scalars(
-                    select(TrainingRun)
-                    .where(TrainingRun.model_name == model, TrainingRun.started_at >= since)
-                    .order_by(TrainingRun.id)
-                ).first()
-                if row is not None:
-                    progress.update(
-                        task,
-                        description=f"training run {row.id}",
-                        total=row.epochs,
-                        completed=row.epoch,
-                        loss="" if row.loss is None else f"{row.loss:.4f}",
-                    )
-                    if row.state != Outcome.RUNNING.value:
-                        return training_record(store, row.id)
-            time.sleep(1.0)
+        flow_run = client.read_flow_run(flow_run_id)
+
+        def decided() -> dict[str, Any] | None:
+            nonlocal flow_run
+            row = latest()
+            if row is not None:
+                progress.update(
+                    task,
+                    description=f"training run {row.id}",
+                    total=row.epochs,
+                    completed=row.epoch,
+                    loss="" if row.loss is None else f"{row.loss:.4f}",
+                )
+                if row.state != Outcome.RUNNING.value:
+                    return training_record(store, row.id)
+            flow_run = client.read_flow_run(flow_run_id)
+            if flow_run.state is None or not flow_run.state.is_final():
+                return None
+            row = latest()  # it may have been decided since the first look
+            if row is not None and row.state != Outcome.RUNNING.value:
+                return training_record(store, row.id)
+            return _ended_undecided(model, flow_run, row)
+
+        try:
+            return wait_until(decided, timeout, interval=1.0, what=f"training of {model}")
+        except WaitTimeout:
+            pass
+    state = flow_run.state.name if flow_run.state else "unknown"
+    err_console.print(
+        f"radloop train: {model} not decided within {timeout:g} s; flow run {flow_run.name} "
+        f"is {state} (it goes on in Prefect: {RETRAIN_DEPLOYMENT})"
+    )
+    raise typer.Exit(1)
+
+
+def _ended_undecided(model: str, flow_run: Any, row: TrainingRun | None) -> dict[str, Any]:
+    """The record of a flow run that ended without a decided training."""
+    state = flow_run.state
+    if state.is_completed():  # a manual request is always due: another run was training
+        verdict = "skipped"
+        decision = f"flow run {flow_run.name} found a training of {model} already running"
+    else:
+        verdict = "failed"
+        decision = f"flow run {flow_run.name} {state.name}: {state.message}"
+    return {
+        "model": model,
+        "flow_run_id": str(flow_run.id),
+        "training_run_id": None if row is None else row.id,
+        "state": verdict,
+        "decision": decision,
+    }
