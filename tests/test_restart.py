@@ -17,7 +17,7 @@ import pytest
 import yaml
 from sqlalchemy import select
 
-from agents.review.corrections import read_nifti_label
+from agents.nifti import read_label_map
 from radloop.db import Store, TrainingRun
 from radloop.modelspec import PACKAGED_MODELS, load_spec
 from radloop.settings import Settings
@@ -44,8 +44,8 @@ def write_spec(folder: Path, epochs: int, steps_per_epoch: int) -> None:
 def validated_train_label(settings: Settings, tmp_path: Path) -> None:
     """One study drafted, corrected and validated (single reader) into the train split, through
     the annotator and the worklist as `radloop up` runs them."""
-    settings.review.single_reader = True
-    settings.review.holdout_fraction = 0.0
+    review = settings.review.model_copy(update={"single_reader": True, "holdout_fraction": 0.0})
+    settings = settings.model_copy(update={"review": review})
     spec = load_spec(settings.effective_models_dir / f"{MODEL}.yaml")
     store = Store.open(settings.effective_database_url)
     try:
@@ -53,7 +53,7 @@ def validated_train_label(settings: Settings, tmp_path: Path) -> None:
         case = annotator(store, settings, None).annotate(study.study_uid, 1, spec).annotation_id
         cases = worklist(store, settings, spec)
         cases.claim(case, "ann")
-        truth = read_nifti_label(study.truth).transpose(2, 1, 0)
+        truth = read_label_map(study.truth).transpose(2, 1, 0)
         affine = nib.nifti1.load(study.truth).affine  # type: ignore[no-untyped-call]
         upload = nib.Nifti1Image(truth.astype(np.uint8), affine)  # type: ignore[no-untyped-call]
         cases.correct_with_nifti(case, "ann", bytes(upload.to_bytes()))
@@ -87,7 +87,7 @@ def test_a_training_cut_by_a_stop_is_ended_as_crashed_and_the_next_training_runs
     # Long enough that the stop surely lands during the first training.
     write_spec(models, epochs=50, steps_per_epoch=8)
     env = {**radloop_env, "RADLOOP_MODELS_DIR": str(models)}
-    settings.models_dir = models
+    settings = settings.model_copy(update={"models_dir": models})
     export_version(settings, load_spec(models / f"{MODEL}.yaml"))
     validated_train_label(settings, tmp_path)
 
