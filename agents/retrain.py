@@ -16,7 +16,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,7 @@ from model_registry.inference import TritonBackend
 from model_registry.mlflow_registry import CHALLENGER, CHAMPION, Registry, adopt
 from model_registry.repository import TritonRepository
 from radloop.db import Label, Store, TrainingRun, utcnow
-from radloop.domain import LabelSplit
+from radloop.domain import LabelSplit, TrainingState, TrainingTrigger
 from radloop.events import EventType, ModelEvent, record_event
 from radloop.modelspec import ModelSpec
 from radloop.settings import Settings
@@ -41,20 +40,8 @@ log = logging.getLogger(__name__)
 
 # A running row whose heartbeat is older than this belongs to a killed process.
 STALE_AFTER = timedelta(minutes=30)
-
-
-class Trigger(StrEnum):
-    THRESHOLD = "threshold"
-    SCHEDULE = "schedule"
-    MANUAL = "manual"
-
-
-class Outcome(StrEnum):
-    RUNNING = "running"
-    PROMOTED = "promoted"
-    REJECTED = "rejected"
-    FAILED = "failed"
-    SKIPPED = "skipped"
+# Runs whose start ends the window of new train labels.
+TRAINED = (TrainingState.PROMOTED, TrainingState.REJECTED, TrainingState.RUNNING)
 
 
 @dataclass(frozen=True)
@@ -102,7 +89,7 @@ class Retrainer:
             since = session.scalar(
                 select(func.max(TrainingRun.started_at)).where(
                     TrainingRun.model_name == self.spec.name,
-                    TrainingRun.state.in_([Outcome.PROMOTED, Outcome.REJECTED, Outcome.RUNNING]),
+                    TrainingRun.state.in_([s.value for s in TRAINED]),
                 )
             )
             query = select(func.count()).where(
@@ -112,20 +99,20 @@ class Retrainer:
                 query = query.where(Label.created_at > since)
             return int(session.scalar(query) or 0)
 
-    def due(self, trigger: Trigger) -> str | None:
+    def due(self, trigger: TrainingTrigger) -> str | None:
         """Why a run should start now, or None."""
         fresh = self.new_train_labels()
-        if trigger == Trigger.THRESHOLD and fresh >= self.spec.retraining.threshold:
+        if trigger == TrainingTrigger.THRESHOLD and fresh >= self.spec.retraining.threshold:
             return f"{fresh} new train labels >= threshold {self.spec.retraining.threshold}"
-        if trigger == Trigger.SCHEDULE and fresh > 0:
+        if trigger == TrainingTrigger.SCHEDULE and fresh > 0:
             return f"scheduled, {fresh} new train labels"
-        if trigger == Trigger.MANUAL:
+        if trigger == TrainingTrigger.MANUAL:
             return f"requested by hand ({fresh} new train labels)"
         return None
 
     # -- one run ----------------------------------------------------------------------
 
-    def start(self, trigger: Trigger) -> int | None:
+    def start(self, trigger: TrainingTrigger) -> int | None:
         """Open a training run row, or None when one of this model is already running."""
         now = utcnow()
         with self.store.transaction() as session:
@@ -133,19 +120,19 @@ class Retrainer:
                 select(TrainingRun)
                 .where(
                     TrainingRun.model_name == self.spec.name,
-                    TrainingRun.state == Outcome.RUNNING.value,
+                    TrainingRun.state == TrainingState.RUNNING.value,
                 )
                 .with_for_update()
             ).all()
             for row in running:
                 if now - row.heartbeat_at < STALE_AFTER:
                     return None
-                row.state, row.decision = Outcome.FAILED.value, "no heartbeat: process killed"
+                row.state, row.decision = TrainingState.FAILED.value, "no heartbeat: process killed"
                 row.finished_at = now
             run = TrainingRun(
                 model_name=self.spec.name,
                 trigger=trigger.value,
-                state=Outcome.RUNNING.value,
+                state=TrainingState.RUNNING.value,
                 epochs=self.spec.retraining.epochs,
                 started_at=now,
                 heartbeat_at=now,
@@ -160,22 +147,22 @@ class Retrainer:
             return run.id
 
     def run(
-        self, trigger: Trigger, on_epoch: Callable[[int, float], None] | None = None
+        self, trigger: TrainingTrigger, on_epoch: Callable[[int, float], None] | None = None
     ) -> dict[str, Any]:
         """Train, register, gate and (if promoted) deploy; returns the run's record."""
         reason = self.due(trigger)
         if reason is None:
-            return {"state": Outcome.SKIPPED.value, "decision": "not due: no new labels"}
+            return {"state": TrainingState.SKIPPED.value, "decision": "not due: no new labels"}
         run_id = self.start(trigger)
         if run_id is None:
-            return {"state": Outcome.SKIPPED.value, "decision": "a run is already training"}
+            return {"state": TrainingState.SKIPPED.value, "decision": "a run is already training"}
         try:
             self._run(run_id, reason, on_epoch)
         except Exception as error:
             log.exception("training run %d of %s failed", run_id, self.spec.name)
             self._update(
                 run_id,
-                state=Outcome.FAILED.value,
+                state=TrainingState.FAILED.value,
                 decision=f"{type(error).__name__}: {error}",
                 finished_at=utcnow(),
             )
@@ -350,7 +337,7 @@ class Retrainer:
         client.set_terminated(mlrun_id)
         self._update(
             run_id,
-            state=(Outcome.PROMOTED if promote else Outcome.REJECTED).value,
+            state=(TrainingState.PROMOTED if promote else TrainingState.REJECTED).value,
             triton_version=triton_version,
             timings=timings,
             finished_at=utcnow(),

@@ -16,7 +16,7 @@ import pytest
 import torch
 from sqlalchemy import select
 
-from agents.retrain import Outcome, Retrainer, Trigger
+from agents.retrain import Retrainer
 from agents.review.corrections import read_nifti_label
 from agents.trainer import TrainingConfig, prepare, train
 from model_registry.inference import TritonBackend
@@ -25,6 +25,7 @@ from model_registry.repository import TritonRepository
 from radloop.app.phantoms.abdomen import generate
 from radloop.app.supervisor import Child
 from radloop.db import Label, OutboxEvent, Store, TrainingRun, utcnow
+from radloop.domain import TrainingState, TrainingTrigger
 from radloop.modelspec import PACKAGED_MODELS, ModelSpec, load_spec
 from radloop.settings import Settings
 from tests.conftest_marks import ONCE
@@ -115,10 +116,10 @@ def test_the_gate_refuses_a_challenger_trained_on_corrupted_labels(
     assert splits(store) == ["holdout", "train", "train", "train", "train", "holdout"]
     registry = Registry(settings.mlflow.effective_tracking_uri)
     retrainer = Retrainer(store, spec, registry, repository, backend=None)
-    assert retrainer.due(Trigger.THRESHOLD) is not None
+    assert retrainer.due(TrainingTrigger.THRESHOLD) is not None
 
-    result = retrainer.run(Trigger.THRESHOLD)
-    assert result["state"] == Outcome.REJECTED, result
+    result = retrainer.run(TrainingTrigger.THRESHOLD)
+    assert result["state"] == TrainingState.REJECTED, result
     assert "rejected by the gate" in result["decision"]
     champion = np.mean(list(result["champion_dice"].values()))
     challenger = np.mean(list(result["challenger_dice"].values()))
@@ -150,8 +151,8 @@ def test_the_gate_refuses_a_challenger_trained_on_corrupted_labels(
         }
     assert [e["kind"] for e in events(store, "radloop.model.registered")] == ["model.registered"]
     assert events(store, "radloop.model.promoted") == []
-    assert retrainer.due(Trigger.THRESHOLD) is None  # the labels were used
-    assert retrainer.run(Trigger.SCHEDULE)["state"] == Outcome.SKIPPED
+    assert retrainer.due(TrainingTrigger.THRESHOLD) is None  # the labels were used
+    assert retrainer.run(TrainingTrigger.SCHEDULE)["state"] == TrainingState.SKIPPED
 
 
 @ONCE
@@ -174,8 +175,8 @@ def test_a_good_challenger_is_promoted_registered_as_champion_and_hot_reloaded(
     retrainer = Retrainer(store, spec, registry, repository, backend)
     epochs: list[int] = []
 
-    result = retrainer.run(Trigger.MANUAL, on_epoch=lambda epoch, _: epochs.append(epoch))
-    assert result["state"] == Outcome.PROMOTED, result
+    result = retrainer.run(TrainingTrigger.MANUAL, on_epoch=lambda epoch, _: epochs.append(epoch))
+    assert result["state"] == TrainingState.PROMOTED, result
     assert epochs == [1, 2, 3, 4, 5, 6]
     assert result["triton_version"] == 2 and repository.champion(spec.name) == 2
     assert "2" in backend.served_versions(spec.name)
@@ -207,13 +208,13 @@ def test_two_runs_of_one_model_never_overlap_and_a_killed_run_does_not_block(
     retrainer = Retrainer(
         store, spec, Registry("http://127.0.0.1:9"), TritonRepository(tmp_path), backend=None
     )
-    first = retrainer.start(Trigger.MANUAL)
+    first = retrainer.start(TrainingTrigger.MANUAL)
     assert first is not None
-    assert retrainer.start(Trigger.MANUAL) is None
+    assert retrainer.start(TrainingTrigger.MANUAL) is None
     with store.transaction() as session:  # its process was killed an hour ago
         row = session.get_one(TrainingRun, first)
         row.heartbeat_at = utcnow() - timedelta(hours=1)
-    second = retrainer.start(Trigger.MANUAL)
+    second = retrainer.start(TrainingTrigger.MANUAL)
     assert second is not None and second != first
     with store.read() as session:
-        assert session.get_one(TrainingRun, first).state == Outcome.FAILED
+        assert session.get_one(TrainingRun, first).state == TrainingState.FAILED

@@ -20,6 +20,7 @@ from radloop.app.commands.common import (
     open_store,
 )
 from radloop.db import Store, TrainingRun, utcnow
+from radloop.domain import TrainingState, TrainingTrigger
 
 if TYPE_CHECKING:
     from radloop.modelspec import ModelSpec
@@ -54,7 +55,9 @@ def train(
         from prefect.deployments import run_deployment
 
         flow_run: Any = run_deployment(
-            RETRAIN_DEPLOYMENT, parameters={"model": model, "trigger": "manual"}, timeout=0
+            RETRAIN_DEPLOYMENT,
+            parameters={"model": model, "trigger": TrainingTrigger.MANUAL.value},
+            timeout=0,
         )
         if not wait:
             out = {"model": model, "flow_run_id": str(flow_run.id), "state": "requested"}
@@ -65,18 +68,18 @@ def train(
         print(json.dumps(result, indent=2))
     else:
         console.print(f"{model}: {result['state']} — {result.get('decision')}")
-    if result["state"] == "failed":
+    if result["state"] == TrainingState.FAILED:
         raise typer.Exit(1)
 
 
 def _train_here(settings: Settings, store: Store, spec: ModelSpec, quiet: bool) -> dict[str, Any]:
-    from agents.retrain import Retrainer, Trigger
+    from agents.retrain import Retrainer
 
     retrainer = Retrainer.from_settings(store, spec, settings)
     with _progress(quiet) as progress:
         task = progress.add_task("training", total=spec.retraining.epochs, loss="")
         return retrainer.run(
-            Trigger.MANUAL,
+            TrainingTrigger.MANUAL,
             on_epoch=lambda epoch, loss: progress.update(task, completed=epoch, loss=f"{loss:.4f}"),
         )
 
@@ -95,7 +98,7 @@ def _progress(quiet: bool) -> Progress:
 
 def _follow(store: Store, model: str, since: Any, quiet: bool) -> dict[str, Any]:
     """Show the run's epochs as the flow trains (from its training_runs row) until decided."""
-    from agents.retrain import Outcome, training_record
+    from agents.retrain import training_record
 
     with _progress(quiet) as progress:
         task = progress.add_task("waiting for the flow to start", total=None, loss="")
@@ -114,6 +117,6 @@ def _follow(store: Store, model: str, since: Any, quiet: bool) -> dict[str, Any]
                         completed=row.epoch,
                         loss="" if row.loss is None else f"{row.loss:.4f}",
                     )
-                    if row.state != Outcome.RUNNING.value:
+                    if row.state != TrainingState.RUNNING:
                         return training_record(store, row.id)
             time.sleep(1.0)
