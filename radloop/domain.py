@@ -69,11 +69,13 @@ class TrainingTrigger(StrEnum):
 
 class TrainingState(StrEnum):
     """A retraining (`training_runs.state`). RUNNING until decided; PROMOTED or REJECTED by
-    the holdout gate; FAILED on an error. SKIPPED is only reported, never stored: nothing new
-    to learn, or the model is already training."""
+    the holdout gate; FAILED on an error; CANCELLED when cancelled or terminated (Prefect's
+    cancellation, SIGTERM). SKIPPED is only reported, never stored: nothing new to learn, or
+    the model is already training."""
 
     RUNNING = "running"
     PROMOTED = "promoted"
     REJECTED = "rejected"
     FAILED = "failed"
+    CANCELLED = "cancelled"
     SKIPPED = "skipped"

@@ -1,10 +1,14 @@
 """Retraining on validated labels, against real MLflow (and Triton for the deploy): the gate
 refuses a challenger trained on corrupted labels, a good challenger is registered, promoted
-and hot-reloaded, and two runs of one model never overlap."""
+and hot-reloaded, two runs of one model never overlap, and a cancelled or terminated run ends
+cancelled without blocking the next."""
 
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -14,6 +18,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from prefect.exceptions import TerminationSignal
 from sqlalchemy import select
 
 from agents.retrain import Retrainer
@@ -30,7 +35,7 @@ from radloop.modelspec import PACKAGED_MODELS, ModelSpec, load_spec
 from radloop.settings import Settings
 from tests.conftest_marks import ONCE
 from tests.drafted import annotator, received_phantom, worklist
-from tests.servers import radloop_json
+from tests.servers import radloop_json, wait_until
 
 # Trains and serves models.
 pytestmark = pytest.mark.slow
@@ -218,3 +223,79 @@ def test_two_runs_of_one_model_never_overlap_and_a_killed_run_does_not_block(
     assert second is not None and second != first
     with store.read() as session:
         assert session.get_one(TrainingRun, first).state == TrainingState.FAILED
+
+
+def test_a_terminated_or_cancelled_training_ends_cancelled_and_the_next_starts_at_once(
+    radloop_env: dict[str, str],
+    settings: Settings,
+    store: Store,
+    mlflow_server: Child,
+    tmp_path: Path,
+) -> None:
+    """Two real interruptions of a training mid-epoch, each a BaseException that `except
+    Exception` misses:
+
+    1. a real SIGTERM to a real process training the model (`tests/training_process.py`, as
+       `radloop train --local`, or a flow run's process that its runner stops);
+    2. Prefect's cancellation: inside a flow run Prefect's SIGTERM bridge raises its
+       `TerminationSignal`; here the real type is raised from the epoch hook (an injected
+       hook) of a training in this process, where the bridge would raise it.
+
+    Each ends the row `cancelled` and its MLflow run KILLED, and the next training of the
+    model starts at once instead of meeting "already training" for 30 minutes."""
+    spec = _spec(threshold=1, epochs=1000, steps_per_epoch=1)
+    validate_studies(settings, store, spec, tmp_path, [71, 72], lambda _, truth: truth)
+    assert splits(store) == ["holdout", "train"]
+    registry = Registry(settings.mlflow.effective_tracking_uri)
+    retrainer = Retrainer(
+        store, spec, registry, TritonRepository(settings.model_repository), backend=None
+    )
+
+    def training() -> TrainingRun | None:
+        """The latest run, once it has trained an epoch."""
+        with store.read() as session:
+            row = session.scalars(select(TrainingRun).order_by(TrainingRun.id.desc())).first()
+            return row if row is not None and row.epoch >= 1 else None
+
+    def ended(run: TrainingRun) -> tuple[str, str | None, str]:
+        """State and decision of its row, and the status of its MLflow run."""
+        with store.read() as session:
+            row = session.get_one(TrainingRun, run.id)
+            assert row.finished_at is not None and row.mlflow_run_id is not None, row.state
+            status = registry.client.get_run(row.mlflow_run_id).info.status
+            return row.state, row.decision, status
+
+    spec_path = tmp_path / "spec.json"
+    spec_path.write_text(spec.model_dump_json())
+    child = subprocess.Popen(
+        [sys.executable, "-m", "tests.training_process", str(spec_path)], env=radloop_env
+    )
+    try:
+        terminated = wait_until(training, timeout=300, interval=0.2)
+        child.send_signal(signal.SIGTERM)
+        assert child.wait(timeout=60) == -signal.SIGTERM  # it still dies of the signal
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+
+    assert ended(terminated) == (
+        TrainingState.CANCELLED,
+        "cancelled: TrainingCancelled (signal 15)",
+        "KILLED",
+    )
+
+    def cancel(epoch: int, loss: float) -> None:
+        raise TerminationSignal(signal=signal.SIGTERM)
+
+    with pytest.raises(TerminationSignal):
+        retrainer.run(TrainingTrigger.MANUAL, on_epoch=cancel)
+    cancelled = training()  # it started at once: no "already training", and trained an epoch
+    assert cancelled is not None and cancelled.id != terminated.id
+    assert ended(cancelled) == (
+        TrainingState.CANCELLED,
+        "cancelled: TerminationSignal (signal 15)",
+        "KILLED",
+    )
+    assert retrainer.due(TrainingTrigger.THRESHOLD) is not None  # a cancelled run used no labels
+    assert retrainer.start(TrainingTrigger.MANUAL) is not None

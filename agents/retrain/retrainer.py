@@ -18,7 +18,7 @@ import torch
 from agents.retrain.card import model_card
 from agents.retrain.dataset import Volume, load_volumes, manifest, train_labels_since
 from agents.retrain.gate import HoldoutScores, decide, judge
-from agents.retrain.runs import RunBook, training_record
+from agents.retrain.runs import RunBook, sigterm_cancels, training_record
 from agents.trainer import Example, TrainingConfig, prepare, train
 from model_registry.deploy import hot_reload
 from model_registry.inference import TritonBackend
@@ -107,20 +107,25 @@ class Retrainer:
     def run(
         self, trigger: TrainingTrigger | str, on_epoch: EpochHook | None = None
     ) -> dict[str, Any]:
-        """Train, register, gate and (if promoted) deploy; returns the run's record."""
+        """Train, register, gate and (if promoted) deploy; returns the run's record. A run
+        that raises ends failed, or cancelled when cancelled or terminated (Prefect's
+        cancellation, SIGTERM, Ctrl-C), and the exception goes on (`RunBook.end`)."""
         trigger = TrainingTrigger(trigger)
         reason = self.due(trigger)
         if reason is None:
             return {"state": TrainingState.SKIPPED.value, "decision": "not due: no new labels"}
-        run_id = self.start(trigger)
-        if run_id is None:
-            return {"state": TrainingState.SKIPPED.value, "decision": "a run is already training"}
-        try:
-            self._run(_Run(run_id, reason), on_epoch)
-        except Exception as error:
-            log.exception("training run %d of %s failed", run_id, self.spec.name)
-            self.book.fail(run_id, error)
-            raise
+        with sigterm_cancels():
+            run_id = self.start(trigger)
+            if run_id is None:
+                return {
+                    "state": TrainingState.SKIPPED.value,
+                    "decision": "a run is already training",
+                }
+            try:
+                self._run(_Run(run_id, reason), on_epoch)
+            except BaseException as error:  # Prefect cancels with a BaseException
+                self.book.end(run_id, error, self.registry)
+                raise
         return self.record(run_id)
 
     def record(self, run_id: int) -> dict[str, Any]:
@@ -152,13 +157,14 @@ class Retrainer:
             with _timed(run, "deploy_s"):
                 triton_version = self._deploy(run, scripted, version, parent, scores)
         run.timings["total_s"] = time.monotonic() - run.started
-        self.registry.client.set_terminated(run.mlflow_run_id)
+        # The row first: once decided, an interruption (`RunBook.end`) leaves it decided.
         self.book.finish(
             run.id,
             TrainingState.PROMOTED if promote else TrainingState.REJECTED,
             triton_version=triton_version,
             timings=run.timings,
         )
+        self.registry.client.set_terminated(run.mlflow_run_id)
 
     # -- the steps ----------------------------------------------------------------------
 

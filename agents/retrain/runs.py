@@ -1,21 +1,72 @@
-"""The `training_runs` rows of one model, from start to decision. Two runs of one model never
+"""The `training_runs` rows of one model, from start to end. Two runs of one model never
 overlap: a running row with a recent heartbeat makes a second start return None (the Prefect
 deployment's concurrency limit keeps them apart too; this guard also holds for
-`radloop train --local` and on a cluster)."""
+`radloop train --local` and on a cluster).
+
+Every run that starts ends — decided, failed or cancelled — with its MLflow run closed, so
+the guard only ever waits for a run that is really training. A run killed outright (SIGKILL,
+power loss) cannot end itself: its row stays running until its heartbeat is `STALE_AFTER`
+old, and the next start marks it failed.
+"""
 
 from __future__ import annotations
 
+import logging
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timedelta
+from types import FrameType
 from typing import Any
 
 from sqlalchemy import func, select
 
+from model_registry.mlflow_registry import Registry
 from radloop.db import Store, TrainingRun, utcnow
 from radloop.domain import TrainingState, TrainingTrigger
 from radloop.events import EventType, ModelEvent, record_event
 
+log = logging.getLogger(__name__)
+
 # A running row whose heartbeat is older than this belongs to a killed process.
 STALE_AFTER = timedelta(minutes=30)
+
+
+class TrainingCancelled(BaseException):
+    """SIGTERM arrived during a training run outside Prefect (`sigterm_cancels`). A
+    BaseException, like Prefect's own `TerminationSignal`: no `except Exception` swallows it."""
+
+    def __init__(self, number: int) -> None:
+        super().__init__(f"signal {number}")
+        self.signal = number
+
+
+@contextmanager
+def sigterm_cancels() -> Iterator[None]:
+    """For its duration SIGTERM raises `TrainingCancelled`, so a terminated run can end
+    itself as cancelled; the process then still dies of the signal, as its sender asked.
+    Changes nothing where SIGTERM already has a handler — inside a Prefect flow run the
+    engine's raises `TerminationSignal`, on cancellation too — or off the main thread."""
+    main = threading.current_thread() is threading.main_thread()
+    if not main or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+
+    def cancel(number: int, _: FrameType | None) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one is enough: let the run end itself
+        raise TrainingCancelled(number)
+
+    signal.signal(signal.SIGTERM, cancel)
+    try:
+        yield
+    except TrainingCancelled:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 class RunBook:
@@ -83,8 +134,40 @@ class RunBook:
         """End the run in `state`, with any other columns."""
         self.update(run_id, state=state.value, finished_at=utcnow(), **values)
 
-    def fail(self, run_id: int, error: Exception) -> None:
-        self.finish(run_id, TrainingState.FAILED, decision=f"{type(error).__name__}: {error}")
+    def end(self, run_id: int, error: BaseException, registry: Registry) -> None:
+        """End a run that raised `error`, unless it was decided already: FAILED for an
+        Exception; CANCELLED for any other BaseException — Prefect's cancellation
+        (`TerminationSignal`), SIGTERM (`TrainingCancelled`), Ctrl-C — which `except
+        Exception` would miss, leaving the row running and the model blocked for
+        `STALE_AFTER`. The run's MLflow run is closed FAILED or KILLED."""
+        failed = isinstance(error, Exception)
+        if failed:
+            log.error("training run %d of %s failed", run_id, self.model, exc_info=error)
+        else:
+            log.warning("training run %d of %s cancelled: %r", run_id, self.model, error)
+        with self.store.transaction() as session:
+            row = session.get_one(TrainingRun, run_id)
+            if row.state != TrainingState.RUNNING.value:
+                return
+            row.state = (TrainingState.FAILED if failed else TrainingState.CANCELLED).value
+            row.decision = _describe(error)
+            row.finished_at = utcnow()
+            mlflow_run_id = row.mlflow_run_id
+        if mlflow_run_id is None:
+            return
+        try:
+            registry.client.set_terminated(mlflow_run_id, "FAILED" if failed else "KILLED")
+        except Exception:  # the row says how it ended; MLflow may be what failed
+            log.warning("MLflow run %s of training run %d left open", mlflow_run_id, run_id)
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, Exception):
+        return f"{type(error).__name__}: {error}"
+    number = getattr(error, "signal", None)  # Prefect's TerminationSignal and ours carry it
+    return f"cancelled: {type(error).__name__}" + (
+        f" (signal {number})" if isinstance(number, int) else ""
+    )
 
 
 def training_record(store: Store, run_id: int) -> dict[str, Any]:

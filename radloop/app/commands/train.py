@@ -68,7 +68,7 @@ def train(
         print(json.dumps(result, indent=2))
     else:
         console.print(f"{model}: {result['state']} — {result.get('decision')}")
-    if result["state"] == TrainingState.FAILED:
+    if result["state"] in (TrainingState.FAILED, TrainingState.CANCELLED):
         raise typer.Exit(1)
 
 
