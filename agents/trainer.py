@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from monai.losses.dice import DiceCELoss
 from numpy.typing import NDArray
 
+from agents.metrics import dice_per_label
 from model_registry.repository import inference_config
 from model_registry.triton_model import preprocess, segment
 from radloop.modelspec import ModelSpec
@@ -113,29 +114,17 @@ def train(
     return network.cpu(), report
 
 
-def dice_per_label(
-    predicted: NDArray[Any], truth: NDArray[Any], labels: Sequence[int]
-) -> dict[int, float]:
-    """Dice of each label value; 1.0 where both are empty."""
-    scores = {}
-    for value in labels:
-        a, b = predicted == value, truth == value
-        denominator = int(a.sum()) + int(b.sum())
-        scores[value] = 1.0 if denominator == 0 else 2.0 * int((a & b).sum()) / denominator
-    return scores
-
-
 def evaluate(
     network: torch.nn.Module,
     volumes: Sequence[tuple[NDArray[Any], NDArray[Any], Sequence[float]]],
     spec: ModelSpec,
 ) -> dict[str, float]:
-    """Mean Dice per label name over (HU, labels, spacing) volumes, at their own resolution."""
+    """Mean Dice per label name over (HU, labels, spacing) volumes, at their own resolution
+    (`agents.metrics.dice_per_label`: a label absent from prediction and truth scores 1.0)."""
     config = inference_config(spec)
-    totals = {label.value: 0.0 for label in spec.labels}
+    totals = {label.name: 0.0 for label in spec.labels}
     for hu, truth, spacing in volumes:
         predicted, _ = segment(network, hu, spacing, config)
-        for value, score in dice_per_label(predicted, truth, list(totals)).items():
-            totals[value] += score
-    names = {label.value: label.name for label in spec.labels}
-    return {names[value]: total / len(volumes) for value, total in totals.items()}
+        for name, score in dice_per_label(predicted, truth, spec).items():
+            totals[name] += score
+    return {name: total / len(volumes) for name, total in totals.items()}

@@ -34,6 +34,7 @@ from model_registry.inference import InferenceUnavailable, TritonBackend
 from model_registry.repository import TritonRepository
 from radloop.app.supervisor import Child, triton_spec
 from radloop.db import Label, Store, TrainingRun
+from radloop.domain import TrainingState
 from radloop.modelspec import PACKAGED_MODELS, load_spec
 from radloop.settings import Settings
 
@@ -52,12 +53,13 @@ def run_demo(env: dict[str, str], log: Path, timeout: float) -> float:
 
 
 def loop_figures(settings: Settings) -> dict[str, Any]:
+    decided = (TrainingState.PROMOTED, TrainingState.REJECTED)
     store = Store.open(settings.effective_database_url, migrate=False)
     try:
         with store.read() as session:
             run = session.scalars(
                 select(TrainingRun)
-                .where(TrainingRun.state.in_(["promoted", "rejected"]))
+                .where(TrainingRun.state.in_([state.value for state in decided]))
                 .order_by(TrainingRun.id)
             ).first()
             if run is None:

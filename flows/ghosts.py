@@ -42,9 +42,9 @@ from prefect.client.schemas.sorting import FlowRunSort
 from prefect.states import Cancelled, Crashed
 from sqlalchemy import select
 
-from agents.retrain import Outcome
 from flows.process import START_LABEL, process_alive, this_host
 from radloop.db import Store, TrainingRun, utcnow
+from radloop.domain import TrainingState
 from radloop.settings import load_settings
 
 if TYPE_CHECKING:
@@ -107,7 +107,7 @@ def end_training_rows(store: Store, run: FlowRun, reason: str) -> list[int]:
         return []
     since = datetime.fromtimestamp(started.timestamp(), UTC) - CLOCK_SLACK
     query = select(TrainingRun).where(
-        TrainingRun.state == Outcome.RUNNING.value, TrainingRun.started_at >= since
+        TrainingRun.state == TrainingState.RUNNING.value, TrainingRun.started_at >= since
     )
     if run.parameters.get("model"):
         query = query.where(TrainingRun.model_name == run.parameters["model"])
@@ -116,7 +116,7 @@ def end_training_rows(store: Store, run: FlowRun, reason: str) -> list[int]:
     ended = []
     with store.transaction() as session:
         for row in session.scalars(query.with_for_update()):
-            row.state, row.decision = Outcome.FAILED.value, f"crashed: {reason}"
+            row.state, row.decision = TrainingState.FAILED.value, f"crashed: {reason}"
             row.finished_at = utcnow()
             ended.append(row.id)
     return ended

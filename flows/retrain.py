@@ -14,10 +14,11 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from agents.retrain import Retrainer, Trigger
+from agents.retrain import Retrainer
 from flows.ghosts import RETRAIN_FLOW, end_training_rows_on_crash
 from flows.process import mark_this_run
 from radloop.db import Store
+from radloop.domain import TrainingTrigger
 from radloop.modelspec import load_specs
 from radloop.settings import load_settings
 
@@ -42,7 +43,7 @@ def retrain_model(model: str | None = None, trigger: str = "threshold") -> list[
             ) -> None:
                 logger.info("%s epoch %d/%d loss %.4f", name, epoch, epochs, loss)
 
-            result = retrainer.run(Trigger(trigger), on_epoch=progress)
+            result = retrainer.run(TrainingTrigger(trigger), on_epoch=progress)
             logger.info("%s: %s", name, result.get("decision"))
             results.append(result)
     finally:

@@ -1,4 +1,5 @@
-"""Closed sets of the domain: states a reader can see, and where an instance came from."""
+"""Closed sets of the domain: states a reader can see, where an instance came from, who may
+do what, and what a retraining is doing."""
 
 from __future__ import annotations
 
@@ -56,3 +57,25 @@ class Role(StrEnum):
     REVIEWER = "reviewer"
     ML_ENGINEER = "ml-engineer"
     ADMIN = "admin"
+
+
+class TrainingTrigger(StrEnum):
+    """What started a retraining: enough new train labels, the cron schedule, a person."""
+
+    THRESHOLD = "threshold"
+    SCHEDULE = "schedule"
+    MANUAL = "manual"
+
+
+class TrainingState(StrEnum):
+    """A retraining (`training_runs.state`). RUNNING until decided; PROMOTED or REJECTED by
+    the holdout gate; FAILED on an error; CANCELLED when cancelled or terminated (Prefect's
+    cancellation, SIGTERM). SKIPPED is only reported, never stored: nothing new to learn, or
+    the model is already training."""
+
+    RUNNING = "running"
+    PROMOTED = "promoted"
+    REJECTED = "rejected"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    SKIPPED = "skipped"

@@ -1,10 +1,14 @@
 """Retraining on validated labels, against real MLflow (and Triton for the deploy): the gate
 refuses a challenger trained on corrupted labels, a good challenger is registered, promoted
-and hot-reloaded, and two runs of one model never overlap."""
+and hot-reloaded, two runs of one model never overlap, and a cancelled or terminated run ends
+cancelled without blocking the next."""
 
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -14,10 +18,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from prefect.exceptions import TerminationSignal
 from sqlalchemy import select
 
 from agents.nifti import read_label_map
-from agents.retrain import Outcome, Retrainer, Trigger
+from agents.retrain import Retrainer
 from agents.trainer import TrainingConfig, prepare, train
 from model_registry.inference import TritonBackend
 from model_registry.mlflow_registry import CHALLENGER, CHAMPION, Registry
@@ -25,8 +30,10 @@ from model_registry.repository import TritonRepository
 from radloop.app.phantoms import generate
 from radloop.app.supervisor import Child
 from radloop.db import Label, OutboxEvent, Store, TrainingRun, utcnow
+from radloop.domain import TrainingState, TrainingTrigger
 from radloop.modelspec import PACKAGED_MODELS, ModelSpec, load_spec
 from radloop.settings import Settings
+from radloop.wait import wait_until
 from tests.conftest_marks import ONCE
 from tests.drafted import annotator, received_phantom, worklist
 from tests.servers import radloop_json
@@ -115,10 +122,10 @@ def test_the_gate_refuses_a_challenger_trained_on_corrupted_labels(
     assert splits(store) == ["holdout", "train", "train", "train", "train", "holdout"]
     registry = Registry(settings.mlflow.effective_tracking_uri)
     retrainer = Retrainer(store, spec, registry, repository, backend=None)
-    assert retrainer.due(Trigger.THRESHOLD) is not None
+    assert retrainer.due(TrainingTrigger.THRESHOLD) is not None
 
-    result = retrainer.run(Trigger.THRESHOLD)
-    assert result["state"] == Outcome.REJECTED, result
+    result = retrainer.run(TrainingTrigger.THRESHOLD)
+    assert result["state"] == TrainingState.REJECTED, result
     assert "rejected by the gate" in result["decision"]
     champion = np.mean(list(result["champion_dice"].values()))
     challenger = np.mean(list(result["challenger_dice"].values()))
@@ -150,8 +157,8 @@ def test_the_gate_refuses_a_challenger_trained_on_corrupted_labels(
         }
     assert [e["kind"] for e in events(store, "radloop.model.registered")] == ["model.registered"]
     assert events(store, "radloop.model.promoted") == []
-    assert retrainer.due(Trigger.THRESHOLD) is None  # the labels were used
-    assert retrainer.run(Trigger.SCHEDULE)["state"] == Outcome.SKIPPED
+    assert retrainer.due(TrainingTrigger.THRESHOLD) is None  # the labels were used
+    assert retrainer.run(TrainingTrigger.SCHEDULE)["state"] == TrainingState.SKIPPED
 
 
 @ONCE
@@ -174,8 +181,8 @@ def test_a_good_challenger_is_promoted_registered_as_champion_and_hot_reloaded(
     retrainer = Retrainer(store, spec, registry, repository, backend)
     epochs: list[int] = []
 
-    result = retrainer.run(Trigger.MANUAL, on_epoch=lambda epoch, _: epochs.append(epoch))
-    assert result["state"] == Outcome.PROMOTED, result
+    result = retrainer.run(TrainingTrigger.MANUAL, on_epoch=lambda epoch, _: epochs.append(epoch))
+    assert result["state"] == TrainingState.PROMOTED, result
     assert epochs == [1, 2, 3, 4, 5, 6]
     assert result["triton_version"] == 2 and repository.champion(spec.name) == 2
     assert "2" in backend.served_versions(spec.name)
@@ -207,13 +214,89 @@ def test_two_runs_of_one_model_never_overlap_and_a_killed_run_does_not_block(
     retrainer = Retrainer(
         store, spec, Registry("http://127.0.0.1:9"), TritonRepository(tmp_path), backend=None
     )
-    first = retrainer.start(Trigger.MANUAL)
+    first = retrainer.start(TrainingTrigger.MANUAL)
     assert first is not None
-    assert retrainer.start(Trigger.MANUAL) is None
+    assert retrainer.start(TrainingTrigger.MANUAL) is None
     with store.transaction() as session:  # its process was killed an hour ago
         row = session.get_one(TrainingRun, first)
         row.heartbeat_at = utcnow() - timedelta(hours=1)
-    second = retrainer.start(Trigger.MANUAL)
+    second = retrainer.start(TrainingTrigger.MANUAL)
     assert second is not None and second != first
     with store.read() as session:
-        assert session.get_one(TrainingRun, first).state == Outcome.FAILED
+        assert session.get_one(TrainingRun, first).state == TrainingState.FAILED
+
+
+def test_a_terminated_or_cancelled_training_ends_cancelled_and_the_next_starts_at_once(
+    radloop_env: dict[str, str],
+    settings: Settings,
+    store: Store,
+    mlflow_server: Child,
+    tmp_path: Path,
+) -> None:
+    """Two real interruptions of a training mid-epoch, each a BaseException that `except
+    Exception` misses:
+
+    1. a real SIGTERM to a real process training the model (`tests/training_process.py`, as
+       `radloop train --local`, or a flow run's process that its runner stops);
+    2. Prefect's cancellation: inside a flow run Prefect's SIGTERM bridge raises its
+       `TerminationSignal`; here the real type is raised from the epoch hook (an injected
+       hook) of a training in this process, where the bridge would raise it.
+
+    Each ends the row `cancelled` and its MLflow run KILLED, and the next training of the
+    model starts at once instead of meeting "already training" for 30 minutes."""
+    spec = _spec(threshold=1, epochs=1000, steps_per_epoch=1)
+    validate_studies(settings, store, spec, tmp_path, [71, 72], lambda _, truth: truth)
+    assert splits(store) == ["holdout", "train"]
+    registry = Registry(settings.mlflow.effective_tracking_uri)
+    retrainer = Retrainer(
+        store, spec, registry, TritonRepository(settings.model_repository), backend=None
+    )
+
+    def training() -> TrainingRun | None:
+        """The latest run, once it has trained an epoch."""
+        with store.read() as session:
+            row = session.scalars(select(TrainingRun).order_by(TrainingRun.id.desc())).first()
+            return row if row is not None and row.epoch >= 1 else None
+
+    def ended(run: TrainingRun) -> tuple[str, str | None, str]:
+        """State and decision of its row, and the status of its MLflow run."""
+        with store.read() as session:
+            row = session.get_one(TrainingRun, run.id)
+            assert row.finished_at is not None and row.mlflow_run_id is not None, row.state
+            status = registry.client.get_run(row.mlflow_run_id).info.status
+            return row.state, row.decision, status
+
+    spec_path = tmp_path / "spec.json"
+    spec_path.write_text(spec.model_dump_json())
+    child = subprocess.Popen(
+        [sys.executable, "-m", "tests.training_process", str(spec_path)], env=radloop_env
+    )
+    try:
+        terminated = wait_until(training, timeout=300, interval=0.2)
+        child.send_signal(signal.SIGTERM)
+        assert child.wait(timeout=60) == -signal.SIGTERM  # it still dies of the signal
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+
+    assert ended(terminated) == (
+        TrainingState.CANCELLED,
+        "cancelled: TrainingCancelled (signal 15)",
+        "KILLED",
+    )
+
+    def cancel(epoch: int, loss: float) -> None:
+        raise TerminationSignal(signal=signal.SIGTERM)
+
+    with pytest.raises(TerminationSignal):
+        retrainer.run(TrainingTrigger.MANUAL, on_epoch=cancel)
+    cancelled = training()  # it started at once: no "already training", and trained an epoch
+    assert cancelled is not None and cancelled.id != terminated.id
+    assert ended(cancelled) == (
+        TrainingState.CANCELLED,
+        "cancelled: TerminationSignal (signal 15)",
+        "KILLED",
+    )
+    assert retrainer.due(TrainingTrigger.THRESHOLD) is not None  # a cancelled run used no labels
+    assert retrainer.start(TrainingTrigger.MANUAL) is not None

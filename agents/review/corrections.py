@@ -18,6 +18,9 @@ from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import SegmentationStorage
 
+# Dice(draft, correction) is the correction effort; one implementation, in agents.metrics.
+from agents.metrics import dice_per_label as dice_per_label
+from agents.metrics import mean_dice as mean_dice
 from agents.nifti import NotAVolume, read_nifti
 from agents.segmentation import LABEL_MAP_SEGMENTATION, SegDoesNotFit, label_map_from_seg
 from agents.volume import LoadedSeries
@@ -131,20 +134,3 @@ def nifti_label_map(data: bytes, series: LoadedSeries, spec: ModelSpec) -> NDArr
 def require_not_empty(label_map: NDArray[Any]) -> None:
     if not label_map.any():
         raise InvalidLabel("the label is empty: no voxel belongs to any segment")
-
-
-def dice_per_label(
-    draft: NDArray[Any], correction: NDArray[Any], spec: ModelSpec
-) -> dict[str, float]:
-    """Dice(draft, correction) per label that either one holds."""
-    scores = {}
-    for label in spec.labels:
-        a, b = draft == label.value, correction == label.value
-        total = int(a.sum()) + int(b.sum())
-        if total:
-            scores[label.name] = 2.0 * int(np.logical_and(a, b).sum()) / total
-    return scores
-
-
-def mean_dice(scores: dict[str, float]) -> float:
-    return float(np.mean(list(scores.values()))) if scores else 1.0

@@ -25,7 +25,7 @@ from sqlalchemy import func, select
 
 from radloop.app.phantoms import WrittenStudy, write_study
 from radloop.db import Annotation, Store, Study, TrainingRun
-from radloop.domain import Role
+from radloop.domain import Role, TrainingState
 from radloop.modelspec import load_specs
 from radloop.settings import Settings
 from radloop.wait import WaitTimeout, wait_until
@@ -279,7 +279,7 @@ class Demo:
                     .where(
                         TrainingRun.model_name == MODEL,
                         TrainingRun.id > self.runs_before,
-                        TrainingRun.state != "skipped",
+                        TrainingRun.state != TrainingState.SKIPPED.value,
                     )
                     .order_by(TrainingRun.id.desc())
                 ).first()
@@ -290,7 +290,7 @@ class Demo:
                     self.say(
                         f"training run {row.id}: epoch {row.epoch}/{row.epochs} loss {row.loss:.4f}"
                     )
-                if row.state == "running":
+                if row.state == TrainingState.RUNNING:
                     return None
                 return {
                     "state": row.state,

@@ -171,7 +171,7 @@ class TrainingRun(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     model_name: Mapped[str] = mapped_column(String(64), index=True)
     trigger: Mapped[str] = mapped_column(String(16))
-    # running, promoted, rejected (by the gate), failed, skipped (nothing new to learn)
+    # radloop.domain.TrainingState: running, promoted, rejected (by the gate), failed, cancelled
     state: Mapped[str] = mapped_column(String(16), index=True)
     # Labels used (ids; their UIDs are in the MLflow manifest), and the holdout judged on.
     label_ids: Mapped[list[int] | None] = mapped_column(JSON)

@@ -20,6 +20,7 @@ from radloop.app.commands.common import (
     open_store,
 )
 from radloop.db import Store, TrainingRun, utcnow
+from radloop.domain import TrainingState, TrainingTrigger
 from radloop.wait import WaitTimeout, wait_until
 
 if TYPE_CHECKING:
@@ -64,7 +65,9 @@ def train(
         from prefect.deployments import run_deployment
 
         flow_run: Any = run_deployment(
-            RETRAIN_DEPLOYMENT, parameters={"model": model, "trigger": "manual"}, timeout=0
+            RETRAIN_DEPLOYMENT,
+            parameters={"model": model, "trigger": TrainingTrigger.MANUAL.value},
+            timeout=0,
         )
         if not wait:
             out = {"model": model, "flow_run_id": str(flow_run.id), "state": "requested"}
@@ -76,18 +79,18 @@ def train(
         print(json.dumps(result, indent=2))
     else:
         console.print(f"{model}: {result['state']} — {result.get('decision')}")
-    if result["state"] == "failed":
+    if result["state"] in (TrainingState.FAILED, TrainingState.CANCELLED):
         raise typer.Exit(1)
 
 
 def _train_here(settings: Settings, store: Store, spec: ModelSpec, quiet: bool) -> dict[str, Any]:
-    from agents.retrain import Retrainer, Trigger
+    from agents.retrain import Retrainer
 
     retrainer = Retrainer.from_settings(store, spec, settings)
     with _progress(quiet) as progress:
         task = progress.add_task("training", total=spec.retraining.epochs, loss="")
         return retrainer.run(
-            Trigger.MANUAL,
+            TrainingTrigger.MANUAL,
             on_epoch=lambda epoch, loss: progress.update(task, completed=epoch, loss=f"{loss:.4f}"),
         )
 
@@ -112,7 +115,7 @@ def _follow(
     deciding a training (it found one running, it crashed) is reported as such."""
     from prefect.client.orchestration import get_client
 
-    from agents.retrain import Outcome, training_record
+    from agents.retrain import training_record
 
     def latest() -> TrainingRun | None:
         with store.read() as session:
@@ -137,13 +140,13 @@ def _follow(
                     completed=row.epoch,
                     loss="" if row.loss is None else f"{row.loss:.4f}",
                 )
-                if row.state != Outcome.RUNNING.value:
+                if row.state != TrainingState.RUNNING.value:
                     return training_record(store, row.id)
             flow_run = client.read_flow_run(flow_run_id)
             if flow_run.state is None or not flow_run.state.is_final():
                 return None
             row = latest()  # it may have been decided since the first look
-            if row is not None and row.state != Outcome.RUNNING.value:
+            if row is not None and row.state != TrainingState.RUNNING.value:
                 return training_record(store, row.id)
             return _ended_undecided(model, flow_run, row)
 

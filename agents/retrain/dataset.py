@@ -1,0 +1,88 @@
+"""The validated labels of one model as training and holdout volumes, and what an ML engineer
+needs to rebuild that dataset (label ids and DICOM UIDs, no patient data)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+from numpy.typing import NDArray
+from sqlalchemy import func, select
+
+from radloop.db import Label, Store
+from radloop.domain import LabelSplit
+
+
+@dataclass(frozen=True)
+class Volume:
+    label_id: int
+    hu: NDArray[Any]
+    labels: NDArray[Any]
+    spacing: tuple[float, float, float]
+
+
+def read_pair(image_path: str, label_path: str) -> tuple[NDArray[Any], NDArray[Any], Any]:
+    """A dataset pair written by validation: HU and labels as (slice, row, column), spacing."""
+    image = nib.nifti1.load(image_path)  # type: ignore[no-untyped-call]
+    labels = nib.nifti1.load(label_path)  # type: ignore[no-untyped-call]
+    hu = np.asarray(image.dataobj, dtype=np.float32).transpose(2, 1, 0)
+    mask = np.asarray(labels.dataobj, dtype=np.uint8).transpose(2, 1, 0)
+    column, row, slice_ = np.linalg.norm(image.affine[:3, :3], axis=0)
+    return hu, mask, (float(slice_), float(row), float(column))
+
+
+def train_labels_since(store: Store, model: str, since: datetime | None) -> int:
+    """Validated train labels of `model` created after `since` (all of them when None)."""
+    with store.read() as session:
+        query = select(func.count()).where(
+            Label.model_name == model, Label.split == LabelSplit.TRAIN.value
+        )
+        if since is not None:
+            query = query.where(Label.created_at > since)
+        return int(session.scalar(query) or 0)
+
+
+def load_volumes(store: Store, model: str, split: LabelSplit) -> list[Volume]:
+    """Every validated pair of `model` in `split`, in label order."""
+    with store.read() as session:
+        rows = session.execute(
+            select(Label.id, Label.image_path, Label.label_path)
+            .where(Label.model_name == model, Label.split == split.value)
+            .order_by(Label.id)
+        ).all()
+    volumes = []
+    for label_id, image_path, label_path in rows:
+        hu, labels, spacing = read_pair(image_path, label_path)
+        volumes.append(Volume(label_id, hu, labels, spacing))
+    return volumes
+
+
+def manifest(
+    store: Store, model: str, train_set: list[Volume], holdout: list[Volume]
+) -> dict[str, Any]:
+    """Label ids and DICOM UIDs only: what an ML engineer needs to rebuild the dataset."""
+    with store.read() as session:
+        rows = {
+            row.id: row
+            for row in session.scalars(
+                select(Label).where(Label.id.in_([v.label_id for v in train_set + holdout]))
+            )
+        }
+
+    def entry(volume: Volume) -> dict[str, Any]:
+        label = rows[volume.label_id]
+        return {
+            "label_id": label.id,
+            "annotation_id": label.annotation_id,
+            "series_instance_uid": label.series_uid,
+            "seg_sop_instance_uid": label.seg_sop_instance_uid,
+        }
+
+    return {
+        "model": model,
+        "train": [entry(v) for v in train_set],
+        "holdout": [entry(v) for v in holdout],
+    }

@@ -1,0 +1,388 @@
+"""`Retrainer`: when one model is due for retraining, and one run as a sequence of named
+steps — load the dataset, load the champion, open the MLflow run, train, judge on the
+holdout, register, decide, deploy, close."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from agents.retrain.card import model_card
+from agents.retrain.dataset import Volume, load_volumes, manifest, train_labels_since
+from agents.retrain.gate import HoldoutScores, decide, judge
+from agents.retrain.runs import RunBook, sigterm_cancels, training_record
+from agents.trainer import Example, TrainingConfig, prepare, train
+from model_registry.deploy import hot_reload
+from model_registry.inference import TritonBackend
+from model_registry.mlflow_registry import CHALLENGER, CHAMPION, Registry, adopt
+from model_registry.repository import TritonRepository
+from radloop.db import Store, utcnow
+from radloop.domain import LabelSplit, TrainingState, TrainingTrigger
+from radloop.events import EventType, ModelEvent, record_event
+from radloop.modelspec import ModelSpec
+from radloop.settings import Settings
+
+log = logging.getLogger(__name__)
+
+EpochHook = Callable[[int, float], None]
+
+
+@dataclass
+class _Run:
+    """One run as its steps hand it on: its row, its MLflow run, seconds per phase."""
+
+    id: int
+    reason: str
+    mlflow_run_id: str = ""
+    timings: dict[str, float] = field(default_factory=dict)
+    started: float = field(default_factory=time.monotonic)
+
+
+@contextmanager
+def _timed(run: _Run, phase: str) -> Iterator[None]:
+    mark = time.monotonic()
+    yield
+    run.timings[phase] = time.monotonic() - mark
+
+
+class Retrainer:
+    def __init__(
+        self,
+        store: Store,
+        spec: ModelSpec,
+        registry: Registry,
+        repository: TritonRepository,
+        backend: TritonBackend | None,
+    ) -> None:
+        self.store = store
+        self.spec = spec
+        self.registry = registry
+        self.repository = repository
+        self.backend = backend
+        self.book = RunBook(store, spec.name)
+
+    @classmethod
+    def from_settings(cls, store: Store, spec: ModelSpec, settings: Settings) -> Retrainer:
+        """Against the configured MLflow, model repository and Triton."""
+        return cls(
+            store,
+            spec,
+            Registry(settings.mlflow.effective_tracking_uri),
+            TritonRepository(settings.model_repository),
+            TritonBackend(settings.triton.base_url, settings.triton.timeout_seconds),
+        )
+
+    # -- when -------------------------------------------------------------------------
+
+    def new_train_labels(self) -> int:
+        """Validated train labels since the start of the last run that trained."""
+        return train_labels_since(self.store, self.spec.name, self.book.last_training_start())
+
+    def due(self, trigger: TrainingTrigger | str) -> str | None:
+        """Why a run should start now, or None."""
+        trigger = TrainingTrigger(trigger)
+        fresh = self.new_train_labels()
+        if trigger == TrainingTrigger.THRESHOLD and fresh >= self.spec.retraining.threshold:
+            return f"{fresh} new train labels >= threshold {self.spec.retraining.threshold}"
+        if trigger == TrainingTrigger.SCHEDULE and fresh > 0:
+            return f"scheduled, {fresh} new train labels"
+        if trigger == TrainingTrigger.MANUAL:
+            return f"requested by hand ({fresh} new train labels)"
+        return None
+
+    # -- one run ----------------------------------------------------------------------
+
+    def start(self, trigger: TrainingTrigger | str) -> int | None:
+        """Open a training run row, or None when one of this model is already running."""
+        return self.book.open(TrainingTrigger(trigger), self.spec.retraining.epochs)
+
+    def run(
+        self, trigger: TrainingTrigger | str, on_epoch: EpochHook | None = None
+    ) -> dict[str, Any]:
+        """Train, register, gate and (if promoted) deploy; returns the run's record. A run
+        that raises ends failed, or cancelled when cancelled or terminated (Prefect's
+        cancellation, SIGTERM, Ctrl-C), and the exception goes on (`RunBook.end`)."""
+        trigger = TrainingTrigger(trigger)
+        reason = self.due(trigger)
+        if reason is None:
+            return {"state": TrainingState.SKIPPED.value, "decision": "not due: no new labels"}
+        with sigterm_cancels():
+            run_id = self.start(trigger)
+            if run_id is None:
+                return {
+                    "state": TrainingState.SKIPPED.value,
+                    "decision": "a run is already training",
+                }
+            try:
+                self._run(_Run(run_id, reason), on_epoch)
+            except BaseException as error:  # Prefect cancels with a BaseException
+                self.book.end(run_id, error, self.registry)
+                raise
+        return self.record(run_id)
+
+    def record(self, run_id: int) -> dict[str, Any]:
+        return training_record(self.store, run_id)
+
+    def _run(self, run: _Run, on_epoch: EpochHook | None) -> None:
+        """One run's steps, in order; the row is decided at the end."""
+        train_set, holdout = self._dataset()
+        parent, champion = self._champion()
+        self.book.update(
+            run.id,
+            label_ids=[v.label_id for v in train_set],
+            holdout_label_ids=[v.label_id for v in holdout],
+            parent_version=parent,
+        )
+        examples = [prepare(v.hu, v.labels, v.spacing, self.spec) for v in train_set]
+        run.timings["prepare_s"] = time.monotonic() - run.started
+        params = self._open_mlflow_run(run, train_set, holdout, parent)
+        with _timed(run, "train_s"):
+            challenger, losses = self._train(run, examples, champion, on_epoch)
+        with _timed(run, "evaluate_s"):
+            scores = self._judge(run, challenger, champion, holdout)
+        with _timed(run, "register_s"):
+            card = model_card(self.spec, params, losses, scores)
+            scripted, version = self._register(run, challenger, card, scores)
+        promote = self._decide(run, version, parent, scores, has_champion=champion is not None)
+        triton_version = None
+        if promote:
+            with _timed(run, "deploy_s"):
+                triton_version = self._deploy(run, scripted, version, parent, scores)
+        run.timings["total_s"] = time.monotonic() - run.started
+        # The row first: once decided, an interruption (`RunBook.end`) leaves it decided.
+        self.book.finish(
+            run.id,
+            TrainingState.PROMOTED if promote else TrainingState.REJECTED,
+            triton_version=triton_version,
+            timings=run.timings,
+        )
+        self.registry.client.set_terminated(run.mlflow_run_id)
+
+    # -- the steps ----------------------------------------------------------------------
+
+    def _dataset(self) -> tuple[list[Volume], list[Volume]]:
+        """The validated train and holdout volumes; training needs at least one train label."""
+        train_set = load_volumes(self.store, self.spec.name, LabelSplit.TRAIN)
+        holdout = load_volumes(self.store, self.spec.name, LabelSplit.HOLDOUT)
+        if not train_set:
+            raise RuntimeError("no validated train labels")
+        return train_set, holdout
+
+    def _champion(self) -> tuple[int | None, torch.nn.Module | None]:
+        """The served champion's Triton version and network (None, None on a cold start). A
+        starter or imported champion is given its MLflow version first ("adopted")."""
+        parent = self.repository.champion(self.spec.name)
+        if parent is None:
+            return None, None
+        folder = self.repository.root / self.spec.name / str(parent)
+        champion: torch.nn.Module = torch.jit.load(str(folder / "model.pt"), map_location="cpu")  # type: ignore[no-untyped-call]
+        adopt(
+            self.registry,
+            self.spec.name,
+            folder,
+            parent,
+            "served before radloop trained it (starter or imported)",
+        )
+        return parent, champion.eval()
+
+    def _open_mlflow_run(
+        self, run: _Run, train_set: list[Volume], holdout: list[Volume], parent: int | None
+    ) -> dict[str, Any]:
+        """The MLflow run, its parameters and dataset manifest; returns the parameters."""
+        client, retraining = self.registry.client, self.spec.retraining
+        created = client.create_run(
+            self.registry.experiment_id(self.spec.name),
+            run_name=f"{self.spec.name}-run{run.id}",
+            tags={"radloop.training_run": str(run.id), "radloop.trigger": run.reason},
+        )
+        run.mlflow_run_id = created.info.run_id
+        self.book.update(run.id, mlflow_run_id=run.mlflow_run_id)
+        params = {
+            "model": self.spec.name,
+            "network": self.spec.network.name,
+            "epochs": retraining.epochs,
+            "steps_per_epoch": retraining.steps_per_epoch,
+            "batch_size": retraining.batch_size,
+            "learning_rate": retraining.learning_rate,
+            "seed": retraining.seed,
+            "train_labels": len(train_set),
+            "holdout_labels": len(holdout),
+            "parent_triton_version": parent if parent is not None else "none",
+            "device": "cuda" if torch.cuda.is_available() else "cpu",
+            "gate_margin": retraining.gate_margin,
+        }
+        for key, value in params.items():
+            client.log_param(run.mlflow_run_id, key, value)
+        dataset = manifest(self.store, self.spec.name, train_set, holdout)
+        client.log_dict(run.mlflow_run_id, dataset, "dataset_manifest.json")
+        return params
+
+    def _train(
+        self,
+        run: _Run,
+        examples: list[Example],
+        champion: torch.nn.Module | None,
+        on_epoch: EpochHook | None,
+    ) -> tuple[torch.nn.Module, list[float]]:
+        """Fine-tune the champion (or train afresh); each epoch logs its loss and beats the
+        row's heartbeat. Returns the challenger and the loss per epoch."""
+        retraining = self.spec.retraining
+        config = TrainingConfig(
+            epochs=retraining.epochs,
+            steps_per_epoch=retraining.steps_per_epoch,
+            batch_size=retraining.batch_size,
+            learning_rate=retraining.learning_rate,
+            seed=retraining.seed,
+        )
+
+        def epoch_done(epoch: int, loss: float) -> None:
+            self.registry.client.log_metric(run.mlflow_run_id, "train_loss", loss, step=epoch)
+            self.book.update(run.id, epoch=epoch, loss=loss, heartbeat_at=utcnow())
+            if on_epoch is not None:
+                on_epoch(epoch, loss)
+
+        initial = _trainable(self.spec, champion)
+        challenger, report = train(self.spec, examples, config, initial, on_epoch=epoch_done)
+        return challenger, report.epoch_losses
+
+    def _judge(
+        self,
+        run: _Run,
+        challenger: torch.nn.Module,
+        champion: torch.nn.Module | None,
+        holdout: list[Volume],
+    ) -> HoldoutScores:
+        """Both networks on the frozen holdout, logged to the MLflow run."""
+        scores = judge(challenger, champion, holdout, self.spec)
+        client = self.registry.client
+        for name, score in scores.challenger.items():
+            client.log_metric(run.mlflow_run_id, f"holdout_dice_{name}", score)
+        for name, score in (scores.champion or {}).items():
+            client.log_metric(run.mlflow_run_id, f"champion_holdout_dice_{name}", score)
+        return scores
+
+    def _register(
+        self, run: _Run, challenger: torch.nn.Module, card: str, scores: HoldoutScores
+    ) -> tuple[torch.jit.ScriptModule, str]:
+        """The TorchScript model, spec and card as the run's artifact, registered as a new
+        MLflow version with alias challenger. Returns the scripted model and the version."""
+        client = self.registry.client
+        scripted: torch.jit.ScriptModule = torch.jit.script(challenger)
+        with tempfile.TemporaryDirectory() as folder:
+            artifact = Path(folder) / "model"
+            artifact.mkdir()
+            torch.jit.save(scripted, str(artifact / "model.pt"))
+            (artifact / "spec.json").write_text(self.spec.model_dump_json(indent=2))
+            (artifact / "README.md").write_text(card)
+            client.log_artifacts(run.mlflow_run_id, str(artifact), "model")
+        source = f"{client.get_run(run.mlflow_run_id).info.artifact_uri}/model"
+        mean = scores.challenger_mean
+        version = self.registry.register(
+            self.spec.name,
+            run.mlflow_run_id,
+            source,
+            {
+                "radloop.training_run": str(run.id),
+                "holdout_dice": f"{mean:.4f}" if mean is not None else "",
+            },
+        )
+        self.registry.set_alias(self.spec.name, CHALLENGER, version)
+        return scripted, version
+
+    def _decide(
+        self,
+        run: _Run,
+        version: str,
+        parent: int | None,
+        scores: HoldoutScores,
+        *,
+        has_champion: bool,
+    ) -> bool:
+        """The gate's decision, recorded on the champion's and the run's MLflow entries, the
+        row and the model.registered event. Returns whether to promote."""
+        name, client = self.spec.name, self.registry.client
+        champion_mean = scores.champion_mean
+        if champion_mean is not None and parent is not None:
+            registered = self.registry.by_triton_version(name, parent)
+            if registered is not None:  # the champion's score on today's holdout
+                self.registry.tag(name, registered.version, "holdout_dice", f"{champion_mean:.4f}")
+        promote, decision = decide(has_champion, scores, self.spec.retraining.gate_margin)
+        client.set_tag(run.mlflow_run_id, "radloop.decision", decision)
+        client.log_metric(run.mlflow_run_id, "promoted", 1.0 if promote else 0.0)
+        with self.store.transaction() as session:
+            record_event(
+                session,
+                EventType.MODEL_REGISTERED,
+                ModelEvent(
+                    kind="model.registered",
+                    model=name,
+                    training_run_id=run.id,
+                    mlflow_version=version,
+                    holdout_dice=scores.challenger_mean,
+                ),
+            )
+        self.book.update(
+            run.id,
+            mlflow_version=version,
+            champion_dice=scores.champion,
+            challenger_dice=scores.challenger,
+            decision=decision,
+        )
+        log.info("%s run %d: %s", name, run.id, decision)
+        return promote
+
+    def _deploy(
+        self,
+        run: _Run,
+        scripted: torch.jit.ScriptModule,
+        version: str,
+        parent: int | None,
+        scores: HoldoutScores,
+    ) -> int:
+        """Export as the next Triton version, hot-reload it (or just point the repository at
+        it without a Triton), alias it champion; events model.promoted and model.deployed."""
+        name = self.spec.name
+        triton_version = self.repository.export(self.spec, scripted, serve=False)
+        if self.backend is not None:
+            hot_reload(self.repository, self.backend, self.spec, triton_version)
+        else:
+            self.repository.write_config(name, [triton_version])
+            self.repository.set_champion(name, triton_version)
+        self.registry.tag(name, version, "triton_version", triton_version)
+        self.registry.set_alias(name, CHAMPION, version)
+        with self.store.transaction() as session:
+            for kind, event in (
+                ("model.promoted", EventType.MODEL_PROMOTED),
+                ("model.deployed", EventType.MODEL_DEPLOYED),
+            ):
+                record_event(
+                    session,
+                    event,
+                    ModelEvent(
+                        kind=kind,
+                        model=name,
+                        training_run_id=run.id,
+                        mlflow_version=version,
+                        triton_version=triton_version,
+                        previous_triton_version=parent,
+                        holdout_dice=scores.challenger_mean,
+                    ),
+                )
+        return triton_version
+
+
+def _trainable(spec: ModelSpec, champion: torch.nn.Module | None) -> torch.nn.Module | None:
+    """The champion's weights in a fresh (trainable, non-scripted) network of the spec."""
+    if champion is None:
+        return None
+    network: torch.nn.Module = spec.network.build()
+    network.load_state_dict(champion.state_dict())
+    return network
