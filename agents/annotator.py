@@ -30,7 +30,7 @@ from model_registry.inference import InferenceBackend
 from model_registry.repository import TritonRepository
 from radloop.db import Annotation, Series, Store, Study, utcnow
 from radloop.domain import AnnotationState, StudyState
-from radloop.events import AnnotationDrafted, EventType, record_event
+from radloop.events import AnnotationDrafted, record_event
 from radloop.modelspec import ModelSpec, Orientation
 
 log = logging.getLogger(__name__)
@@ -160,7 +160,6 @@ class Annotator:
                     study.state = StudyState.DRAFTED.value
                 record_event(
                     session,
-                    EventType.ANNOTATION_DRAFTED,
                     AnnotationDrafted(
                         annotation_id=annotation.id,
                         study_uid=study_uid,

@@ -15,7 +15,7 @@ from sqlalchemy import func, select
 
 from radloop.db import Instance, Series, Store, Study, utcnow
 from radloop.domain import StudyState
-from radloop.events import EventType, StudyCompleted, record_event
+from radloop.events import StudyCompleted, record_event
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class StudyAssembler:
                 instances=int(instances or 0),
                 series_uids=list(series_uids),
             )
-            record_event(session, EventType.STUDY_COMPLETED, payload)
+            record_event(session, payload)
         log.info(
             "study %s revision %d complete: %d instances in %d series",
             payload.study_uid,

@@ -10,11 +10,13 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime
 from enum import StrEnum
+from typing import ClassVar
 
-from pydantic import BaseModel
+from pydantic import BaseModel, field_validator
 from sqlalchemy.orm import Session
 
 from radloop.db.models import OutboxEvent
+from radloop.domain import LabelSplit
 
 
 class EventType(StrEnum):
@@ -30,6 +32,8 @@ class EventType(StrEnum):
 
 
 class StudyCompleted(BaseModel):
+    EVENT: ClassVar[EventType] = EventType.STUDY_COMPLETED
+
     study_id: int
     study_uid: str
     revision: int
@@ -46,6 +50,8 @@ class StudyCompleted(BaseModel):
 
 
 class AnnotationDrafted(BaseModel):
+    EVENT: ClassVar[EventType] = EventType.ANNOTATION_DRAFTED
+
     annotation_id: int
     study_uid: str
     revision: int
@@ -65,6 +71,8 @@ class AnnotationDrafted(BaseModel):
 
 
 class AnnotationCorrected(BaseModel):
+    EVENT: ClassVar[EventType] = EventType.ANNOTATION_CORRECTED
+
     annotation_id: int
     study_uid: str
     model: str
@@ -84,12 +92,14 @@ class AnnotationCorrected(BaseModel):
 
 
 class LabelValidated(BaseModel):
+    EVENT: ClassVar[EventType] = EventType.LABEL_VALIDATED
+
     label_id: int
     annotation_id: int
     study_uid: str
     series_uid: str
     model: str
-    split: str
+    split: LabelSplit
     validated_by: str
 
     @property
@@ -101,10 +111,22 @@ class LabelValidated(BaseModel):
         return f"label:{self.label_id}"
 
 
-class ModelEvent(BaseModel):
-    """radloop.training.requested / model.registered / promoted / deployed / rolled_back."""
+MODEL_EVENTS = frozenset(
+    {
+        EventType.TRAINING_REQUESTED,
+        EventType.MODEL_REGISTERED,
+        EventType.MODEL_PROMOTED,
+        EventType.MODEL_DEPLOYED,
+        EventType.MODEL_ROLLED_BACK,
+    }
+)
 
-    kind: str
+
+class ModelEvent(BaseModel):
+    """radloop.training.requested / model.registered / promoted / deployed / rolled_back: the
+    same payload, `kind` says which."""
+
+    kind: EventType
     model: str
     training_run_id: int | None = None
     mlflow_version: str | None = None
@@ -112,38 +134,39 @@ class ModelEvent(BaseModel):
     previous_triton_version: int | None = None
     holdout_dice: float | None = None
 
+    @field_validator("kind")
+    @classmethod
+    def _a_model_event(cls, kind: EventType) -> EventType:
+        if kind not in MODEL_EVENTS:
+            raise ValueError(f"{kind} is not a model event")
+        return kind
+
+    @property
+    def EVENT(self) -> EventType:
+        return self.kind
+
     @property
     def resource_id(self) -> str:
         return f"radloop.model.{self.model}"
 
     @property
     def idempotency_key(self) -> str:
+        kind = self.kind.value.removeprefix("radloop.")  # the keys' form before kind was typed
         return (
-            f"model:{self.model}:{self.kind}:run:{self.training_run_id}"
+            f"model:{self.model}:{kind}:run:{self.training_run_id}"
             f":mlflow:{self.mlflow_version}:triton:{self.triton_version}"
         )
 
 
 Payload = StudyCompleted | AnnotationDrafted | AnnotationCorrected | LabelValidated | ModelEvent
 
-EVENT_PAYLOADS: dict[EventType, type[BaseModel]] = {
-    EventType.STUDY_COMPLETED: StudyCompleted,
-    EventType.ANNOTATION_DRAFTED: AnnotationDrafted,
-    EventType.ANNOTATION_CORRECTED: AnnotationCorrected,
-    EventType.LABEL_VALIDATED: LabelValidated,
-    EventType.TRAINING_REQUESTED: ModelEvent,
-    EventType.MODEL_REGISTERED: ModelEvent,
-    EventType.MODEL_PROMOTED: ModelEvent,
-    EventType.MODEL_DEPLOYED: ModelEvent,
-    EventType.MODEL_ROLLED_BACK: ModelEvent,
-}
 
-
-def record_event(session: Session, event: EventType, payload: Payload) -> OutboxEvent:
-    """Add an outbox row in the caller's transaction; it is delivered only if that commits."""
+def record_event(session: Session, payload: Payload) -> OutboxEvent:
+    """Add an outbox row for the event `payload` reports, in the caller's transaction; it is
+    delivered only if that commits."""
     row = OutboxEvent(
         event_id=str(uuid.uuid4()),
-        event=event.value,
+        event=payload.EVENT.value,
         resource_id=payload.resource_id,
         idempotency_key=payload.idempotency_key,
         payload=payload.model_dump(mode="json"),

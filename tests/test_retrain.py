@@ -155,7 +155,9 @@ def test_the_gate_refuses_a_challenger_trained_on_corrupted_labels(
             "series_instance_uid",
             "seg_sop_instance_uid",
         }
-    assert [e["kind"] for e in events(store, "radloop.model.registered")] == ["model.registered"]
+    assert [e["kind"] for e in events(store, "radloop.model.registered")] == [
+        "radloop.model.registered"
+    ]
     assert events(store, "radloop.model.promoted") == []
     assert retrainer.due(TrainingTrigger.THRESHOLD) is None  # the labels were used
     assert retrainer.run(TrainingTrigger.SCHEDULE)["state"] == TrainingState.SKIPPED

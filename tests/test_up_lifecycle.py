@@ -1,26 +1,42 @@
-"""`radloop up` ends as users end it — killed, its terminal closed, its output pipe gone — and
-takes every part it started with it; the next start on the data dir is healthy. A port some
+"""`radloop up` ends as users end it — killed in the middle of a training, its terminal closed
+with its output pipe gone — and takes every part it started with it. The next start on the data
+dir is healthy: the run the kill left RUNNING in Prefect is ended as crashed, its concurrency
+slot and its training_runs row freed, and the next training runs to a decision. A port some
 other process holds stops the start with that process named, instead of adopting it."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import httpx
+import nibabel as nib
+import numpy as np
 import pytest
+import yaml
+from sqlalchemy import select
 
+from agents.nifti import read_label_map
 from radloop.app import runstate
 from radloop.app.supervisor import port_holder
+from radloop.db import Store, TrainingRun
+from radloop.modelspec import PACKAGED_MODELS, load_spec
 from radloop.settings import Settings
 from radloop.wait import wait_until
 from tests.conftest_marks import ONCE
+from tests.drafted import annotator, received_phantom, worklist
+from tests.models import export_version
 from tests.servers import RADLOOP, RadloopProcess, dicom_echo, radloop_json
 
 # Each test runs `radloop up`; nothing in them is database-specific.
 pytestmark = [pytest.mark.slow, ONCE]
+
+MODEL = "phantom-abdomen"
 
 
 def children(settings: Settings) -> dict[str, int]:
@@ -53,36 +69,81 @@ def assert_all_ended(groups: dict[str, int]) -> None:
 
 
 @pytest.mark.timeout(900)
-def test_parts_die_with_radloop_up_killed_or_hung_up_with_its_output_gone_and_it_starts_again(
-    radloop_env: dict[str, str], settings: Settings
+def test_parts_die_with_radloop_up_killed_mid_training_or_hung_up_and_it_starts_again(
+    radloop_env: dict[str, str], settings: Settings, tmp_path: Path
 ) -> None:
-    # 1. SIGKILL: no goodbye at all. Only radloop itself is killed, not its guard's group.
-    up = RadloopProcess(radloop_env, command=("up", "--no-demo")).start(timeout=300)
-    parts = children(settings)
-    command = up.process.command_pid
-    assert command is not None
-    os.kill(command, signal.SIGKILL)
-    assert_all_ended(parts)
+    models = tmp_path / "models"
+    # Long enough that the kill surely lands during the first training.
+    write_spec(models, epochs=50, steps_per_epoch=8)
+    env = {**radloop_env, "RADLOOP_MODELS_DIR": str(models)}
+    settings = settings.model_copy(update={"models_dir": models})
+    export_version(settings, load_spec(models / f"{MODEL}.yaml"))
+    validated_train_label(settings, tmp_path)
+
+    # 1. SIGKILL during a training: no goodbye at all. Only radloop itself is killed.
+    up = RadloopProcess(env, command=("up", "--no-demo")).start(timeout=300)
+    try:
+        ghost = radloop_json(env, "train", MODEL)["flow_run_id"]
+
+        def training() -> bool:
+            rows = training_rows(settings)
+            running = flow_run(settings, ghost)["state_type"] == "RUNNING"
+            return running and bool(rows) and rows[-1].state == "running"
+
+        wait_until(training, timeout=240, interval=1)
+        parts = children(settings)
+        command = up.process.command_pid
+        assert command is not None
+        os.kill(command, signal.SIGKILL)
+        assert_all_ended(parts)
+    finally:
+        up.kill()
 
     # 2. The next start on the same data dir is healthy, on processes of its own. It runs as
-    # `radloop up | tee log` does; then the terminal closes: tee is gone first, and radloop
-    # gets SIGHUP with nobody reading its output.
-    errors = Path(radloop_env["RADLOOP_DATA_DIR"]) / "up-stderr.log"
+    # `radloop up | tee log` does.
+    write_spec(models, epochs=1, steps_per_epoch=1)  # the next training: short
+    errors = Path(env["RADLOOP_DATA_DIR"]) / "up-stderr.log"
     with open(errors, "wb") as stderr:
         piped = subprocess.Popen(
             [RADLOOP, "up", "--no-demo"],
-            env=radloop_env,
+            env=env,
             stdout=subprocess.PIPE,
             stderr=stderr,
             start_new_session=True,
         )
     try:
-        port = int(radloop_env["RADLOOP_DICOM__PORT"])
+        port = int(env["RADLOOP_DICOM__PORT"])
         wait_until(lambda: piped.poll() is None and dicom_echo(port), timeout=300)
-        services = radloop_json(radloop_env, "status")["services"]
+        services = radloop_json(env, "status")["services"]
         assert all(s["healthy"] for s in services), services
         parts = children(settings)
         assert {s["name"] for s in services if "supervised" in s} == set(parts)
+
+        # `radloop flows serve` ended the killed run as it started, before taking runs.
+        def no_longer_running() -> dict[str, Any] | None:
+            run = flow_run(settings, ghost)
+            return run if run["state_type"] != "RUNNING" else None
+
+        ended = wait_until(no_longer_running, timeout=120, interval=1)
+        assert ended["state_type"] == "CRASHED", ended["state"]
+        assert "no longer exists" in ended["state"]["message"]
+        (cut,) = training_rows(settings)
+        assert cut.state == "failed" and "crashed" in (cut.decision or ""), cut.decision
+        finished = subprocess.run(
+            [RADLOOP, "train", MODEL, "--wait", "--json", "--timeout", "300"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=360,
+        )
+        assert finished.returncode == 0, finished.stderr + finished.stdout
+        result = json.loads(finished.stdout)
+        # No holdout labels to judge on: decided, and rejected by the gate.
+        assert result["state"] == "rejected", result
+        assert result["training_run_id"] == cut.id + 1
+
+        # 3. The terminal closes: tee is gone first, then radloop gets SIGHUP with nobody
+        # reading its output.
         assert piped.stdout is not None
         piped.stdout.close()
         piped.send_signal(signal.SIGHUP)
@@ -91,6 +152,51 @@ def test_parts_die_with_radloop_up_killed_or_hung_up_with_its_output_gone_and_it
     finally:
         if piped.poll() is None:
             os.killpg(piped.pid, signal.SIGKILL)
+
+
+def write_spec(folder: Path, epochs: int, steps_per_epoch: int) -> None:
+    """The packaged spec with its training length changed (the flow reads specs per run)."""
+    spec = yaml.safe_load((PACKAGED_MODELS / f"{MODEL}.yaml").read_text())
+    spec["retraining"].update(epochs=epochs, steps_per_epoch=steps_per_epoch)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{MODEL}.yaml").write_text(yaml.safe_dump(spec))
+
+
+def validated_train_label(settings: Settings, tmp_path: Path) -> None:
+    """One study drafted, corrected and validated (single reader) into the train split, through
+    the annotator and the worklist as `radloop up` runs them."""
+    review = settings.review.model_copy(update={"single_reader": True, "holdout_fraction": 0.0})
+    settings = settings.model_copy(update={"review": review})
+    spec = load_spec(settings.effective_models_dir / f"{MODEL}.yaml")
+    store = Store.open(settings.effective_database_url)
+    try:
+        study = received_phantom(store, settings, tmp_path, seed=71)
+        case = annotator(store, settings, None).annotate(study.study_uid, 1, spec).annotation_id
+        cases = worklist(store, settings, spec)
+        cases.claim(case, "ann")
+        truth = read_label_map(study.truth).transpose(2, 1, 0)
+        affine = nib.nifti1.load(study.truth).affine  # type: ignore[no-untyped-call]
+        upload = nib.Nifti1Image(truth.astype(np.uint8), affine)  # type: ignore[no-untyped-call]
+        cases.correct_with_nifti(case, "ann", bytes(upload.to_bytes()))
+    finally:
+        store.close()
+
+
+def flow_run(settings: Settings, flow_run_id: str) -> dict[str, Any]:
+    response = httpx.get(f"{settings.prefect.effective_api_url}/flow_runs/{flow_run_id}")
+    response.raise_for_status()
+    return dict(response.json())
+
+
+def training_rows(settings: Settings) -> list[TrainingRun]:
+    store = Store.open(settings.effective_database_url, migrate=False)
+    try:
+        with store.read() as session:
+            rows = list(session.scalars(select(TrainingRun).order_by(TrainingRun.id)))
+            session.expunge_all()
+            return rows
+    finally:
+        store.close()
 
 
 def test_a_port_held_by_another_process_stops_radloop_up_naming_the_holder(

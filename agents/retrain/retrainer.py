@@ -320,9 +320,8 @@ class Retrainer:
         with self.store.transaction() as session:
             record_event(
                 session,
-                EventType.MODEL_REGISTERED,
                 ModelEvent(
-                    kind="model.registered",
+                    kind=EventType.MODEL_REGISTERED,
                     model=name,
                     training_run_id=run.id,
                     mlflow_version=version,
@@ -359,13 +358,9 @@ class Retrainer:
         self.registry.tag(name, version, "triton_version", triton_version)
         self.registry.set_alias(name, CHAMPION, version)
         with self.store.transaction() as session:
-            for kind, event in (
-                ("model.promoted", EventType.MODEL_PROMOTED),
-                ("model.deployed", EventType.MODEL_DEPLOYED),
-            ):
+            for kind in (EventType.MODEL_PROMOTED, EventType.MODEL_DEPLOYED):
                 record_event(
                     session,
-                    event,
                     ModelEvent(
                         kind=kind,
                         model=name,

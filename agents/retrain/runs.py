@@ -118,8 +118,9 @@ class RunBook:
             session.flush()
             record_event(
                 session,
-                EventType.TRAINING_REQUESTED,
-                ModelEvent(kind="training.requested", model=self.model, training_run_id=run.id),
+                ModelEvent(
+                    kind=EventType.TRAINING_REQUESTED, model=self.model, training_run_id=run.id
+                ),
             )
             return run.id
 

@@ -39,7 +39,7 @@ from agents.volume import LoadedSeries
 from radloop.db import Annotation, Store, Study, utcnow
 from radloop.domain import AnnotationState
 from radloop.durable import write_bytes_durably
-from radloop.events import AnnotationCorrected, EventType, record_event
+from radloop.events import AnnotationCorrected, record_event
 from radloop.modelspec import ModelSpec
 from radloop.settings import ReviewSettings
 
@@ -194,7 +194,6 @@ class CorrectionIntake:
             annotation.updated_at = now
             record_event(
                 session,
-                EventType.ANNOTATION_CORRECTED,
                 AnnotationCorrected(
                     annotation_id=annotation.id,
                     study_uid=case_.study_uid,

@@ -20,7 +20,7 @@ from agents.volume import LoadedSeries
 from radloop.db import Annotation, Label, Study
 from radloop.domain import AnnotationState, LabelSplit, StudyState
 from radloop.durable import durable_path, replace_durably
-from radloop.events import EventType, LabelValidated, record_event
+from radloop.events import LabelValidated, record_event
 
 log = logging.getLogger(__name__)
 
@@ -94,14 +94,13 @@ def add_label(
         study.state = StudyState.VALIDATED.value
     record_event(
         session,
-        EventType.LABEL_VALIDATED,
         LabelValidated(
             label_id=label.id,
             annotation_id=annotation.id,
             study_uid=study_uid,
             series_uid=series.series_uid,
             model=annotation.model_name,
-            split=split.value,
+            split=split,
             validated_by=user,
         ),
     )

@@ -121,9 +121,8 @@ def rollback(
     with store.transaction() as session:
         record_event(
             session,
-            EventType.MODEL_ROLLED_BACK,
             ModelEvent(
-                kind="model.rolled_back",
+                kind=EventType.MODEL_ROLLED_BACK,
                 model=model,
                 mlflow_version=mlflow_version,
                 triton_version=target,
