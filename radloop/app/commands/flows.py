@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import contextvars
 import logging
-import os
 import threading
 import time
 from typing import TYPE_CHECKING, Any
@@ -14,6 +14,7 @@ from radloop.app.commands.common import cli_model_specs, cli_settings, open_stor
 
 if TYPE_CHECKING:
     from flows.ghosts import Sweeper
+    from radloop.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,15 @@ def serve(
     radloop.label.validated, on the retraining schedule, and for `radloop train`)."""
     settings = cli_settings()
     cli_model_specs(settings)  # refuse to serve with a broken spec
-    os.environ["PREFECT_API_URL"] = settings.prefect.effective_api_url
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    # Prefect's settings context, not this process's environment: the runner passes it on to
+    # the flow runs it starts, and the sweeper's thread gets a copy of the context.
+    with temporary_settings(updates={PREFECT_API_URL: settings.prefect.effective_api_url}):
+        _serve(settings, limit)
+
+
+def _serve(settings: Settings, limit: int) -> None:
     from prefect import serve as serve_all
     from prefect.client.schemas.schedules import CronSchedule
     from prefect.events import DeploymentEventTrigger
@@ -72,10 +81,13 @@ def serve(
     )
     # Runs a stop or a crash left behind hold their deployment's slot: end them before the
     # runner takes runs, then keep an eye out (flows/ghosts.py).
-    sweeper = Sweeper(open_store(settings), [annotate.full_name, retrain.full_name])
+    sweeper = Sweeper(open_store(settings, migrate=True), [annotate.full_name, retrain.full_name])
     _sweep(sweeper)  # each run it ends is logged
     threading.Thread(
-        target=_sweep_periodically, args=(sweeper,), name="ghost-sweeper", daemon=True
+        target=contextvars.copy_context().run,
+        args=(_sweep_periodically, sweeper),
+        name="ghost-sweeper",
+        daemon=True,
     ).start()
     serve_all(annotate, retrain, limit=limit + 1, print_starting_message=False)
 

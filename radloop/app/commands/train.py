@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 from typing import TYPE_CHECKING, Annotated, Any
 from uuid import UUID
 
@@ -19,6 +17,7 @@ from radloop.app.commands.common import (
     err_console,
     open_store,
 )
+from radloop.app.commands.output import print_json
 from radloop.db import Store, TrainingRun, utcnow
 from radloop.domain import TrainingState, TrainingTrigger
 from radloop.wait import WaitTimeout, wait_until
@@ -58,12 +57,29 @@ def train(
         raise typer.Exit(2)
     store = open_store(settings)
     if local:
-        result = _train_here(settings, store, specs[model], as_json)
+        result: dict[str, Any] | None = _train_here(settings, store, specs[model], as_json)
     else:
-        requested = utcnow()
-        os.environ["PREFECT_API_URL"] = settings.prefect.effective_api_url
-        from prefect.deployments import run_deployment
+        result = _through_prefect(settings, store, model, wait, timeout, as_json)
+    if result is None:
+        return
+    if as_json:
+        print_json(result)
+    else:
+        console.print(f"{model}: {result['state']} — {result.get('decision')}")
+    if result["state"] in (TrainingState.FAILED, TrainingState.CANCELLED):
+        raise typer.Exit(1)
 
+
+def _through_prefect(
+    settings: Settings, store: Store, model: str, wait: bool, timeout: float | None, quiet: bool
+) -> dict[str, Any] | None:
+    """Request a run of the retrain deployment; with `wait`, follow it to its decision."""
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    requested = utcnow()
+    # Prefect's settings context, not this process's environment.
+    with temporary_settings(updates={PREFECT_API_URL: settings.prefect.effective_api_url}):
         flow_run: Any = run_deployment(
             RETRAIN_DEPLOYMENT,
             parameters={"model": model, "trigger": TrainingTrigger.MANUAL.value},
@@ -71,16 +87,10 @@ def train(
         )
         if not wait:
             out = {"model": model, "flow_run_id": str(flow_run.id), "state": "requested"}
-            print(json.dumps(out)) if as_json else console.print(f"requested: {out}")
-            return
+            print_json(out) if quiet else console.print(f"requested: {out}")
+            return None
         limit = timeout or settings.retrain.wait_timeout_seconds
-        result = _follow(store, model, requested, flow_run.id, limit, as_json)
-    if as_json:
-        print(json.dumps(result, indent=2))
-    else:
-        console.print(f"{model}: {result['state']} — {result.get('decision')}")
-    if result["state"] in (TrainingState.FAILED, TrainingState.CANCELLED):
-        raise typer.Exit(1)
+        return _follow(store, model, requested, flow_run.id, limit, quiet)
 
 
 def _train_here(settings: Settings, store: Store, spec: ModelSpec, quiet: bool) -> dict[str, Any]:
