@@ -1,5 +1,6 @@
-"""The work radloop's workers do: annotator and draft writing, volume loading, the viewer
-store, training and retraining, the review service, the outbox dispatcher."""
+"""The work radloop's workers do: annotator and draft writing, volume loading, NIfTI files
+and SEG label maps, the viewer store, training and retraining, the review service, the outbox
+dispatcher."""
 
 from agents.outbox import OutboxDispatcher
 

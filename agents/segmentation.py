@@ -51,7 +51,7 @@ def label_map_from_seg(
     Raises `SegDoesNotFit` saying what does not fit."""
     if values is None:
         values = {int(item.SegmentNumber): int(item.SegmentNumber) for item in ds.SegmentSequence}
-    if ds.SOPClassUID == LABEL_MAP_SEGMENTATION or ds.get("SegmentationType") == "LABELMAP":
+    if ds.get("SOPClassUID") == LABEL_MAP_SEGMENTATION or ds.get("SegmentationType") == "LABELMAP":
         return _label_map_frames(ds, series, values)
     try:
         seg = hd.seg.Segmentation.from_dataset(ds, copy=False)

@@ -101,7 +101,7 @@ def nifti_label_map(data: bytes, series: LoadedSeries, spec: ModelSpec) -> NDArr
     try:
         values, affine = read_nifti(data)
     except NotAVolume as error:
-        raise InvalidLabel(f"{error}; a label map is 3-D") from None
+        raise InvalidLabel(str(error)) from None
     except Exception as error:  # nibabel raises many kinds for a damaged file
         raise InvalidLabel(f"not a readable NIfTI file: {error}") from None
     target = series.affine
