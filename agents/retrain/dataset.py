@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 from numpy.typing import NDArray
 from sqlalchemy import func, select
 
+from agents.nifti import read_label_map, read_nifti, voxel_spacing
 from radloop.db import Label, Store
 from radloop.domain import LabelSplit
 
@@ -26,12 +27,8 @@ class Volume:
 
 def read_pair(image_path: str, label_path: str) -> tuple[NDArray[Any], NDArray[Any], Any]:
     """A dataset pair written by validation: HU and labels as (slice, row, column), spacing."""
-    image = nib.nifti1.load(image_path)  # type: ignore[no-untyped-call]
-    labels = nib.nifti1.load(label_path)  # type: ignore[no-untyped-call]
-    hu = np.asarray(image.dataobj, dtype=np.float32).transpose(2, 1, 0)
-    mask = np.asarray(labels.dataobj, dtype=np.uint8).transpose(2, 1, 0)
-    column, row, slice_ = np.linalg.norm(image.affine[:3, :3], axis=0)
-    return hu, mask, (float(slice_), float(row), float(column))
+    hu, affine = read_nifti(Path(image_path), dtype=np.float32)
+    return hu, read_label_map(Path(label_path)), voxel_spacing(affine)
 
 
 def train_labels_since(store: Store, model: str, since: datetime | None) -> int:
