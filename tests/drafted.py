@@ -118,12 +118,13 @@ def correction_seg(
 
 
 def reference_dice(a: np.ndarray[Any, Any], b: np.ndarray[Any, Any], spec: ModelSpec) -> float:
-    """Mean Dice over the labels either map holds, computed here independently of radloop."""
+    """Mean Dice over the spec's labels, computed here independently of radloop, with the
+    policy of agents.metrics: a label absent from both maps scores 1."""
     scores = []
     for label in spec.labels:
         x, y = a == label.value, b == label.value
-        if x.sum() + y.sum():
-            scores.append(2 * (x & y).sum() / (x.sum() + y.sum()))
+        total = x.sum() + y.sum()
+        scores.append(2 * (x & y).sum() / total if total else 1.0)
     return float(np.mean(scores))
 
 

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from agents.metrics import dice_per_label, mean_dice
-from agents.review.corrections import dice_per_label as correction_dice
 from radloop.modelspec import PACKAGED_MODELS, ModelSpec, load_spec
 
 
@@ -44,7 +43,7 @@ def test_a_false_positive_on_a_reference_without_the_label_scores_zero(spec: Mod
 
 def test_a_drafted_structure_the_reader_deleted_scores_zero(spec: ModelSpec) -> None:
     draft = label_map(liver=LIVER, spleen=SPLEEN)
-    assert correction_dice(draft, label_map(liver=LIVER), spec)["Spleen"] == 0.0
+    assert dice_per_label(draft, label_map(liver=LIVER), spec)["Spleen"] == 0.0
 
 
 def test_overlap_scores_twice_the_intersection_over_both_sizes(spec: ModelSpec) -> None:

@@ -18,9 +18,6 @@ from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import SegmentationStorage
 
-# Dice(draft, correction) is the correction effort; one implementation, in agents.metrics.
-from agents.metrics import dice_per_label as dice_per_label
-from agents.metrics import mean_dice as mean_dice
 from agents.nifti import NotAVolume, read_nifti
 from agents.segmentation import LABEL_MAP_SEGMENTATION, SegDoesNotFit, label_map_from_seg
 from agents.volume import LoadedSeries

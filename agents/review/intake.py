@@ -22,12 +22,11 @@ from numpy.typing import NDArray
 from sqlalchemy import select
 
 from agents.drafts import write_draft
+from agents.metrics import dice_per_label, mean_dice
 from agents.nifti import read_label_map, write_nifti
 from agents.review.cases import Case, Conflict, Unprocessable, load_case, load_inputs
 from agents.review.corrections import (
     InvalidLabel,
-    dice_per_label,
-    mean_dice,
     nifti_label_map,
     read_dicom,
     require_not_empty,
