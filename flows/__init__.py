@@ -1,1 +1,9 @@
-"""Prefect flows: thin sequences of idempotent calls into agents and the registry."""
+"""Prefect flows: thin sequences of idempotent calls into agents and the registry.
+
+* `annotate` — `annotate-study`: draft a completed study with every model that fits it.
+* `retrain` — `retrain-model`: retrain a model on its validated labels, gate, deploy.
+* `process` — each flow run marks itself with its host and process, so a sweep can tell a
+  run whose process died from one still running.
+* `ghosts` — the sweep `radloop flows serve` runs: ends runs a stop or crash left behind and
+  frees their concurrency slots.
+"""

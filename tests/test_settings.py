@@ -4,6 +4,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from radloop.settings import SettingsError, load_settings
 from tests.servers import RADLOOP
@@ -108,3 +109,11 @@ def test_in_development_a_placeholder_secret_is_a_warning_and_config_hides_secre
     env = {**radloop_env, "RADLOOP_ORTHANC__PASSWORD": "s3cr3t-for-real"}
     shown = subprocess.run([RADLOOP, "config"], env=env, capture_output=True, text=True)
     assert shown.returncode == 0 and "s3cr3t-for-real" not in shown.stdout
+
+
+def test_settings_cannot_be_changed_after_start_up(radloop_env: dict[str, str]) -> None:
+    settings = load_settings()
+    with pytest.raises(ValidationError, match="frozen"):
+        settings.review.single_reader = True  # type: ignore[misc]
+    with pytest.raises(ValidationError, match="frozen"):
+        settings.data_dir = Path("/elsewhere")  # type: ignore[misc]
