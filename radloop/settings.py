@@ -7,12 +7,9 @@ e.g. `RADLOOP_DICOM__PORT`), the YAML file named by `RADLOOP_CONFIG` (default
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
-import re
 import ssl
-from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -35,6 +32,8 @@ from pydantic_settings import (
 )
 from sqlalchemy.engine import make_url
 
+from radloop.callers import AE_TITLE, CallerRule
+
 log = logging.getLogger(__name__)
 
 ENV_PREFIX = "RADLOOP_"
@@ -42,37 +41,6 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PACKAGED_CONFIG = PROJECT_ROOT / "configs" / "radloop.yaml"
 # The @ohif/app release scripts/bootstrap fetches (pinned there with its integrity).
 OHIF_VERSION = "3.13.2"
-_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: 16 chars, no backslash
-
-
-@dataclass(frozen=True)
-class CallerRule:
-    """One allowed caller: an AE title (``*`` for any) and optionally a host or network."""
-
-    ae_title: str
-    network: ipaddress.IPv4Network | ipaddress.IPv6Network | None = None
-
-    @classmethod
-    def parse(cls, text: str) -> CallerRule:
-        ae, _, host = text.strip().partition("@")
-        ae = ae.strip()
-        if ae != "*" and not _AE_TITLE.match(ae):
-            raise ValueError(f"{ae!r} is not a valid AE title (1-16 characters, no backslash)")
-        network = ipaddress.ip_network(host.strip(), strict=False) if host.strip() else None
-        return cls(ae_title=ae, network=network)
-
-    def allows(self, ae_title: str, address: str) -> bool:
-        if self.ae_title != "*" and self.ae_title != ae_title.strip():
-            return False
-        if self.network is None:
-            return True
-        try:
-            return ipaddress.ip_address(address) in self.network
-        except ValueError:
-            return False
-
-    def __str__(self) -> str:
-        return self.ae_title + (f"@{self.network}" if self.network else "")
 
 
 class _Section(BaseModel):
@@ -122,7 +90,7 @@ class DicomSettings(_Section):
     @field_validator("ae_title")
     @classmethod
     def _valid_ae(cls, value: str) -> str:
-        if not _AE_TITLE.match(value) or not value.strip():
+        if not AE_TITLE.match(value) or not value.strip():
             raise ValueError("must be 1-16 printable characters without backslash")
         return value.strip()
 
