@@ -21,6 +21,7 @@ from flows.process import START_LABEL, process_alive, process_start
 from radloop.app.supervisor import Child
 from radloop.db import Store, TrainingRun, utcnow
 from radloop.settings import Settings
+from tests.conftest_marks import ONCE
 
 HOST = "ct-host-1"
 RETRAIN = "retrain-model/retrain"
@@ -146,6 +147,7 @@ def started(
     return flow_run.id
 
 
+@ONCE  # Prefect's run states: nothing database-specific
 def test_after_a_prefect_restart_a_ghost_holds_its_slot_until_ended_then_the_next_run_starts(
     prefect_server: Child, settings: Settings, store: Store
 ) -> None:

@@ -228,6 +228,7 @@ def test_two_runs_of_one_model_never_overlap_and_a_killed_run_does_not_block(
         assert session.get_one(TrainingRun, first).state == TrainingState.FAILED
 
 
+@ONCE  # signals and Prefect cancellation: nothing database-specific
 def test_a_terminated_or_cancelled_training_ends_cancelled_and_the_next_starts_at_once(
     radloop_env: dict[str, str],
     settings: Settings,

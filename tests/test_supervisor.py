@@ -18,6 +18,7 @@ from radloop.app.runstate import state_file
 from radloop.app.supervisor import ChildSpec, Supervisor, SupervisorError
 from radloop.settings import Settings, SupervisorSettings
 from radloop.wait import wait_until
+from tests.conftest_marks import ONCE
 from tests.servers import free_port, radloop_json
 
 # A child that serves HTTP on PORT; with EXIT_AFTER it exits 3 that many seconds later; with
@@ -47,6 +48,7 @@ def server_spec(tmp_path: Path, name: str, port: int, **env: str) -> ChildSpec:
     )
 
 
+@ONCE  # processes only: nothing database-specific
 def test_a_crash_looping_child_is_restarted_later_each_time_then_given_up_and_shown_failed(
     settings: Settings, radloop_env: dict[str, str], tmp_path: Path
 ) -> None:
@@ -81,6 +83,7 @@ def test_a_crash_looping_child_is_restarted_later_each_time_then_given_up_and_sh
         supervisor.stop()
 
 
+@ONCE  # processes only: nothing database-specific
 def test_a_port_held_by_another_process_stops_the_start_and_names_the_holder(
     tmp_path: Path,
 ) -> None:
@@ -102,6 +105,7 @@ def test_a_port_held_by_another_process_stops_the_start_and_names_the_holder(
         stranger.wait()
 
 
+@ONCE  # processes only: nothing database-specific
 def test_children_of_a_killed_supervisor_are_ended_by_the_next_start(
     settings: Settings, tmp_path: Path
 ) -> None:

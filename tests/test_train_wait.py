@@ -14,6 +14,7 @@ from prefect.states import Crashed
 
 from radloop.app.supervisor import Child
 from radloop.wait import wait_until
+from tests.conftest_marks import ONCE
 from tests.servers import RADLOOP
 
 MODEL = "phantom-abdomen"
@@ -30,6 +31,7 @@ def runs_of(client: SyncPrefectClient, deployment_id: UUID) -> list[UUID]:
     return [run.id for run in flow_runs]
 
 
+@ONCE  # Prefect's run states: nothing database-specific
 def test_train_wait_reports_a_run_ended_undecided_and_gives_up_at_its_timeout(
     radloop_env: dict[str, str], prefect_server: Child
 ) -> None:
