@@ -16,11 +16,11 @@ test-fast: install lint
 	$(PYTEST) -q -m "not slow"
 
 test-sqlite:
-	$(PYTEST) -q
+	$(PYTEST) -q --durations=25
 
 # The same suite against PostgreSQL 15, which the fixtures start in a temporary directory.
 test-postgresql:
-	RADLOOP_TEST_DATABASE=postgresql $(PYTEST) -q
+	RADLOOP_TEST_DATABASE=postgresql $(PYTEST) -q --durations=25
 
 lint:
 	.venv/bin/ruff check .

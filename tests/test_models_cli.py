@@ -11,10 +11,12 @@ import torch
 from monai.networks.nets.unet import UNet
 
 from radloop.modelspec import PACKAGED_MODELS, load_spec
+from tests.conftest_marks import ONCE
 from tests.servers import RADLOOP
 
 # Trains starter models and imports bundles (a minute and more).
-pytestmark = pytest.mark.slow
+# Trains, exports and serves models; nothing database-specific: the SQLite pass only.
+pytestmark = [pytest.mark.slow, ONCE]
 
 
 def radloop(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:

@@ -30,6 +30,7 @@ from radloop.domain import AnnotationState, IngestSource
 from radloop.modelspec import PACKAGED_MODELS, ModelSpec, load_spec
 from radloop.settings import Settings
 from radloop.wait import wait_until
+from tests.conftest_marks import ONCE
 from tests.dicom_files import with_uid
 from tests.drafted import annotator, received_phantom, worklist
 from tests.models import export_version
@@ -225,6 +226,7 @@ def test_a_draft_that_cannot_be_made_queues_the_study_for_readers_with_the_reaso
     assert sorted(held.values()) == ["CT"] * study.slices
 
 
+@ONCE  # DICOM attributes of the draft: nothing database-specific
 def test_a_series_without_type2_patient_attributes_gets_a_draft_that_carries_them_empty(
     store: Store, settings: Settings, spec: ModelSpec, tmp_path: Path
 ) -> None:
