@@ -18,8 +18,13 @@ from radloop.db import Annotation, Store
 from radloop.domain import Role
 from radloop.modelspec import PACKAGED_MODELS, ModelSpec, load_spec
 from radloop.settings import Settings
+from tests.conftest_marks import ONCE
 from tests.drafted import annotator, correction_seg, received_phantom, reference_dice, stow_body
 from tests.models import export_version
+
+# HTTP between OHIF, the proxy and Orthanc; the claims behind it run on PostgreSQL in
+# test_review.py: this module runs in the SQLite pass only.
+pytestmark = ONCE
 
 
 @dataclass
