@@ -55,7 +55,6 @@ class Worklist:
         self.settings = settings
         self.specs = specs
         self.spool_dir = spool_dir
-        self.drafts_dir = drafts_dir
         self.datasets_dir = datasets_dir
         self.intake = CorrectionIntake(
             store, settings, specs, spool_dir, drafts_dir, datasets_dir, clock

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 import psutil
 
+from radloop.durable import write_bytes_durably
 from radloop.settings import Settings
 
 
@@ -40,12 +40,8 @@ def same_process(pid: int, started: float | None) -> bool:
 
 
 def write(path: Path, record: dict[str, Any]) -> None:
-    """Replace the record atomically (a reader never sees half of it); not fsynced — it
-    describes running processes, which a power cut ends anyway."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial")
-    partial.write_text(json.dumps(record, indent=2))
-    os.replace(partial, path)
+    """Replace the record atomically: a reader never sees half of it."""
+    write_bytes_durably(path, json.dumps(record, indent=2).encode())
 
 
 def read(path: Path) -> dict[str, Any] | None:
