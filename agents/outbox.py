@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 from sqlalchemy import select
 
+from agents.jobs import JobPlanner
 from radloop.db import OutboxEvent, Store, utcnow
 
 log = logging.getLogger(__name__)
@@ -45,12 +46,14 @@ class OutboxDispatcher:
         batch_size: int = 100,
         max_backoff_seconds: float = 60.0,
         client: httpx.Client | None = None,
+        planner: JobPlanner | None = None,
     ) -> None:
         self.store = store
         self.api_url = api_url.rstrip("/")
         self.batch_size = batch_size
         self.max_backoff = max_backoff_seconds
         self.client = client or httpx.Client(timeout=httpx.Timeout(20.0, connect=3.0))
+        self.planner = planner
 
     def dispatch_once(self) -> int:
         """Send one batch of due rows; return how many were delivered.
@@ -70,8 +73,12 @@ class OutboxDispatcher:
             ).all()
             for row in rows:
                 row.next_attempt_at = now + LEASE
+                if self.planner is not None:
+                    self.planner.plan(session, row.event, row.payload, row.created_at)
             events = [to_prefect_event(row) for row in rows]
             ids = [row.id for row in rows]
+        if self.planner is not None:
+            self.planner.submit_due()  # new jobs first: a study waits on nothing else
         if not ids:
             return 0
         error: str | None = None

@@ -1,6 +1,7 @@
 """Prefect flows: thin sequences of idempotent calls into agents and the registry.
 
-* `annotate` — `annotate-study`: draft a completed study with every model that fits it.
+* `annotate` — the `annotate-study` background task: draft a completed study revision with one
+  model, run by warm `radloop worker` processes; `submit_annotation` submits it.
 * `retrain` — `retrain-model`: retrain a model on its validated labels, gate, deploy.
 * `process` — each flow run marks itself with its host and process, so a sweep can tell a
   run whose process died from one still running.

@@ -1,42 +1,43 @@
-"""Flow `annotate-study`: every completed study revision gets a case from every model spec.
+"""Annotation as a Prefect background task, run by warm `radloop worker --queue annotate`
+processes: every completed study revision gets a case from every model spec.
 
-Thin on purpose: one task per model, each calling the idempotent `Annotator`, retried with
-backoff while Triton, Orthanc or the disk is unavailable (`annotation.retries`). A draft that
-cannot be made — bad input, or an outage that outlasts the retries — still leaves the study on
-the worklist: the flow queues it without a draft, with the reason. Deployed by `radloop flows
-serve` with an event trigger on `radloop.study.completed`; parameters are UIDs and a revision
-only.
+The outbox dispatcher submits each planned job (`agents.jobs`) with `submit_annotation`; a
+worker that receives it takes the job (unless another live worker holds it), runs the
+idempotent `Annotator` with the clients, specs and imports it loaded once at start, and records
+the outcome. Outages (Triton, Orthanc, the disk) are retried with backoff as Prefect task
+retries (`annotation.retries`), visible in Prefect's UI; a draft that cannot be made — bad
+input, or an outage that outlasts the retries — still leaves the study on the worklist: the
+task queues it without a draft, with the reason. Parameters are the job key and the
+submission's number: UIDs and names, never patient data.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
 import httpx
-from prefect import flow, task
-from prefect.tasks import exponential_backoff
+from prefect import task
+from prefect.runtime import task_run
 from pyorthanc import Orthanc
 
 from agents.annotator import Annotator, failure_reason
+from agents.jobs import AnnotationJobs, JobRef
 from agents.viewer_store import ViewerStoreUnavailable
-from flows.ghosts import ANNOTATE_FLOW
-from flows.process import mark_this_run
+from flows.process import process_start, this_host
 from model_registry.inference import InferenceUnavailable, TritonBackend
 from model_registry.repository import TritonRepository
 from radloop.db import Store
-from radloop.modelspec import load_specs
+from radloop.modelspec import ModelSpec, load_specs
 from radloop.settings import Settings, load_settings
 
+log = logging.getLogger(__name__)
+
 RETRYABLE = (InferenceUnavailable, ViewerStoreUnavailable, httpx.HTTPError, OSError)
-
-
-def _retry_when_unavailable(task: object, task_run: object, state: object) -> bool:
-    """Retry outages (Triton, Orthanc, disk), not bad input."""
-    try:
-        state.result()  # type: ignore[attr-defined]
-    except RETRYABLE:
-        return True
-    except Exception:
-        return False
-    return False
 
 
 def build_annotator(settings: Settings, store: Store) -> Annotator:
@@ -56,58 +57,108 @@ def build_annotator(settings: Settings, store: Store) -> Annotator:
     )
 
 
-@task(
-    retry_jitter_factor=0.5,
-    retry_condition_fn=_retry_when_unavailable,
-    task_run_name="annotate {study_uid} rev {revision} with {model}",
-)
-def annotate_with_model(study_uid: str, revision: int, model: str) -> dict[str, object]:
+def worker_id() -> str:
+    """host:pid:<process start>: a later process that gets the same pid is another worker."""
+    pid = os.getpid()
+    return f"{this_host()}:{pid}:{(process_start(pid) or '').rpartition(':')[2]}"
+
+
+@dataclass
+class Warm:
+    """What an annotation worker builds once and keeps between studies."""
+
+    settings: Settings
+    store: Store
+    specs: dict[str, ModelSpec]
+    annotator: Annotator
+    jobs: AnnotationJobs
+    worker: str = field(default_factory=worker_id)
+    in_flight: set[str] = field(default_factory=set)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def holding(self) -> list[str]:
+        with self.lock:
+            return sorted(self.in_flight)
+
+
+@functools.cache
+def warm() -> Warm:
+    """This process's worker state, built on first use (`radloop worker` builds it at start,
+    before it takes a run)."""
     settings = load_settings()
     store = Store.open(settings.effective_database_url)
-    try:
-        spec = load_specs(settings.effective_models_dir)[model]
-        outcome = build_annotator(settings, store).annotate(study_uid, revision, spec)
-    finally:
-        store.close()
-    return {"annotation_id": outcome.annotation_id, "state": outcome.state.value}
-
-
-@task(task_run_name="queue {study_uid} rev {revision} for {model} without a draft")
-def queue_without_draft(
-    study_uid: str, revision: int, model: str, reason: str
-) -> dict[str, object]:
-    settings = load_settings()
-    store = Store.open(settings.effective_database_url)
-    try:
-        spec = load_specs(settings.effective_models_dir)[model]
-        outcome = build_annotator(settings, store).queue_failed(study_uid, revision, spec, reason)
-    finally:
-        store.close()
-    return {"annotation_id": outcome.annotation_id, "state": outcome.state.value}
-
-
-@flow(name=ANNOTATE_FLOW)
-def annotate_study(study_uid: str, revision: int) -> list[dict[str, object]]:
-    """Annotate study revision `revision` with every model radloop has a spec for."""
-    mark_this_run()
-    settings = load_settings()
-    attempt = annotate_with_model.with_options(
-        retries=settings.annotation.retries,
-        retry_delay_seconds=exponential_backoff(
-            backoff_factor=settings.annotation.retry_delay_seconds
-        )(settings.annotation.retries),
+    return Warm(
+        settings,
+        store,
+        load_specs(settings.effective_models_dir),
+        build_annotator(settings, store),
+        AnnotationJobs(store, settings.annotation.job_lease_seconds),
     )
-    outcomes = []
-    for name in load_specs(settings.effective_models_dir):
-        state = attempt(study_uid, revision, name, return_state=True)
-        if state.is_completed():
-            outcomes.append(state.result())
-            continue
-        error = state.result(raise_on_failure=False)
-        reason = (
-            failure_reason(error)
-            if isinstance(error, BaseException)
-            else f"draft failed: {state.message}"
-        )
-        outcomes.append(queue_without_draft(study_uid, revision, name, reason))
-    return outcomes
+
+
+@task(name="annotate-study", task_run_name="annotate {job_key} (submission {submission})")
+def annotate_study(job_key: str, submission: int) -> dict[str, Any]:
+    """Draft the study revision of job `job_key` with its model, once."""
+    state = warm()
+    job = state.jobs.start(job_key, state.worker, task_run.get_id())
+    if job is None:
+        return {"job": job_key, "skipped": "done, or being drafted by another worker"}
+    with state.lock:
+        state.in_flight.add(job_key)
+    try:
+        return _annotate(state, job)
+    finally:
+        with state.lock:
+            state.in_flight.discard(job_key)
+
+
+def _annotate(state: Warm, job: JobRef) -> dict[str, Any]:
+    spec = state.specs.get(job.model)
+    if spec is None:
+        raise LookupError(f"no model spec {job.model!r} on worker {state.worker}")
+    error = None
+    try:
+        outcome = state.annotator.annotate(job.study_uid, job.revision, spec)
+    except Exception as failure:
+        runs = int(task_run.get_run_count() or 1)
+        if isinstance(failure, RETRYABLE) and runs <= state.settings.annotation.retries:
+            raise  # Prefect retries the run after its delay
+        error = failure_reason(failure)
+        outcome = state.annotator.queue_failed(job.study_uid, job.revision, spec, error)
+    state.jobs.finish(job.key, outcome, error)
+    return {"job": job.key, "annotation_id": outcome.annotation_id, "state": outcome.state.value}
+
+
+def retrying(settings: Settings) -> Any:
+    """The task as workers run it: retries and their backoff from settings (the task key is
+    the function's, so submitters need not know them)."""
+    delay = settings.annotation.retry_delay_seconds
+    retries = settings.annotation.retries
+    return annotate_study.with_options(
+        retries=retries,
+        retry_delay_seconds=[delay * 2**n for n in range(retries)] or 0,
+        retry_jitter_factor=0.5,
+    )
+
+
+def submit_annotation(job: JobRef) -> str:
+    """Submit job `job` as a background task; return its Prefect task run id. A previous
+    submission that a worker had started and then left (killed) is marked Crashed, so Prefect's
+    UI does not show it running forever."""
+    if job.previous_run_id and job.previous_running:
+        _crash(job.previous_run_id, f"radloop: its worker stopped; {job.key} submitted again")
+    future = annotate_study.delay(job.key, job.attempt)
+    return str(future.task_run_id)
+
+
+def _crash(run_id: str, message: str) -> None:
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+    from prefect.states import Crashed
+
+    try:
+        with get_client(sync_client=True) as client:
+            client.set_task_run_state(UUID(run_id), Crashed(message=message), force=True)
+    except Exception as error:  # only the UI's view of an old run: never hold up the new one
+        log.debug("could not mark task run %s crashed: %r", run_id, error)

@@ -18,8 +18,8 @@ A ghost is ended as Crashed (Cancelled when it was cancelling: Prefect allows no
 with the reason, through Prefect's orchestration, whose ReleaseFlowConcurrencySlots frees the
 slot (and a run that ended meanwhile is left as it is). Then a retrain run's running
 `training_runs` rows end as failed (`end_training_rows`), so the next training is not refused
-as "already training", and an annotation run is requested again with the same parameters
-(the flow is idempotent), so its study still gets a case.
+as "already training". (Annotation is not a flow run: its background tasks are re-submitted
+by the jobs reconciler, `agents.jobs`.)
 """
 
 from __future__ import annotations
@@ -60,7 +60,6 @@ UNMARKED_GRACE = timedelta(minutes=5)
 SWEEP_SECONDS = 60.0
 # Rows are stamped by radloop's clock, runs by the Prefect server's.
 CLOCK_SLACK = timedelta(minutes=1)
-ANNOTATE_FLOW = "annotate-study"
 RETRAIN_FLOW = "retrain-model"
 _ACTIVE = [StateType.PENDING, StateType.RUNNING, StateType.CANCELLING]
 
@@ -196,13 +195,6 @@ class Sweeper:
             rows = end_training_rows(self.store, run, reason)
             if rows:
                 log.warning("training runs %s of flow run %s ended as failed", rows, run.name)
-        elif flow == ANNOTATE_FLOW and run.deployment_id is not None:
-            again = client.create_flow_run_from_deployment(
-                run.deployment_id,
-                parameters=run.parameters,
-                idempotency_key=f"radloop-rerun-of-{run.id}",
-            )
-            log.warning("requested flow run %s in place of %s", again.name, run.name)
         return True
 
     def sweep(self, client: SyncPrefectClient) -> list[Ghost]:

@@ -79,3 +79,21 @@ class TrainingState(StrEnum):
     FAILED = "failed"
     CANCELLED = "cancelled"
     SKIPPED = "skipped"
+
+
+class JobState(StrEnum):
+    """An annotation job (`annotation_jobs.state`): one study revision × model × the version
+    serving when it completed. SUBMITTED to Prefect as a background task (again, when its lease
+    ran out); RUNNING on a worker that renews the lease; DONE once the annotator recorded an
+    outcome (a draft, a case without a draft, or not applicable)."""
+
+    SUBMITTED = "submitted"
+    RUNNING = "running"
+    DONE = "done"
+
+
+class WorkerQueue(StrEnum):
+    """What a `radloop worker` runs: annotation background tasks, or training flow runs."""
+
+    ANNOTATE = "annotate"
+    TRAIN = "train"

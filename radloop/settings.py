@@ -155,8 +155,8 @@ class TritonSettings(_Section):
 
 
 class AnnotationSettings(_Section):
-    """Drafting a completed study (the `annotate-study` flow) and putting it where readers
-    open it."""
+    """Drafting a completed study (by `radloop worker --queue annotate`) and putting it where
+    readers open it."""
 
     # Attempts after the first while Triton, Orthanc or the disk is unavailable; the delay
     # doubles each time (2, 4, 8 … s with the default). Then the study is queued for readers
@@ -165,6 +165,13 @@ class AnnotationSettings(_Section):
     retry_delay_seconds: float = Field(2.0, gt=0)
     # How often `radloop up` stores images of cases that are not yet in the viewer's Orthanc.
     viewer_retry_seconds: float = Field(15.0, gt=0)
+    # A job not started within this (no worker connected, or Prefect lost the run) or whose
+    # worker stopped renewing it (killed) is submitted again. Running workers renew it every
+    # quarter of it. Waiting jobs back off: twice the lease per attempt, at most ten minutes.
+    job_lease_seconds: float = Field(60.0, gt=0)
+    # Studies one annotation worker drafts at once: 2 overlaps reading and writing with
+    # Triton's inference of another study.
+    worker_concurrency: int = Field(2, ge=1)
 
 
 class OutboxSettings(_Section):
@@ -252,6 +259,10 @@ class Settings(BaseSettings):
     # production: placeholder secrets (PLACEHOLDER_SECRETS) stop start-up instead of a warning.
     environment: Environment = Environment.DEVELOPMENT
     data_dir: Path = Path.home() / ".local" / "share" / "radloop"
+    # What every host of a cluster reads and writes: the spool, drafts, datasets, the model
+    # repository and Prefect's background-task storage (a shared folder, e.g. NFS). Unset:
+    # `data_dir` (one host). Logs, run state and embedded servers' files stay in `data_dir`.
+    shared_dir: Path | None = None
     # Unset: SQLite (WAL) at `<data_dir>/radloop.db`.
     database_url: str | None = None
     # Unset: the specs shipped in `configs/models/`.
@@ -312,8 +323,17 @@ class Settings(BaseSettings):
         return self.models_dir or PACKAGED_CONFIG.parent / "models"
 
     @property
+    def effective_shared_dir(self) -> Path:
+        return self.shared_dir or self.data_dir
+
+    @property
     def model_repository(self) -> Path:
-        return self.triton.repository or self.data_dir / "model-repository"
+        return self.triton.repository or self.effective_shared_dir / "model-repository"
+
+    @property
+    def prefect_results_dir(self) -> Path:
+        """Where background tasks' parameters and results live: every host reads them."""
+        return self.effective_shared_dir / "prefect-results"
 
     @property
     def ohif_dir(self) -> Path:
@@ -321,16 +341,16 @@ class Settings(BaseSettings):
 
     @property
     def drafts_dir(self) -> Path:
-        return self.data_dir / "drafts"
+        return self.effective_shared_dir / "drafts"
 
     @property
     def datasets_dir(self) -> Path:
         """Validated labels as image/label NIfTI pairs, per model and split."""
-        return self.data_dir / "datasets"
+        return self.effective_shared_dir / "datasets"
 
     @property
     def spool_dir(self) -> Path:
-        return self.data_dir / "spool"
+        return self.effective_shared_dir / "spool"
 
     @property
     def watch_folder(self) -> Path:

@@ -139,13 +139,19 @@ class PostgresServer:
 class RadloopProcess:
     """`radloop <command>` as a real child process, so tests can SIGKILL it."""
 
-    def __init__(self, env: dict[str, str], command: Sequence[str] = ("listen",)) -> None:
+    def __init__(
+        self, env: dict[str, str], command: Sequence[str] = ("listen",), name: str | None = None
+    ) -> None:
         self.env = env
         self.command = list(command)
-        self.log = Path(env["RADLOOP_DATA_DIR"]) / f"radloop-{self.command[0]}.log"
-        self.process = ChildProcess(
-            f"radloop {self.command[0]}", [RADLOOP, *command], env, self.log
-        )
+        self.name = name or self.command[0]
+        self.log = Path(env["RADLOOP_DATA_DIR"]) / f"radloop-{self.name}.log"
+        self.process = ChildProcess(f"radloop {self.name}", [RADLOOP, *command], env, self.log)
+
+    @property
+    def pid(self) -> int | None:
+        """The radloop command's process id (not its guard's)."""
+        return self.process.command_pid
 
     def start(self, calling: str | None = "ECHOSCU", timeout: float = 60.0) -> RadloopProcess:
         """Start and wait until the SCP answers a C-ECHO from `calling` — or, with `calling`
@@ -159,6 +165,11 @@ class RadloopProcess:
             return dicom_echo(port, calling=calling)
 
         wait_until(lambda: self._check_alive() and ready(), timeout=timeout)
+        return self
+
+    def launch(self) -> RadloopProcess:
+        """Start without waiting for a DICOM port (a worker has none)."""
+        self.process.start()
         return self
 
     def _check_alive(self) -> bool:

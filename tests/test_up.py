@@ -121,8 +121,8 @@ def test_up_starts_every_part_ingests_from_each_source_drafts_and_stops_on_ctrl_
             pass
 
 
-@ONCE  # Triton outages and flow retries: nothing database-specific
-def test_triton_killed_during_a_study_the_flow_retries_and_drafts_once(
+@ONCE  # Triton outages and task retries: nothing database-specific
+def test_triton_killed_during_a_study_the_worker_retries_and_drafts_once(
     radloop_env: dict[str, str], settings: Settings, tmp_path: Path
 ) -> None:
     spec = load_spec(PACKAGED_MODELS / "phantom-abdomen.yaml")
@@ -131,8 +131,8 @@ def test_triton_killed_during_a_study_the_flow_retries_and_drafts_once(
     try:
         phantom = write_study(tmp_path / "phantoms", 0, seed=6)
         assert storescu(radloop_env, sorted(phantom.dicom_dir.glob("*.dcm"))).returncode == 0
-        # The study completes 2 s later and its flow starts a few seconds after that. Triton
-        # is killed as soon as radloop up restarts it, for long enough that the flow's first
+        # The study completes 2 s later and its worker takes it a moment after. Triton is
+        # killed as soon as radloop up restarts it, for long enough that the task's first
         # attempt finds no Triton; then it is left to come back.
         kills = 0
         deadline = time.monotonic() + 30
@@ -151,8 +151,8 @@ def test_triton_killed_during_a_study_the_flow_retries_and_drafts_once(
         time.sleep(5)  # a duplicate would show up here
         assert len(drafts()) == 1
         assert "triton exited" in (Path(settings.data_dir) / "radloop-up.log").read_text()
-        flow_log = (Path(settings.data_dir) / "logs" / "flows.log").read_text()
-        assert "Retry 1/8" in flow_log  # the task failed while Triton was down, then retried
+        worker_log = (Path(settings.data_dir) / "logs" / "worker.log").read_text()
+        assert "Retry 1/8" in worker_log  # the task failed while Triton was down, then retried
     finally:
         assert up.stop(sig=signal.SIGINT, timeout=60) == 0, up.output()
 

@@ -44,7 +44,8 @@ def children(settings: Settings) -> dict[str, int]:
     record = runstate.read(runstate.state_file(settings))
     assert record is not None
     found = {name: child["pid"] for name, child in record["children"].items() if child["pid"]}
-    assert set(found) == {"orthanc", "prefect", "mlflow", "triton", "flows", "review"}, record
+    parts = {"orthanc", "prefect", "mlflow", "triton", "flows", "worker", "review"}
+    assert set(found) == parts, record
     return found
 
 

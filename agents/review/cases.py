@@ -103,7 +103,11 @@ def iso(value: datetime | None) -> str | None:
 
 
 def item_row(
-    annotation: Annotation, study_uid: str, study_date: str | None, effective: float | None
+    annotation: Annotation,
+    study_uid: str,
+    study_date: str | None,
+    effective: float | None,
+    completed_at: datetime | None = None,
 ) -> dict[str, Any]:
     return {
         "annotation_id": annotation.id,
@@ -136,4 +140,9 @@ def item_row(
         "viewable": annotation.viewable_at is not None,
         "viewer_error": annotation.viewer_error,
         "created_at": annotation.created_at.isoformat(),
+        # The study revision's completion (its annotation job), when the draft was recorded,
+        # and the drafting steps' seconds (load_s, infer_s, write_s, store_s).
+        "completed_at": iso(completed_at),
+        "drafted_at": iso(annotation.created_at) if annotation.seg_sop_instance_uid else None,
+        "timings": annotation.timings,
     }

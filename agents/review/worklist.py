@@ -30,7 +30,7 @@ from agents.review.cases import (
 )
 from agents.review.intake import CorrectionIntake
 from agents.review.training_set import add_label, stage_pair
-from radloop.db import Annotation, Store, Study, utcnow
+from radloop.db import Annotation, AnnotationJob, Store, Study, utcnow
 from radloop.domain import AnnotationState
 from radloop.modelspec import ModelSpec
 from radloop.settings import ReviewSettings
@@ -76,8 +76,15 @@ class Worklist:
         self.expire_leases()
         priority = self.priority_expression()
         query = (
-            select(Annotation, Study.study_uid, Study.study_date, priority.label("effective"))
+            select(
+                Annotation,
+                Study.study_uid,
+                Study.study_date,
+                priority.label("effective"),
+                AnnotationJob.completed_at,
+            )
             .join(Study, Study.id == Annotation.study_id)
+            .outerjoin(AnnotationJob, AnnotationJob.annotation_id == Annotation.id)
             .order_by(
                 Annotation.seg_sop_instance_uid.is_(None),
                 priority.desc(),
@@ -91,8 +98,10 @@ class Worklist:
             query = query.where(Annotation.id == annotation_id)
         with self.store.read() as session:
             return [
-                item_row(annotation, study_uid, study_date, effective)
-                for annotation, study_uid, study_date, effective in session.execute(query)
+                item_row(annotation, study_uid, study_date, effective, completed_at)
+                for annotation, study_uid, study_date, effective, completed_at in session.execute(
+                    query
+                )
             ]
 
     def item(self, annotation_id: int) -> dict[str, Any]:

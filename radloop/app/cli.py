@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 import signal
 import sys
 import threading
@@ -20,9 +19,11 @@ from radloop.app.commands.common import (
     JsonOption,
     cli_model_specs,
     cli_settings,
+    configure_logging,
     console,
     err_console,
     open_store,
+    prefect_client,
 )
 from radloop.app.commands.demo import demo_app
 from radloop.app.commands.flows import flows_app
@@ -32,6 +33,7 @@ from radloop.app.commands.queue import queue_app
 from radloop.app.commands.review import review_app, users_app
 from radloop.app.commands.studies import studies_app
 from radloop.app.commands.train import train
+from radloop.app.commands.worker import worker
 from radloop.db import Store, Study, User
 from radloop.settings import DicomSettings, Settings
 
@@ -44,16 +46,7 @@ app.add_typer(flows_app, name="flows")
 app.add_typer(review_app, name="review")
 app.add_typer(users_app, name="users")
 app.command("train")(train)
-
-
-def _configure_logging(settings: Settings) -> None:
-    logging.basicConfig(
-        level=settings.log_level,
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-    )
-    # pynetdicom narrates every PDU at INFO; its warnings are what an operator needs.
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+app.command("worker")(worker)
 
 
 def _wait_for_signal() -> threading.Event:
@@ -78,20 +71,23 @@ def _safe_url(url: str) -> str:
 
 @app.command()
 def listen() -> None:
-    """Run the DICOM listener (C-STORE SCP, study completion) and the outbox dispatcher."""
+    """Run the DICOM listener (C-STORE SCP, study completion) and the outbox dispatcher, which
+    submits annotation jobs to the workers (`radloop worker`)."""
     from radloop.app.services import Services
 
     settings = cli_settings()
-    _configure_logging(settings)
+    configure_logging(settings)
+    specs = cli_model_specs(settings)
     store = open_store(settings, migrate=True)
     services = Services(settings, store)
     stop = _wait_for_signal()
-    services.start_listener()
-    services.start_dispatcher()
+    with prefect_client(settings):
+        services.start_listener()
+        services.start_dispatcher(specs)
     dicom = settings.dicom
     console.print(
         f"radloop listening: DICOM {dicom.ae_title}@{dicom.host}:{dicom.port}, "
-        f"events to {settings.prefect.effective_api_url}"
+        f"events and annotation jobs to {settings.prefect.effective_api_url}"
     )
     stop.wait()
     services.stop()
@@ -149,9 +145,10 @@ def run_stack(
         prefect_spec,
         review_spec,
         triton_spec,
+        worker_spec,
     )
 
-    _configure_logging(settings)
+    configure_logging(settings)
     model_specs = cli_model_specs(settings)
     specs = []
     if settings.orthanc.url is None:
@@ -165,6 +162,7 @@ def run_stack(
         triton.after_start = lambda: load_served_models(settings, model_specs)
         specs.append(triton)
     specs.append(flows_spec(settings))
+    specs.append(worker_spec(settings))
     specs.append(review_spec(settings))
     supervisor = Supervisor(specs, settings.supervisor, state_file(settings))
     stop = _wait_for_signal()
@@ -175,13 +173,14 @@ def run_stack(
             console.print(f"ended {leftover}, left running by a radloop up that was killed")
         with console.status("starting " + ", ".join(s.name for s in specs) + " ..."):
             supervisor.start()
-        services.start_listener()
-        services.start_dispatcher()
-        services.start_viewer_reconciler()
-        if settings.orthanc.follow:
-            services.start_follower()
-        if settings.watch.enabled:
-            services.start_watch()
+        with prefect_client(settings):
+            services.start_listener()
+            services.start_dispatcher(model_specs)
+            services.start_viewer_reconciler()
+            if settings.orthanc.follow:
+                services.start_follower()
+            if settings.watch.enabled:
+                services.start_watch()
         _print_endpoints(settings)
         _hint_first_user(store)
         if after_up is not None:
@@ -251,7 +250,7 @@ def _hint_first_user(store: Store) -> None:
 
 @app.command()
 def status(as_json: JsonOption = False) -> None:
-    """Probe each configured part and say whether it answers."""
+    """Probe each configured part and say whether it answers; list the connected workers."""
     from radloop.app.probes import probe_all
 
     settings = cli_settings()
@@ -261,6 +260,9 @@ def status(as_json: JsonOption = False) -> None:
         print_json(report)
     else:
         print_rows(console, report["services"], columns, "radloop status", as_json=False)
+        workers: list[Column | str] = ["host", "queue", "pid", "started_at", "last_seen_at"]
+        title = f"{len(report['workers'])} worker(s) connected"
+        print_rows(console, report["workers"], workers, title, as_json=False)
         console.print(f"outbox: {report['outbox']}")
     if not all(s["healthy"] for s in report["services"]):
         raise typer.Exit(1)

@@ -9,13 +9,16 @@ from collections.abc import Callable
 from typing import Any
 
 import httpx
+import psutil
 from pynetdicom import AE
 from sqlalchemy import func, select, text
 from sqlalchemy.engine import make_url
 
+from agents.jobs import connected_window
 from radloop.app import runstate
 from radloop.app.runstate import ChildState
-from radloop.db import OutboxEvent, Store, make_engine
+from radloop.db import AnnotationJob, OutboxEvent, Store, Worker, make_engine, utcnow
+from radloop.domain import JobState, WorkerQueue
 from radloop.settings import Settings
 
 
@@ -92,6 +95,7 @@ def probe_all(settings: Settings) -> dict[str, Any]:
         "healthy": False,
     }
     outbox: dict[str, Any] = {}
+    workers: list[dict[str, Any]] = []
     try:
         store = Store(make_engine(url))  # asks; never creates or upgrades a schema
         with store.read() as session:
@@ -99,6 +103,10 @@ def probe_all(settings: Settings) -> dict[str, Any]:
             outbox["pending"] = session.scalar(
                 select(func.count(OutboxEvent.id)).where(OutboxEvent.delivered_at.is_(None))
             )
+            outbox["annotation_jobs_waiting"] = session.scalar(
+                select(func.count(AnnotationJob.id)).where(AnnotationJob.state != JobState.DONE)
+            )
+        workers = connected_workers(settings, store)
         store.close()
         database["healthy"] = True
     except Exception as error:
@@ -117,7 +125,46 @@ def probe_all(settings: Settings) -> dict[str, Any]:
         ),
     ]
     _add_supervision(settings, services)
-    return {"services": services, "outbox": outbox}
+    return {"services": services, "outbox": outbox, "workers": workers}
+
+
+def connected_workers(
+    settings: Settings, store: Store, queue: WorkerQueue | None = None
+) -> list[dict[str, Any]]:
+    """Workers heard from within three heartbeats (host, queue, pid, started, last seen)."""
+    since = utcnow() - connected_window(settings.annotation.job_lease_seconds)
+    query = select(Worker).where(Worker.last_seen_at >= since).order_by(Worker.started_at)
+    if queue is not None:
+        query = query.where(Worker.queue == queue)
+    with store.read() as session:
+        return [
+            {
+                "id": w.id,
+                "host": w.host,
+                "queue": w.queue,
+                "pid": w.pid,
+                "started_at": w.started_at.isoformat(),
+                "last_seen_at": w.last_seen_at.isoformat(),
+            }
+            for w in session.scalars(query)
+        ]
+
+
+def worker_connected(settings: Settings, queue: WorkerQueue, host: str) -> Callable[[], bool]:
+    """A probe for the supervisor: a live `radloop worker` of `queue` on `host` reports in."""
+
+    def probe() -> bool:
+        try:
+            store = Store(make_engine(settings.effective_database_url))
+            try:
+                rows = connected_workers(settings, store, queue)
+            finally:
+                store.close()
+        except Exception:
+            return False
+        return any(row["host"] == host and psutil.pid_exists(row["pid"]) for row in rows)
+
+    return probe
 
 
 def _add_supervision(settings: Settings, services: list[dict[str, Any]]) -> None:

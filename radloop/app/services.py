@@ -4,14 +4,16 @@ threads that share one store and one stop signal."""
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import httpx
 from pynetdicom.transport import ThreadedAssociationServer
 from pyorthanc import Orthanc
 
+from agents.jobs import AnnotationJobs, JobPlanner
 from agents.outbox import OutboxDispatcher
 from agents.viewer_store import ViewerStore
 from dicom_listener import Ingestor, OrthancFollower, StudyAssembler, WatchFolder, build_ae
@@ -37,7 +39,13 @@ class Services:
         self._server: ThreadedAssociationServer | None = None
 
     def _spawn(self, name: str, target: Callable[[threading.Event], None]) -> None:
-        thread = threading.Thread(target=target, args=(self.stop_event,), name=name, daemon=True)
+        # A copy of the context: Prefect's settings (`prefect_client`) reach the thread.
+        thread = threading.Thread(
+            target=contextvars.copy_context().run,
+            args=(target, self.stop_event),
+            name=name,
+            daemon=True,
+        )
         thread.start()
         self._threads.append(thread)
 
@@ -60,13 +68,25 @@ class Services:
             " (TLS)" if dicom.tls else "",
         )
 
-    def start_dispatcher(self) -> None:
+    def start_dispatcher(self, specs: Mapping[str, ModelSpec]) -> None:
+        """Deliver the outbox to Prefect; plan each completed study's annotation jobs and
+        submit them (and again those whose lease ran out) to the annotation workers."""
+        from flows.annotate import submit_annotation
+
         outbox = self.settings.outbox
+        repository = TritonRepository(self.settings.model_repository)
+
+        def serving() -> dict[str, str | None]:
+            versions = {name: repository.champion(name) for name in specs}
+            return {name: None if v is None else str(v) for name, v in versions.items()}
+
+        jobs = AnnotationJobs(self.store, self.settings.annotation.job_lease_seconds)
         dispatcher = OutboxDispatcher(
             self.store,
             self.settings.prefect.effective_api_url,
             batch_size=outbox.batch_size,
             max_backoff_seconds=outbox.max_backoff_seconds,
+            planner=JobPlanner(jobs, serving, submit_annotation),
         )
         self._spawn("outbox", lambda stop: dispatcher.run(stop, outbox.poll_seconds))
 

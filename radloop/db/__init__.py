@@ -3,6 +3,7 @@
 from radloop.db.engine import SchemaOutdated, Store, make_engine, upgrade
 from radloop.db.models import (
     Annotation,
+    AnnotationJob,
     Base,
     Cursor,
     Instance,
@@ -13,11 +14,13 @@ from radloop.db.models import (
     TrainingRun,
     User,
     WebSession,
+    Worker,
     utcnow,
 )
 
 __all__ = [
     "Annotation",
+    "AnnotationJob",
     "Base",
     "Cursor",
     "Instance",
@@ -30,6 +33,7 @@ __all__ = [
     "TrainingRun",
     "User",
     "WebSession",
+    "Worker",
     "make_engine",
     "upgrade",
     "utcnow",

@@ -238,6 +238,49 @@ class OutboxEvent(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
 
 
+class AnnotationJob(Base):
+    """Work radloop wants done: draft one completed study revision with one model. The durable
+    record behind Prefect's background tasks, which are at most once (`agents.jobs`)."""
+
+    __tablename__ = "annotation_jobs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    # study:<uid>:rev:<n>:model:<name>:<version|none>
+    job_key: Mapped[str] = mapped_column(String(200), unique=True)
+    study_uid: Mapped[str] = mapped_column(UID)
+    revision: Mapped[int] = mapped_column(Integer)
+    model_name: Mapped[str] = mapped_column(String(64))
+    model_version: Mapped[str | None] = mapped_column(String(32))
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # Submitted: when the reconciler submits it again; running: renewed by the worker.
+    lease_until: Mapped[datetime] = mapped_column(index=True)
+    task_run_id: Mapped[str | None] = mapped_column(String(36))
+    worker: Mapped[str | None] = mapped_column(String(128))
+    annotation_id: Mapped[int | None] = mapped_column(Integer)
+    outcome: Mapped[str | None] = mapped_column(String(16))
+    last_error: Mapped[str | None] = mapped_column(Text)
+    # When the study revision completed (its study.completed event was written).
+    completed_at: Mapped[datetime]
+    submitted_at: Mapped[datetime | None]
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+
+
+class Worker(Base):
+    """A `radloop worker` process, as it last reported itself (`agents.jobs.WorkerRegistry`)."""
+
+    __tablename__ = "workers"
+
+    # host:pid:<process start>: a later process with the same pid is another worker.
+    id: Mapped[str] = mapped_column(String(160), primary_key=True)
+    host: Mapped[str] = mapped_column(String(128))
+    pid: Mapped[int] = mapped_column(Integer)
+    queue: Mapped[str] = mapped_column(String(16))
+    started_at: Mapped[datetime]
+    last_seen_at: Mapped[datetime] = mapped_column(index=True)
+
+
 class Cursor(Base):
     """Named resume points of followers (e.g. Orthanc's /changes sequence)."""
 

@@ -3,6 +3,9 @@ the `--json` option."""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Annotated
 
 import typer
@@ -46,3 +49,32 @@ def cli_model_specs(settings: Settings) -> dict[str, ModelSpec]:
     except ModelSpecError as error:
         err_console.print(f"[red]invalid model spec[/red]\n{error}", highlight=False)
         raise typer.Exit(2) from None
+
+
+def configure_logging(settings: Settings) -> None:
+    logging.basicConfig(
+        level=settings.log_level,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+    )
+    # pynetdicom narrates every PDU at INFO; its warnings are what an operator needs.
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+@contextmanager
+def prefect_client(settings: Settings) -> Iterator[None]:
+    """Prefect's client settings from radloop's, in Prefect's settings context (threads that
+    should see them get a copy of the context): the API, and the shared folder where background
+    tasks' parameters and results live, which submitters and workers on every host must share."""
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_RESULTS_LOCAL_STORAGE_PATH,
+        temporary_settings,
+    )
+
+    updates = {
+        PREFECT_API_URL: settings.prefect.effective_api_url,
+        PREFECT_RESULTS_LOCAL_STORAGE_PATH: str(settings.prefect_results_dir),
+    }
+    with temporary_settings(updates=updates):
+        yield

@@ -22,11 +22,9 @@ flows_app = typer.Typer(help="Prefect flows and their deployments.", no_args_is_
 
 
 @flows_app.command("serve")
-def serve(
-    limit: int = typer.Option(2, min=1, help="Annotation flow runs at once."),
-) -> None:
-    """Serve `annotate-study` (on every radloop.study.completed) and `retrain-model` (on every
-    radloop.label.validated, on the retraining schedule, and for `radloop train`)."""
+def serve() -> None:
+    """Serve `retrain-model` (on every radloop.label.validated, on the retraining schedule,
+    and for `radloop train`). Annotation runs on `radloop worker`."""
     settings = cli_settings()
     cli_model_specs(settings)  # refuse to serve with a broken spec
     from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -34,34 +32,18 @@ def serve(
     # Prefect's settings context, not this process's environment: the runner passes it on to
     # the flow runs it starts, and the sweeper's thread gets a copy of the context.
     with temporary_settings(updates={PREFECT_API_URL: settings.prefect.effective_api_url}):
-        _serve(settings, limit)
+        _serve(settings)
 
 
-def _serve(settings: Settings, limit: int) -> None:
+def _serve(settings: Settings) -> None:
     from prefect import serve as serve_all
     from prefect.client.schemas.schedules import CronSchedule
     from prefect.events import DeploymentEventTrigger
     from prefect.types.entrypoint import EntrypointType
 
-    from flows.annotate import annotate_study
     from flows.ghosts import Sweeper
     from flows.retrain import retrain_model
 
-    annotate: Any = annotate_study.to_deployment(
-        name="on-study-completed",
-        triggers=[
-            DeploymentEventTrigger(
-                expect={"radloop.study.completed"},
-                match={"prefect.resource.id": "radloop.study.*"},
-                parameters={
-                    "study_uid": "{{ event.payload.study_uid }}",
-                    "revision": "{{ event.payload.revision }}",
-                },
-            )
-        ],
-        concurrency_limit=limit,
-        entrypoint_type=EntrypointType.MODULE_PATH,
-    )
     retrain: Any = retrain_model.to_deployment(
         name="retrain",
         triggers=[
@@ -81,7 +63,7 @@ def _serve(settings: Settings, limit: int) -> None:
     )
     # Runs a stop or a crash left behind hold their deployment's slot: end them before the
     # runner takes runs, then keep an eye out (flows/ghosts.py).
-    sweeper = Sweeper(open_store(settings, migrate=True), [annotate.full_name, retrain.full_name])
+    sweeper = Sweeper(open_store(settings, migrate=True), [retrain.full_name])
     _sweep(sweeper)  # each run it ends is logged
     threading.Thread(
         target=contextvars.copy_context().run,
@@ -89,7 +71,7 @@ def _serve(settings: Settings, limit: int) -> None:
         name="ghost-sweeper",
         daemon=True,
     ).start()
-    serve_all(annotate, retrain, limit=limit + 1, print_starting_message=False)
+    serve_all(retrain, limit=1, print_starting_message=False)
 
 
 def _sweep(sweeper: Sweeper) -> None:

@@ -12,6 +12,7 @@ from radloop.app.supervisor.specs import (
     prefect_spec,
     review_spec,
     triton_spec,
+    worker_spec,
 )
 from radloop.app.supervisor.supervisor import Child, Supervisor, SupervisorError, port_holder
 
@@ -28,4 +29,5 @@ __all__ = [
     "prefect_spec",
     "review_spec",
     "triton_spec",
+    "worker_spec",
 ]

@@ -1,6 +1,7 @@
 """What `radloop up` runs as child processes — Orthanc, the Prefect server, MLflow, Triton,
-the flow runner and the review service — each as a `ChildSpec`: command, environment, log
-file under the data dir, the ports it must own and the probe that says it is healthy."""
+the flow runner, the annotation worker and the review service — each as a `ChildSpec`:
+command, environment, log file under the data dir, the ports it must own and the probe that
+says it is healthy."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from radloop.app.probes import http_ok
+from radloop.app.probes import http_ok, worker_connected
+from radloop.domain import WorkerQueue
 from radloop.settings import Settings
 
 ORTHANC_BINARY = "/usr/sbin/Orthanc"
@@ -194,21 +196,40 @@ def triton_spec(settings: Settings) -> ChildSpec:
 
 
 def flows_spec(settings: Settings) -> ChildSpec:
-    """`radloop flows serve`: radloop's Prefect deployments, healthy once registered."""
+    """`radloop flows serve`: the retraining deployment, healthy once registered."""
     api = settings.prefect.effective_api_url
     return ChildSpec(
         name="flows",
         argv=[str(Path(sys.executable).with_name("radloop")), "flows", "serve"],
         log_file=settings.data_dir / "logs" / "flows.log",
-        healthy=http_ok(f"{api}/deployments/name/annotate-study/on-study-completed"),
+        healthy=http_ok(f"{api}/deployments/name/retrain-model/retrain"),
         url=f"{api.removesuffix('/api')}/deployments",
         env={
             "PREFECT_API_URL": api,
             "PREFECT_HOME": str(settings.data_dir / "prefect-client"),
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-            # The runner polls for scheduled runs every 10 s by default; triggered annotation
-            # runs then waited ~7 s (p50) to be picked up. 1 s: 0.4 s (bench/annotate.py).
+            # The runner polls for scheduled runs every 10 s by default; a triggered retraining
+            # then waited ~7 s (p50) to be picked up. 1 s: 0.4 s.
             "PREFECT_RUNNER_POLL_FREQUENCY": "1",
+        },
+        start_timeout=120.0,
+    )
+
+
+def worker_spec(settings: Settings) -> ChildSpec:
+    """`radloop worker --queue annotate`: drafts studies warm, healthy once it reports in."""
+    from flows.process import this_host
+
+    api = settings.prefect.effective_api_url
+    return ChildSpec(
+        name="worker",
+        argv=[str(Path(sys.executable).with_name("radloop")), "worker", "--queue", "annotate"],
+        log_file=settings.data_dir / "logs" / "worker.log",
+        healthy=worker_connected(settings, WorkerQueue.ANNOTATE, this_host()),
+        url=f"{api.removesuffix('/api')}/runs",
+        env={
+            "PREFECT_HOME": str(settings.data_dir / "prefect-client"),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         },
         start_timeout=120.0,
     )
