@@ -98,38 +98,37 @@ def test_compose_reserves_a_gpu_for_triton_and_both_workers() -> None:
 
 def test_compose_mounts_the_shared_volume_at_the_same_paths_everywhere() -> None:
     services = d.compose()["services"]
+    one_shot = _one_shot(services)
     radloop = {n: s for n, s in services.items() if d.is_radloop_image(s.get("image", ""))}
     assert {"gateway", "worker-annotate", "worker-train", "review", "mlflow"} <= set(radloop)
     for name, service in radloop.items():
-        mounts = {
-            (v["source"], v["target"], v.get("volume", {}).get("subpath"))
-            for v in (_long_volume(v) for v in service["volumes"])
-        }
+        mounts = {_mount(volume)[:3] for volume in service["volumes"]}
         assert ("shared", d.DATA_DIR, None) in mounts, name
-        if name not in _one_shot(services):
-            assert ("shared", d.MODEL_REPOSITORY, d.MODEL_SUBPATH) in mounts, name
+        if name in one_shot:
+            continue
+        assert ("shared", d.MODEL_REPOSITORY, d.MODEL_SUBPATH) in mounts, name
+        if name == "mlflow":  # runs no radloop code
+            continue
         env = d.compose_environment(service)
-        if name != "mlflow" and name not in _one_shot(services):
-            assert env["RADLOOP_DATA_DIR"] == d.DATA_DIR, name
-            assert env["RADLOOP_TRITON__REPOSITORY"] == d.MODEL_REPOSITORY, name
-            assert env["PREFECT_LOCAL_STORAGE_PATH"].startswith(d.DATA_DIR + "/"), name
+        assert env["RADLOOP_DATA_DIR"] == d.DATA_DIR, name
+        assert env["RADLOOP_TRITON__REPOSITORY"] == d.MODEL_REPOSITORY, name
+        assert env["PREFECT_LOCAL_STORAGE_PATH"].startswith(d.DATA_DIR + "/"), name
     triton = services["triton"]
-    [volume] = [_long_volume(v) for v in triton["volumes"]]
-    assert (volume["source"], volume["target"], volume["volume"]["subpath"]) == (
-        "shared",
-        d.MODEL_REPOSITORY,
-        d.MODEL_SUBPATH,
-    )
-    assert volume["read_only"] is True
+    # Only the model repository, read-only, at the path radloop uses for it.
+    assert [_mount(v) for v in triton["volumes"]] == [
+        ("shared", d.MODEL_REPOSITORY, d.MODEL_SUBPATH, True)
+    ]
     assert f"--model-repository={d.MODEL_REPOSITORY}" in triton["command"]
     assert "--model-control-mode=explicit" in triton["command"]
 
 
-def _long_volume(volume: str | dict[str, Any]) -> dict[str, Any]:
-    if isinstance(volume, dict):
-        return volume
-    source, target = volume.split(":")[:2]
-    return {"type": "volume", "source": source, "target": target}
+def _mount(volume: str | dict[str, Any]) -> tuple[str, str, str | None, bool]:
+    """(volume, path in the container, subpath, read-only) of a short or long volume entry."""
+    if isinstance(volume, str):
+        source, target, *mode = volume.split(":")
+        return source, target, None, mode == ["ro"]
+    subpath = volume.get("volume", {}).get("subpath")
+    return volume["source"], volume["target"], subpath, bool(volume.get("read_only"))
 
 
 def test_compose_radloop_variables_are_radloop_settings() -> None:
