@@ -68,8 +68,7 @@ ENV RADLOOP_CONFIG=/opt/radloop/configs/radloop.yaml \
     RADLOOP_MODELS_DIR=/opt/radloop/configs/models \
     RADLOOP_REVIEW__OHIF_DIR=/opt/radloop/ohif \
     RADLOOP_DATA_DIR=/srv/radloop \
-    RADLOOP_TRITON__REPOSITORY=/models \
-    PREFECT_LOCAL_STORAGE_PATH=/srv/radloop/prefect-results
+    RADLOOP_TRITON__REPOSITORY=/models
 
 # Numeric, so Kubernetes can check runAsNonRoot.
 USER 10001:10001

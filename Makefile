@@ -26,6 +26,7 @@ lint:
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
 	.venv/bin/mypy radloop dicom_listener agents flows model_registry tests bench
+	.venv/bin/mypy deploy/docker/healthcheck.py deploy/docker/fetch_ohif.py
 	.venv/bin/lint-imports
 
 bench: install
