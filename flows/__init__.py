@@ -5,6 +5,6 @@
 * `retrain` — `retrain-model`: retrain a model on its validated labels, gate, deploy.
 * `process` — each flow run marks itself with its host and process, so a sweep can tell a
   run whose process died from one still running.
-* `ghosts` — the sweep `radloop flows serve` runs: ends runs a stop or crash left behind and
+* `ghosts` — the sweep the training worker runs: ends runs a stop or crash left behind and
   frees their concurrency slots.
 """

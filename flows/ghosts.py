@@ -1,10 +1,10 @@
-"""Flow runs whose process is gone ("ghosts"), found and ended by `radloop flows serve`.
+"""Flow runs whose process is gone ("ghosts"), found and ended by the training worker.
 
 A run that was PENDING, RUNNING or CANCELLING when its process died (`radloop up` stopped, the
 host crashed) stays so in Prefect, and keeps its deployment concurrency slot: the slot's lease
 lives in the Prefect server's memory, so once the server restarts nothing ever frees it, and
 every later run of the deployment waits in AwaitingConcurrencySlot (retraining has a limit
-of 1). `Sweeper` ends such runs; `radloop flows serve` sweeps before its runner takes runs,
+of 1). `Sweeper` ends such runs; the training worker sweeps before it takes runs,
 then every `SWEEP_SECONDS`.
 
 A run is a ghost when
@@ -179,7 +179,7 @@ class Sweeper:
         """End one ghost and what it left behind; False when Prefect refused (it ended
         meanwhile)."""
         run, reason = ghost.run, ghost.reason
-        message = f"radloop: {reason}; ended by radloop flows serve on {self.host}"
+        message = f"radloop: {reason}; ended by radloop worker --queue train on {self.host}"
         state: State[Any] = (
             Cancelled(message=message)
             if run.state_type == StateType.CANCELLING

@@ -1,11 +1,11 @@
 """Flow `retrain-model`: fine-tune, register, gate and hot-reload one model (or every model).
 
 Thin on purpose: `agents.retrain.Retrainer` does the work, each run a `training_runs` row.
-Deployed by `radloop flows serve` three ways, all one deployment with a concurrency limit of 1
-(runs that arrive while one trains wait, then find nothing new and end at once — they
-coalesce): an event trigger on `radloop.label.validated` (trigger "threshold"), a cron
-schedule ("schedule") and `radloop train` ("manual"). Each flow run is its own process, so
-Triton keeps serving drafts while it trains.
+Deployed by `radloop worker --queue train` on its work pool, three ways, all one deployment
+with a concurrency limit of 1 (runs that arrive while one trains wait, then find nothing new
+and end at once — they coalesce): an event trigger on `radloop.label.validated` (trigger
+"threshold"), a cron schedule ("schedule") and `radloop train` ("manual"). Each flow run is
+its own process, so Triton keeps serving drafts while it trains.
 """
 
 from __future__ import annotations

@@ -223,6 +223,9 @@ class RetrainSettings(_Section):
     timezone: str = "UTC"
     # `radloop train --wait` gives up (exit 1) when the run is not decided in this long.
     wait_timeout_seconds: float = Field(3600.0, gt=0)
+    # The Prefect work pool `radloop worker --queue train` serves (created as a process pool
+    # when missing; a Docker or Kubernetes pool from deploy/ is used as it is).
+    work_pool: str = "radloop-train"
 
 
 class SupervisorSettings(_Section):

@@ -44,7 +44,7 @@ def children(settings: Settings) -> dict[str, int]:
     record = runstate.read(runstate.state_file(settings))
     assert record is not None
     found = {name: child["pid"] for name, child in record["children"].items() if child["pid"]}
-    parts = {"orthanc", "prefect", "mlflow", "triton", "flows", "worker", "review"}
+    parts = {"orthanc", "prefect", "mlflow", "triton", "trainer", "worker", "review"}
     assert set(found) == parts, record
     return found
 
@@ -120,7 +120,7 @@ def test_parts_die_with_radloop_up_killed_mid_training_or_hung_up_and_it_starts_
         parts = children(settings)
         assert {s["name"] for s in services if "supervised" in s} == set(parts)
 
-        # `radloop flows serve` ended the killed run as it started, before taking runs.
+        # The training worker ended the killed run as it started, before taking runs.
         def no_longer_running() -> dict[str, Any] | None:
             run = flow_run(settings, ghost)
             return run if run["state_type"] != "RUNNING" else None

@@ -26,7 +26,6 @@ from radloop.app.commands.common import (
     prefect_client,
 )
 from radloop.app.commands.demo import demo_app
-from radloop.app.commands.flows import flows_app
 from radloop.app.commands.models import models_app
 from radloop.app.commands.output import Column, Row, print_json, print_rows
 from radloop.app.commands.queue import queue_app
@@ -35,6 +34,7 @@ from radloop.app.commands.studies import studies_app
 from radloop.app.commands.train import train
 from radloop.app.commands.worker import worker
 from radloop.db import Store, Study, User
+from radloop.domain import WorkerQueue
 from radloop.settings import DicomSettings, Settings
 
 app = typer.Typer(help="radloop: the radiology active-learning loop.", no_args_is_help=True)
@@ -42,7 +42,6 @@ app.add_typer(studies_app, name="studies")
 app.add_typer(models_app, name="models")
 app.add_typer(demo_app, name="demo")
 app.add_typer(queue_app, name="queue")
-app.add_typer(flows_app, name="flows")
 app.add_typer(review_app, name="review")
 app.add_typer(users_app, name="users")
 app.command("train")(train)
@@ -71,8 +70,9 @@ def _safe_url(url: str) -> str:
 
 @app.command()
 def listen() -> None:
-    """Run the DICOM listener (C-STORE SCP, study completion) and the outbox dispatcher, which
-    submits annotation jobs to the workers (`radloop worker`)."""
+    """The gateway: DICOM listener (C-STORE SCP, study completion), watch folder, the outbox
+    dispatcher (which submits annotation jobs to `radloop worker`s) and, with
+    RADLOOP_ORTHANC__URL, the Orthanc follower and the viewer-store reconciler."""
     from radloop.app.services import Services
 
     settings = cli_settings()
@@ -84,6 +84,12 @@ def listen() -> None:
     with prefect_client(settings):
         services.start_listener()
         services.start_dispatcher(specs)
+        if settings.watch.enabled:
+            services.start_watch()
+        if settings.orthanc.url is not None:  # the site's Orthanc (radloop up embeds one)
+            services.start_viewer_reconciler()
+            if settings.orthanc.follow:
+                services.start_follower()
     dicom = settings.dicom
     console.print(
         f"radloop listening: DICOM {dicom.ae_title}@{dicom.host}:{dicom.port}, "
@@ -104,8 +110,8 @@ def up(
         ),
     ] = None,
 ) -> None:
-    """Start everything on embedded defaults: Orthanc, Prefect, MLflow, Triton, flows, the
-    review service, listener, follower, watch folder."""
+    """Start everything on embedded defaults: Orthanc, Prefect, MLflow, Triton, the training
+    and annotation workers, the review service, listener, follower, watch folder."""
     settings = cli_settings()
     store = open_store(settings, migrate=True)
     if demo is None:
@@ -139,7 +145,6 @@ def run_stack(
     from radloop.app.supervisor import (
         Supervisor,
         SupervisorError,
-        flows_spec,
         mlflow_spec,
         orthanc_spec,
         prefect_spec,
@@ -161,8 +166,8 @@ def run_stack(
         triton = triton_spec(settings)
         triton.after_start = lambda: load_served_models(settings, model_specs)
         specs.append(triton)
-    specs.append(flows_spec(settings))
-    specs.append(worker_spec(settings))
+    specs.append(worker_spec(settings, WorkerQueue.TRAIN))
+    specs.append(worker_spec(settings, WorkerQueue.ANNOTATE))
     specs.append(review_spec(settings))
     supervisor = Supervisor(specs, settings.supervisor, state_file(settings))
     stop = _wait_for_signal()

@@ -6,7 +6,6 @@ killed predecessor)."""
 from radloop.app.supervisor.process import ChildProcess
 from radloop.app.supervisor.specs import (
     ChildSpec,
-    flows_spec,
     mlflow_spec,
     orthanc_spec,
     prefect_spec,
@@ -22,7 +21,6 @@ __all__ = [
     "ChildSpec",
     "Supervisor",
     "SupervisorError",
-    "flows_spec",
     "mlflow_spec",
     "orthanc_spec",
     "port_holder",

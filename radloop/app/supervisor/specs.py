@@ -1,5 +1,5 @@
 """What `radloop up` runs as child processes — Orthanc, the Prefect server, MLflow, Triton,
-the flow runner, the annotation worker and the review service — each as a `ChildSpec`:
+the training and annotation workers and the review service — each as a `ChildSpec`:
 command, environment, log file under the data dir, the ports it must own and the probe that
 says it is healthy."""
 
@@ -195,37 +195,19 @@ def triton_spec(settings: Settings) -> ChildSpec:
     )
 
 
-def flows_spec(settings: Settings) -> ChildSpec:
-    """`radloop flows serve`: the retraining deployment, healthy once registered."""
-    api = settings.prefect.effective_api_url
-    return ChildSpec(
-        name="flows",
-        argv=[str(Path(sys.executable).with_name("radloop")), "flows", "serve"],
-        log_file=settings.data_dir / "logs" / "flows.log",
-        healthy=http_ok(f"{api}/deployments/name/retrain-model/retrain"),
-        url=f"{api.removesuffix('/api')}/deployments",
-        env={
-            "PREFECT_API_URL": api,
-            "PREFECT_HOME": str(settings.data_dir / "prefect-client"),
-            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-            # The runner polls for scheduled runs every 10 s by default; a triggered retraining
-            # then waited ~7 s (p50) to be picked up. 1 s: 0.4 s.
-            "PREFECT_RUNNER_POLL_FREQUENCY": "1",
-        },
-        start_timeout=120.0,
-    )
-
-
-def worker_spec(settings: Settings) -> ChildSpec:
-    """`radloop worker --queue annotate`: drafts studies warm, healthy once it reports in."""
+def worker_spec(settings: Settings, queue: WorkerQueue) -> ChildSpec:
+    """`radloop worker --queue annotate` (child `worker`: drafts studies warm) or `--queue
+    train` (child `trainer`: the work-pool worker that runs retraining and registers its
+    deployment), healthy once it reports in."""
     from flows.process import this_host
 
     api = settings.prefect.effective_api_url
+    name = "worker" if queue is WorkerQueue.ANNOTATE else "trainer"
     return ChildSpec(
-        name="worker",
-        argv=[str(Path(sys.executable).with_name("radloop")), "worker", "--queue", "annotate"],
-        log_file=settings.data_dir / "logs" / "worker.log",
-        healthy=worker_connected(settings, WorkerQueue.ANNOTATE, this_host()),
+        name=name,
+        argv=[str(Path(sys.executable).with_name("radloop")), "worker", "--queue", queue.value],
+        log_file=settings.data_dir / "logs" / f"{name}.log",
+        healthy=worker_connected(settings, queue, this_host()),
         url=f"{api.removesuffix('/api')}/runs",
         env={
             "PREFECT_HOME": str(settings.data_dir / "prefect-client"),
