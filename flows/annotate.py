@@ -72,13 +72,35 @@ class Warm:
     specs: dict[str, ModelSpec]
     annotator: Annotator
     jobs: AnnotationJobs
+    triton: TritonBackend
     worker: str = field(default_factory=worker_id)
     in_flight: set[str] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # tritonclient's HTTP client is not thread-safe, and a load takes seconds: one at a time.
+    loading: threading.Lock = field(default_factory=threading.Lock)
 
     def holding(self) -> list[str]:
         with self.lock:
             return sorted(self.in_flight)
+
+    def serve_champions(self, wait: bool = True) -> None:
+        """Make this worker's Triton serve each model's champion. The training worker loads a
+        new version on the Triton it is configured with and moves the pointer in the shared
+        repository; every other GPU server's worker loads it here (every few seconds, and
+        before each study), so adding a GPU server needs no list of Tritons anywhere. With
+        `wait` False, return at once if another thread is loading."""
+        if not self.loading.acquire(blocking=wait):
+            return
+        try:
+            repository = self.annotator.repository
+            for name in self.specs:
+                champion = repository.champion(name)
+                if champion is None or self.triton.ready(name, str(champion)):
+                    continue
+                log.info("loading %s v%d on this worker's Triton", name, champion)
+                self.triton.load(name)  # the repository's config.pbtxt names the versions
+        finally:
+            self.loading.release()
 
 
 @functools.cache
@@ -93,6 +115,7 @@ def warm() -> Warm:
         load_specs(settings.effective_models_dir),
         build_annotator(settings, store),
         AnnotationJobs(store, settings.annotation.job_lease_seconds),
+        TritonBackend(settings.triton.base_url, settings.triton.timeout_seconds),
     )
 
 
@@ -118,6 +141,7 @@ def _annotate(state: Warm, job: JobRef) -> dict[str, Any]:
         raise LookupError(f"no model spec {job.model!r} on worker {state.worker}")
     error = None
     try:
+        state.serve_champions()
         outcome = state.annotator.annotate(job.study_uid, job.revision, spec)
     except Exception as failure:
         runs = int(task_run.get_run_count() or 1)

@@ -6,6 +6,7 @@ compute the same thing.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,11 +46,21 @@ class TritonBackend:
     """Triton over HTTP (tritonclient). Models are loaded explicitly, never by polling."""
 
     def __init__(self, url: str, timeout_seconds: float = 300.0) -> None:
-        self.client = triton_http.InferenceServerClient(
-            _host_port(url),
-            connection_timeout=10.0,
-            network_timeout=timeout_seconds,
-        )
+        self.url = _host_port(url)
+        self.timeout_seconds = timeout_seconds
+        self._local = threading.local()
+
+    @property
+    def client(self) -> triton_http.InferenceServerClient:
+        """This thread's client: tritonclient's HTTP client must not be shared between
+        threads (a worker drafts several studies at once)."""
+        client: triton_http.InferenceServerClient | None = getattr(self._local, "client", None)
+        if client is None:
+            client = triton_http.InferenceServerClient(
+                self.url, connection_timeout=10.0, network_timeout=self.timeout_seconds
+            )
+            self._local.client = client
+        return client
 
     def infer(
         self, model: str, image: NDArray[Any], spacing: Sequence[float], version: int | None = None

@@ -13,7 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,10 +55,21 @@ def _accepts(port: int) -> bool:
 class PostgresServer:
     """A throw-away PostgreSQL 15 cluster in a temporary directory, on a free port."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(
+        self,
+        root: Path,
+        host: str = "127.0.0.1",
+        on: Callable[[Sequence[str]], list[str]] | None = None,
+        network: str | None = None,
+    ) -> None:
+        """`on` wraps the server's command (another test host's namespace); `network` is
+        trusted as well as loopback."""
         self.root = root
         self.data = root / "pgdata"
+        self.host = host
         self.port = free_port()
+        self.on = on or list
+        self.network = network
         self.process: ChildProcess | None = None
         # PostgreSQL refuses to run as root; CI runs as root, so use the `postgres` account.
         self.as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
@@ -83,31 +94,36 @@ class PostgresServer:
             check=True,
             capture_output=True,
         )
+        if self.network is not None:
+            with open(self.data / "pg_hba.conf", "a") as hba:
+                hba.write(f"host all all {self.network} trust\n")
         self.process = ChildProcess(
             "postgres",
-            [
-                *self.as_user,
-                str(PG_BIN / "postgres"),
-                "-D",
-                str(self.data),
-                "-p",
-                str(self.port),
-                "-h",
-                "127.0.0.1",
-                "-k",
-                str(self.root),
-                "-c",
-                "fsync=on",
-                "-c",
-                "max_connections=200",
-            ],
+            self.on(
+                [
+                    *self.as_user,
+                    str(PG_BIN / "postgres"),
+                    "-D",
+                    str(self.data),
+                    "-p",
+                    str(self.port),
+                    "-h",
+                    self.host,
+                    "-k",
+                    str(self.root),
+                    "-c",
+                    "fsync=on",
+                    "-c",
+                    "max_connections=200",
+                ]
+            ),
         )
         self.process.start()
         wait_until(self._ready, timeout=30)
 
     def _ready(self) -> bool:
         probe = subprocess.run(
-            [str(PG_BIN / "pg_isready"), "-h", "127.0.0.1", "-p", str(self.port)],
+            [str(PG_BIN / "pg_isready"), "-h", self.host, "-p", str(self.port)],
             capture_output=True,
         )
         return probe.returncode == 0
@@ -117,7 +133,7 @@ class PostgresServer:
             [
                 "psql",
                 "-h",
-                "127.0.0.1",
+                self.host,
                 "-p",
                 str(self.port),
                 "-U",
@@ -128,7 +144,7 @@ class PostgresServer:
             check=True,
             capture_output=True,
         )
-        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{name}"
+        return f"postgresql+psycopg://postgres@{self.host}:{self.port}/{name}"
 
     def stop(self) -> None:
         if self.process is not None:

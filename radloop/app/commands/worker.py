@@ -119,6 +119,22 @@ def _serve_annotation(settings: Settings, limit: int) -> None:
 
     every = heartbeat_seconds(settings.annotation.job_lease_seconds)
     stop = _report_in(state.store, state.worker, WorkerQueue.ANNOTATE, every, renew)
+
+    def serve_champions() -> None:
+        """Apart from the heartbeat: a Triton load takes seconds, a lease renewal must not."""
+        while not stop.is_set():
+            try:
+                state.serve_champions(wait=False)
+            except Exception as error:  # Triton restarting: the next round, or the next study
+                log.warning("could not bring this worker's Triton to the champions: %r", error)
+            stop.wait(every)
+
+    threading.Thread(
+        target=contextvars.copy_context().run,
+        args=(serve_champions,),
+        name="triton-sync",
+        daemon=True,
+    ).start()
     console.print(
         f"radloop worker {state.worker}: annotation, {limit} at once, "
         f"Prefect {settings.prefect.effective_api_url}"

@@ -18,6 +18,7 @@ from radloop.domain import WorkerQueue
 from radloop.settings import Settings
 
 ORTHANC_BINARY = "/usr/sbin/Orthanc"
+LOOPBACK = "127.0.0.1"
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 
 
@@ -36,8 +37,11 @@ class ChildSpec:
     ports: list[int] = field(default_factory=list)
 
 
-def orthanc_spec(settings: Settings, radloop_port: int | None = None) -> ChildSpec:
-    """An Orthanc with DICOMweb, its storage under `<data_dir>/orthanc`, HTTP on loopback."""
+def orthanc_spec(
+    settings: Settings, radloop_port: int | None = None, bind: str = LOOPBACK
+) -> ChildSpec:
+    """An Orthanc with DICOMweb, its storage under `<data_dir>/orthanc`, HTTP on loopback (or
+    answering other hosts too, reached at `bind`)."""
     home = settings.data_dir / "orthanc"
     home.mkdir(parents=True, exist_ok=True)
     orthanc = settings.orthanc
@@ -48,7 +52,7 @@ def orthanc_spec(settings: Settings, radloop_port: int | None = None) -> ChildSp
         "HttpPort": orthanc.http_port,
         "DicomPort": orthanc.dicom_port,
         "DicomAet": orthanc.ae_title,
-        "RemoteAccessAllowed": False,
+        "RemoteAccessAllowed": bind != LOOPBACK,
         "AuthenticationEnabled": False,
         "StableAge": orthanc.stable_age_seconds,
         "OverwriteInstances": False,
@@ -65,7 +69,7 @@ def orthanc_spec(settings: Settings, radloop_port: int | None = None) -> ChildSp
     }
     config_file = home / "orthanc.json"
     config_file.write_text(json.dumps(config, indent=2))
-    url = f"http://127.0.0.1:{orthanc.http_port}"
+    url = f"http://{bind}:{orthanc.http_port}"
     return ChildSpec(
         name="orthanc",
         argv=[ORTHANC_BINARY, str(config_file)],
@@ -79,23 +83,27 @@ def orthanc_spec(settings: Settings, radloop_port: int | None = None) -> ChildSp
     )
 
 
-def prefect_spec(settings: Settings) -> ChildSpec:
-    """A local Prefect server (SQLite under `<data_dir>/prefect`), UI and API on loopback."""
+def prefect_spec(
+    settings: Settings, bind: str = LOOPBACK, database_url: str | None = None
+) -> ChildSpec:
+    """A local Prefect server (SQLite under `<data_dir>/prefect`, or `database_url`), UI and
+    API on loopback (or `bind`)."""
     home = settings.data_dir / "prefect"
     home.mkdir(parents=True, exist_ok=True)
     port = settings.prefect.port
     prefect = str(Path(sys.executable).with_name("prefect"))
     return ChildSpec(
         name="prefect",
-        argv=[prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        argv=[prefect, "server", "start", "--host", bind, "--port", str(port)],
         log_file=settings.data_dir / "logs" / "prefect.log",
-        healthy=http_ok(f"http://127.0.0.1:{port}/api/health"),
-        url=f"http://127.0.0.1:{port}",
+        healthy=http_ok(f"http://{bind}:{port}/api/health"),
+        url=f"http://{bind}:{port}",
         env={
             "PREFECT_HOME": str(home),
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-            "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
-            "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}",
+            "PREFECT_API_URL": f"http://{bind}:{port}/api",
+            "PREFECT_API_DATABASE_CONNECTION_URL": database_url
+            or f"sqlite+aiosqlite:///{home / 'prefect.db'}",
             "PREFECT_LOGGING_LEVEL": "WARNING",
         },
         ports=[port],
@@ -103,9 +111,11 @@ def prefect_spec(settings: Settings) -> ChildSpec:
     )
 
 
-def mlflow_spec(settings: Settings) -> ChildSpec:
-    """`mlflow server`: tracking and registry on SQLite, artifacts served from a folder, both
-    under `<data_dir>/mlflow`; UI and API on loopback."""
+def mlflow_spec(
+    settings: Settings, bind: str = LOOPBACK, database_url: str | None = None
+) -> ChildSpec:
+    """`mlflow server`: tracking and registry on SQLite (or `database_url`), artifacts served
+    from a folder, both under `<data_dir>/mlflow`; UI and API on loopback (or `bind`)."""
     home = settings.data_dir / "mlflow"
     (home / "artifacts").mkdir(parents=True, exist_ok=True)
     port = settings.mlflow.port
@@ -116,20 +126,26 @@ def mlflow_spec(settings: Settings) -> ChildSpec:
             mlflow,
             "server",
             "--backend-store-uri",
-            f"sqlite:///{home / 'mlflow.db'}",
+            database_url or f"sqlite:///{home / 'mlflow.db'}",
             "--artifacts-destination",
             str(home / "artifacts"),
             "--host",
-            "127.0.0.1",
+            bind,
             "--port",
             str(port),
             "--workers",
             "1",
         ],
         log_file=settings.data_dir / "logs" / "mlflow.log",
-        healthy=http_ok(f"http://127.0.0.1:{port}/health"),
-        url=f"http://127.0.0.1:{port}",
-        env={"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"},
+        healthy=http_ok(f"http://{bind}:{port}/health"),
+        url=f"http://{bind}:{port}",
+        env={
+            "MLFLOW_TRACKING_URI": f"http://{bind}:{port}",
+            # MLflow answers only Host headers it knows: its address on another host's network.
+            **(
+                {"MLFLOW_SERVER_ALLOWED_HOSTS": f"{bind},{bind}:{port}"} if bind != LOOPBACK else {}
+            ),
+        },
         ports=[port],
         start_timeout=120.0,
     )
@@ -156,15 +172,16 @@ def _prepare_triton_backends(home: Path) -> tuple[Path, Path, Path]:
     return root / "bin" / "tritonserver", libraries, home / "backends"
 
 
-def triton_spec(settings: Settings) -> ChildSpec:
+def triton_spec(settings: Settings, bind: str = LOOPBACK) -> ChildSpec:
     """Triton Inference Server from the nvidia-pytriton wheel, explicit model control, on the
-    repository radloop manages. Models are loaded by radloop, never by polling."""
+    repository radloop manages, on loopback (or `bind`). Models are loaded by radloop, never
+    by polling."""
     triton = settings.triton
     home = settings.data_dir / "triton"
     binary, libraries, backends = _prepare_triton_backends(home)
     repository = settings.model_repository
     repository.mkdir(parents=True, exist_ok=True)
-    url = f"http://127.0.0.1:{triton.http_port}"
+    url = f"http://{bind}:{triton.http_port}"
     venv_bin = str(Path(sys.executable).parent)
     return ChildSpec(
         name="triton",
@@ -176,8 +193,8 @@ def triton_spec(settings: Settings) -> ChildSpec:
             f"--http-port={triton.http_port}",
             f"--grpc-port={triton.grpc_port}",
             f"--metrics-port={triton.metrics_port}",
-            "--http-address=127.0.0.1",
-            "--grpc-address=127.0.0.1",
+            f"--http-address={bind}",
+            f"--grpc-address={bind}",
             "--allow-metrics=true",
             "--log-verbose=0",
         ],
