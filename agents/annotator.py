@@ -12,6 +12,7 @@ worklist because its draft could not be made.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -118,6 +119,11 @@ class Annotator:
             return self._record_without_draft(
                 study_uid, revision, spec, series.series_uid, AnnotationState.QUEUED, None
             )
+        # The study's images go to the viewer's Orthanc while Triton works on the draft.
+        images = threading.Thread(
+            target=self.viewer.prefetch, args=(study_uid, revision), daemon=True
+        )
+        images.start()
         started = time.perf_counter()
         champion = self.repository.champion(spec.name)
         with _step("infer"):
@@ -183,6 +189,7 @@ class Annotator:
         # Recorded first, so the Orthanc follower recognises the SEG as radloop's own draft.
         started = time.perf_counter()
         with _step("store"):
+            images.join()
             self.viewer.publish(annotation_id)
         timings["store_s"] = time.perf_counter() - started
         with self.store.transaction() as session:

@@ -54,6 +54,11 @@ class OutboxDispatcher:
         self.max_backoff = max_backoff_seconds
         self.client = client or httpx.Client(timeout=httpx.Timeout(20.0, connect=3.0))
         self.planner = planner
+        self._wakeup = threading.Event()
+
+    def wake(self) -> None:
+        """Dispatch now rather than at the next poll (a study just completed)."""
+        self._wakeup.set()
 
     def dispatch_once(self) -> int:
         """Send one batch of due rows; return how many were delivered.
@@ -107,9 +112,10 @@ class OutboxDispatcher:
 
     def run(self, stop: threading.Event, poll_seconds: float = 0.5) -> None:
         while not stop.is_set():
+            self._wakeup.clear()  # before the batch: a wake during it is not lost
             try:
                 if self.dispatch_once() == self.batch_size:
                     continue
             except Exception:
                 log.exception("outbox dispatch failed; retrying")
-            stop.wait(poll_seconds)
+            self._wakeup.wait(poll_seconds)

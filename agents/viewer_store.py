@@ -86,6 +86,34 @@ class ViewerStore:
             log.info("study %s: %d instances stored in Orthanc for the viewer", study_uid, uploaded)
         return uploaded
 
+    def prefetch(self, study_uid: str, revision: int) -> int:
+        """Store the study's images (revisions up to `revision`) while its draft is being
+        made, so that offering the case later adds only the SEG. Best effort: `publish`
+        checks and uploads again whatever is missing. Returns how many were uploaded."""
+        if self.orthanc is None:
+            return 0
+        with self.store.read() as session:
+            instances = [
+                (str(sop_uid), str(path), str(source))
+                for sop_uid, path, source in session.execute(
+                    select(Instance.sop_instance_uid, Instance.path, Instance.source)
+                    .join(Study, Study.id == Instance.study_id)
+                    .where(Study.study_uid == study_uid, Instance.revision <= revision)
+                )
+            ]
+        try:
+            uploaded = self._upload(self.orthanc, study_uid, instances, (None, None))
+        except (httpx.HTTPError, OSError) as error:
+            log.info("study %s: images not stored ahead of the draft (%r)", study_uid, error)
+            return 0
+        if uploaded:
+            log.info(
+                "study %s: %d instances stored in Orthanc for the viewer, ahead of the draft",
+                study_uid,
+                uploaded,
+            )
+        return uploaded
+
     def _upload(
         self,
         orthanc: Orthanc,

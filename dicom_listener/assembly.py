@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from datetime import datetime, timedelta
 
 from sqlalchemy import func, select
@@ -21,9 +22,16 @@ log = logging.getLogger(__name__)
 
 
 class StudyAssembler:
-    def __init__(self, store: Store, quiet_seconds: float) -> None:
+    def __init__(
+        self,
+        store: Store,
+        quiet_seconds: float,
+        on_complete: Callable[[], None] | None = None,
+    ) -> None:
         self.store = store
         self.quiet = timedelta(seconds=quiet_seconds)
+        # Called after each completion commits: an outbox dispatcher in this process wakes.
+        self.on_complete = on_complete
 
     def complete_due(self, now: datetime | None = None) -> list[StudyCompleted]:
         """Complete every receiving study quiet for at least the quiet period."""
@@ -68,6 +76,8 @@ class StudyAssembler:
                 series_uids=list(series_uids),
             )
             record_event(session, payload)
+        if self.on_complete is not None:
+            self.on_complete()
         log.info(
             "study %s revision %d complete: %d instances in %d series",
             payload.study_uid,

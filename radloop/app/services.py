@@ -88,6 +88,7 @@ class Services:
             max_backoff_seconds=outbox.max_backoff_seconds,
             planner=JobPlanner(jobs, serving, submit_annotation),
         )
+        self.assembler.on_complete = dispatcher.wake  # a completed study is submitted at once
         self._spawn("outbox", lambda stop: dispatcher.run(stop, outbox.poll_seconds))
 
     def _orthanc(self) -> Orthanc:
