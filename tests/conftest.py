@@ -36,10 +36,22 @@ SERVER_FIXTURES = {
 }
 
 
+NO_DATABASE = pytest.mark.skip(reason="touches no database: runs in the SQLite pass")
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if SERVER_FIXTURES & fixtures:
             item.add_marker(pytest.mark.slow)
+        # The PostgreSQL pass is for what touches radloop's database (`database_url` is
+        # behind `radloop_env`, `settings` and `store`); the rest would only run twice.
+        if (
+            BACKEND == "postgresql"
+            and "database_url" not in fixtures
+            and "postgres" not in fixtures
+        ):
+            item.add_marker(NO_DATABASE)
 
 
 @pytest.fixture(scope="session")

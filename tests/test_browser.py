@@ -58,6 +58,7 @@ def case_of(env: dict[str, str], study: WrittenStudy) -> dict[str, Any] | None:
     return None
 
 
+@ONCE  # a browser on OHIF; the worklist's SQL runs on PostgreSQL in test_review
 def test_studies_pushed_and_dropped_open_in_ohif_with_their_ct_and_draft_and_a_save_corrects(
     radloop_env: dict[str, str], settings: Settings, tmp_path: Path
 ) -> None:
