@@ -45,11 +45,17 @@ class TritonBackend:
     """Triton over HTTP (tritonclient). Models are loaded explicitly, never by polling."""
 
     def __init__(self, url: str, timeout_seconds: float = 300.0) -> None:
+        self.url, self.timeout_seconds = url, timeout_seconds
         self.client = triton_http.InferenceServerClient(
             _host_port(url),
             connection_timeout=10.0,
             network_timeout=timeout_seconds,
         )
+
+    def clone(self) -> TritonBackend:
+        """A client of the same server for another thread: a tritonclient HTTP client runs on
+        gevent and only works in the thread that made it."""
+        return TritonBackend(self.url, self.timeout_seconds)
 
     def infer(
         self, model: str, image: NDArray[Any], spacing: Sequence[float], version: int | None = None
