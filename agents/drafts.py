@@ -151,7 +151,7 @@ def write_draft(
             else f"radloop draft {spec.name} v{model_version}"
         )[:64],
         content_creator_name=f"{reader}^" if reader else None,
-        omit_empty_frames=False,
+        omit_empty_frames=True,
     )
     seg_path = out_dir / f"{seg_uid}.dcm"
     with durable_path(seg_path) as temporary:

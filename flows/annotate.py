@@ -87,7 +87,7 @@ class Warm:
         """Make this worker's Triton serve each model's champion. The training worker loads a
         new version on the Triton it is configured with and moves the pointer in the shared
         repository; every other GPU server's worker loads it here (every few seconds, and
-        before each study), so adding a GPU server needs no list of Tritons anywhere. With
+        after a draft found it missing), so adding a GPU server needs no list of Tritons. With
         `wait` False, return at once if another thread is loading."""
         if not self.loading.acquire(blocking=wait):
             return
@@ -141,16 +141,24 @@ def _annotate(state: Warm, job: JobRef) -> dict[str, Any]:
         raise LookupError(f"no model spec {job.model!r} on worker {state.worker}")
     error = None
     try:
-        state.serve_champions()
         outcome = state.annotator.annotate(job.study_uid, job.revision, spec)
     except Exception as failure:
         runs = int(task_run.get_run_count() or 1)
         if isinstance(failure, RETRYABLE) and runs <= state.settings.annotation.retries:
+            if isinstance(failure, InferenceUnavailable):
+                _reload_champions(state)  # this host's Triton lost it (restarted, unloaded)
             raise  # Prefect retries the run after its delay
         error = failure_reason(failure)
         outcome = state.annotator.queue_failed(job.study_uid, job.revision, spec, error)
     state.jobs.finish(job.key, outcome, error)
     return {"job": job.key, "annotation_id": outcome.annotation_id, "state": outcome.state.value}
+
+
+def _reload_champions(state: Warm) -> None:
+    try:
+        state.serve_champions()
+    except Exception as error:  # Triton itself is away: the retry will say so
+        log.warning("could not reload the champions on this worker's Triton: %r", error)
 
 
 def retrying(settings: Settings) -> Any:

@@ -2,9 +2,10 @@
 TorchScript weights, the spec they were trained for and the python-backend `model.py`.
 
 A version folder appears atomically (written beside, then renamed), so a Triton load never
-sees half a version; its files, `config.pbtxt` and the serving pointer `serving.json` are
-written durably (`radloop.durable`), so a power cut cannot leave a pointer to a version whose
-weights were never on disk. The layout is Triton's own, so NVIDIA's Triton container serves the same
+sees half a version, and a version that never served (a withdrawn candidate) leaves the same
+way; its files, `config.pbtxt` and the serving pointer `serving.json` are written durably
+(`radloop.durable`), so a power cut cannot leave a pointer to a version whose weights were
+never on disk. The layout is Triton's own, so NVIDIA's Triton container serves the same
 folder on a GPU (see deploy/triton/README.md).
 """
 
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from radloop.durable import (
     durable_path,
+    fsync_folder,
     make_folder_durably,
     replace_durably,
     write_bytes_durably,
@@ -66,28 +68,82 @@ class TritonRepository:
     def __init__(self, root: Path) -> None:
         self.root = root
 
+    def _pointer(self, name: str) -> dict[str, Any]:
+        try:
+            record = json.loads((self.root / name / SERVING_FILE).read_text())
+        except (OSError, ValueError):
+            return {}
+        return record if isinstance(record, dict) else {}
+
+    def _write_pointer(self, name: str, record: dict[str, Any]) -> None:
+        write_bytes_durably(self.root / name / SERVING_FILE, json.dumps(record).encode())
+
     def champion(self, name: str) -> int | None:
         """The version drafts come from: `serving.json`, else the newest version."""
         try:
-            return int(json.loads((self.root / name / SERVING_FILE).read_text())["version"])
-        except (OSError, ValueError, KeyError):
+            return int(self._pointer(name)["version"])
+        except (ValueError, KeyError, TypeError):
             versions = self.versions(name)
             return versions[-1] if versions else None
 
     def previous_champion(self, name: str) -> int | None:
-        try:
-            previous = json.loads((self.root / name / SERVING_FILE).read_text()).get("previous")
-        except (OSError, ValueError):
-            return None
+        previous = self._pointer(name).get("previous")
         return int(previous) if previous is not None else None
 
+    def candidate(self, name: str) -> int | None:
+        """The version staged beside the champion and not yet judged (`mark_candidate`)."""
+        candidate = self._pointer(name).get("candidate")
+        return int(candidate) if candidate is not None else None
+
     def set_champion(self, name: str, version: int) -> None:
-        """Point drafting at `version` (atomic; the old pointer is kept as `previous`)."""
+        """Point drafting at `version` (atomic; the old pointer is kept as `previous`, a
+        candidate mark is cleared: it was judged)."""
         if version not in self.versions(name):
             raise FileNotFoundError(f"{name} has no version {version}")
         current = self.champion(name)
-        record = {"version": version, "previous": current if current != version else None}
-        write_bytes_durably(self.root / name / SERVING_FILE, json.dumps(record).encode())
+        self._write_pointer(
+            name, {"version": version, "previous": current if current != version else None}
+        )
+
+    def mark_candidate(self, name: str, version: int) -> None:
+        """Record, before it is written, that `version` will be a candidate the gate has not
+        judged, and pin the champion by number (without `serving.json` the newest version would
+        count as champion). A process killed before the decision leaves the mark, and the
+        next staging removes that version (`remove_version`)."""
+        champion = self.champion(name)
+        if champion is None or champion == version:
+            raise ValueError(f"{name}: a candidate needs another version as champion")
+        record = {"version": champion, "previous": self.previous_champion(name)}
+        self._write_pointer(name, {**record, "candidate": version})
+
+    def remove_version(self, name: str, version: int) -> None:
+        """Take `version` out of the repository (renamed away, then deleted), and its
+        candidate mark; the champion cannot be removed. Unload it in Triton afterwards."""
+        if version == self.champion(name):
+            raise ValueError(f"{name} v{version} is the champion")
+        model_dir = self.root / name
+        folder = model_dir / str(version)
+        if folder.is_dir():
+            trash = Path(tempfile.mkdtemp(dir=model_dir, prefix=".removed-"))
+            folder.rename(trash / folder.name)
+            fsync_folder(model_dir)
+            shutil.rmtree(trash, ignore_errors=True)
+        record = self._pointer(name)
+        if record.get("candidate") == version:
+            self._write_pointer(name, {k: v for k, v in record.items() if k != "candidate"})
+
+    def config_text(self, name: str) -> str | None:
+        """`config.pbtxt` as it is now (to put back with `restore_config`)."""
+        path = self.root / name / "config.pbtxt"
+        return path.read_text() if path.is_file() else None
+
+    def restore_config(self, name: str, text: str) -> bool:
+        """Put back a `config_text`; returns whether the file changed."""
+        path = self.root / name / "config.pbtxt"
+        if path.is_file() and path.read_text() == text:
+            return False
+        write_bytes_durably(path, text.encode())
+        return True
 
     def write_config(self, spec_name: str, versions: list[int] | None = None) -> bool:
         """Which versions Triton loads on the next explicit load: the two newest (None), or
@@ -98,12 +154,7 @@ class TritonRepository:
         else:
             listed = ", ".join(str(v) for v in sorted(set(versions)))
             policy = f"{{ specific: {{ versions: [ {listed} ] }} }}"
-        path = self.root / spec_name / "config.pbtxt"
-        text = _CONFIG.format(name=spec_name, policy=policy)
-        if path.is_file() and path.read_text() == text:
-            return False
-        write_bytes_durably(path, text.encode())
-        return True
+        return self.restore_config(spec_name, _CONFIG.format(name=spec_name, policy=policy))
 
     def versions(self, name: str) -> list[int]:
         folder = self.root / name

@@ -133,8 +133,10 @@ def test_studies_pushed_and_dropped_open_in_ohif_with_their_ct_and_draft_and_a_s
             wait_for_image(page)
             page.screenshot(path=shots / "8-ohif-ct-dropped.png")
 
-            # Triton loses the model: the next study's draft fails, and the study waits on
-            # the worklist with the reason instead of vanishing.
+            # Triton loses the model for good (its file is damaged, so no reload brings it
+            # back): the next study's draft fails, and the study waits on the worklist with
+            # the reason instead of vanishing.
+            (settings.model_repository / spec.name / "1" / "model.pt").write_bytes(b"damaged")
             triton_http.InferenceServerClient(
                 settings.triton.base_url.split("://", 1)[1]
             ).unload_model(spec.name)

@@ -89,10 +89,11 @@ def test_image_installs_pinned_torch_before_radloop() -> None:
     assert user.split(":")[0].isdigit()  # Kubernetes checks runAsNonRoot only on a uid
 
 
-def test_triton_image_loads_models_with_radloops_torch_and_monai() -> None:
+def test_triton_image_loads_models_with_radloops_torch_and_no_monai() -> None:
     [run] = [rest for keyword, rest in _instructions(d.TRITON_DOCKERFILE) if keyword == "RUN"]
-    for package in ("torch", "monai", "numpy"):
+    for package in ("torch", "numpy"):
         assert f'"{package}=={_pins()[package]}"' in run
+    assert "monai" not in run  # model.py imports numpy and torch only
 
 
 def test_image_ohif_release_is_the_one_bootstrap_and_settings_name() -> None:

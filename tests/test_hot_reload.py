@@ -1,6 +1,7 @@
 """Zero downtime: inference requests keep flowing, the way drafting sends them (pinned to the
 champion pointer), while a new version is hot-reloaded into a real Triton and while it is
-rolled back; not one request fails and the answers switch version."""
+rolled back; not one request fails and the answers switch version. A version staged while the
+gate judges it serves nothing until promoted, and a withdrawn one never serves."""
 
 from __future__ import annotations
 
@@ -8,11 +9,13 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import pytest
 
-from model_registry.deploy import DeployFailed, hot_reload, warmup_volume
-from model_registry.inference import InferenceUnavailable, TritonBackend
-from model_registry.repository import TritonRepository
+from model_registry.deploy import DeployFailed, StagedVersion, hot_reload, warmup_volume
+from model_registry.inference import InferenceUnavailable, InProcessBackend, TritonBackend
+from model_registry.repository import TritonRepository, inference_config
+from model_registry.triton_model import segment
 from radloop.app.supervisor import Child
 from radloop.modelspec import PACKAGED_MODELS, ModelSpec, load_spec
 from radloop.settings import Settings
@@ -117,3 +120,58 @@ def test_a_version_that_cannot_load_leaves_the_champion_serving(
     assert backend.served_versions(spec.name) == ["1"]
     image, spacing = warmup_volume(spec)
     assert backend.infer(spec.name, image, spacing, 1).model_version == "1"
+
+
+def test_a_staged_version_serves_nothing_until_promoted_and_a_withdrawn_one_never_serves(
+    settings: Settings, triton: Child, spec: ModelSpec
+) -> None:
+    """As the retraining gate uses it: staged (loading in Triton while judged), then withdrawn
+    (rejected); a candidate a killed run left behind; then staged again and promoted."""
+    repository = TritonRepository(settings.model_repository)
+    backend = TritonBackend(triton.spec.url)
+    repository.export(spec, scripted_network(spec, seed=1))
+    backend.load(spec.name)
+    traffic = Traffic(repository, triton.spec.url, spec)
+    clients = [threading.Thread(target=traffic.run) for _ in range(2)]
+    for client in clients:
+        client.start()
+    try:
+        traffic.wait_for(2, 0.0)
+        rejected = StagedVersion(repository, backend, spec, scripted_network(spec, 2))
+        assert rejected.version == 2 and repository.candidate(spec.name) == 2
+        assert repository.champion(spec.name) == 1  # pinned before the version existed
+        wait_until(lambda: "2" in backend.served_versions(spec.name), timeout=180)
+        traffic.wait_for(2, time.monotonic())  # requests while it is loaded beside v1
+        rejected.withdraw()
+        assert repository.versions(spec.name) == [1] and repository.candidate(spec.name) is None
+        assert backend.served_versions(spec.name) == ["1"]
+
+        # A run killed between staging and the gate leaves its candidate, loaded.
+        repository.mark_candidate(spec.name, 2)
+        repository.export(spec, scripted_network(spec, 3), 2, serve=False)
+        backend.load(spec.name)
+        assert repository.champion(spec.name) == 1 and "2" in backend.served_versions(spec.name)
+        promoted = StagedVersion(repository, backend, spec, scripted_network(spec, 4))
+        assert promoted.version == 2  # the leftover was removed first
+        traffic.wait_for(2, time.monotonic())
+        promoting = time.monotonic()
+        deployed = promoted.promote()
+        switched = time.monotonic()
+        traffic.wait_for(4, switched)
+    finally:
+        traffic.stop.set()
+        for client in clients:
+            client.join(timeout=120)
+    assert traffic.failures == []
+    # Not one request before the promotion was answered by a staged version.
+    assert set(traffic.sent_between(0.0, promoting)) == {"1"}
+    assert set(traffic.sent_between(switched)) == {"2"}
+    assert (deployed.previous, deployed.version) == (1, 2)
+    assert repository.champion(spec.name) == 2 and repository.candidate(spec.name) is None
+    # Triton serves the promoted weights, not those of the leftover that had the same number.
+    image, spacing = warmup_volume(spec)
+    served = backend.infer(spec.name, image, spacing, 2).labels
+    promoted_labels = InProcessBackend(settings.model_repository).infer(spec.name, image, spacing)
+    leftover_labels, _ = segment(scripted_network(spec, 3), image, spacing, inference_config(spec))
+    assert np.mean(served == promoted_labels.labels) > 0.999
+    assert np.mean(served == leftover_labels) < 0.99

@@ -9,6 +9,7 @@ What it holds today:
   `training_record` (a run as the CLI and the flow report it);
 * `dataset` — a split's validated label pairs as volumes, and the dataset manifest;
 * `gate` — holdout Dice of champion and challenger, and the promotion decision;
+* `tracking` — the MLflow run: parameters, dataset manifest, the registered model;
 * `card` — the model card stored with each trained model.
 """
 

@@ -1,28 +1,28 @@
 """`Retrainer`: when one model is due for retraining, and one run as a sequence of named
-steps — load the dataset, load the champion, open the MLflow run, train, judge on the
-holdout, register, decide, deploy, close."""
+steps — load the dataset, load the champion, open the MLflow run, train, stage the challenger
+in Triton (it loads while the next steps run), judge on the holdout, register, decide, then
+promote or withdraw the staged version, close."""
 
 from __future__ import annotations
 
 import logging
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from agents.retrain import tracking
 from agents.retrain.card import model_card
 from agents.retrain.dataset import Volume, load_volumes, manifest, train_labels_since
 from agents.retrain.gate import HoldoutScores, decide, judge
 from agents.retrain.runs import RunBook, sigterm_cancels, training_record
 from agents.trainer import Example, TrainingConfig, prepare, train
-from model_registry.deploy import hot_reload
+from model_registry.deploy import StagedVersion, hot_reload
 from model_registry.inference import TritonBackend
-from model_registry.mlflow_registry import CHALLENGER, CHAMPION, Registry, adopt
+from model_registry.mlflow_registry import CHAMPION, Registry, adopt
 from model_registry.repository import TritonRepository
 from radloop.db import Store, utcnow
 from radloop.domain import LabelSplit, TrainingState, TrainingTrigger
@@ -146,16 +146,27 @@ class Retrainer:
         params = self._open_mlflow_run(run, train_set, holdout, parent)
         with _timed(run, "train_s"):
             challenger, losses = self._train(run, examples, champion, on_epoch)
-        with _timed(run, "evaluate_s"):
-            scores = self._judge(run, challenger, champion, holdout)
-        with _timed(run, "register_s"):
-            card = model_card(self.spec, params, losses, scores)
-            scripted, version = self._register(run, challenger, card, scores)
-        promote = self._decide(run, version, parent, scores, has_champion=champion is not None)
-        triton_version = None
-        if promote:
-            with _timed(run, "deploy_s"):
-                triton_version = self._deploy(run, scripted, version, parent, scores)
+        with _timed(run, "stage_s"):
+            scripted: torch.jit.ScriptModule = torch.jit.script(challenger)
+            staged = self._stage(scripted, has_champion=champion is not None)
+        try:
+            with _timed(run, "evaluate_s"):
+                scores = self._judge(run, challenger, champion, holdout)
+            with _timed(run, "register_s"):
+                card = model_card(self.spec, params, losses, scores)
+                version = self._register(run, scripted, card, scores)
+            promote = self._decide(run, version, parent, scores, has_champion=champion is not None)
+            triton_version = None
+            if promote:
+                with _timed(run, "deploy_s"):
+                    triton_version = self._deploy(run, scripted, staged, version, parent, scores)
+            elif staged is not None:
+                with _timed(run, "withdraw_s"):
+                    staged.withdraw()
+        except BaseException:
+            if staged is not None:  # not judged, or its deploy failed: it must not stay
+                _withdraw_quietly(staged)
+            raise
         run.timings["total_s"] = time.monotonic() - run.started
         # The row first: once decided, an interruption (`RunBook.end`) leaves it decided.
         self.book.finish(
@@ -197,32 +208,11 @@ class Retrainer:
         self, run: _Run, train_set: list[Volume], holdout: list[Volume], parent: int | None
     ) -> dict[str, Any]:
         """The MLflow run, its parameters and dataset manifest; returns the parameters."""
-        client, retraining = self.registry.client, self.spec.retraining
-        created = client.create_run(
-            self.registry.experiment_id(self.spec.name),
-            run_name=f"{self.spec.name}-run{run.id}",
-            tags={"radloop.training_run": str(run.id), "radloop.trigger": run.reason},
-        )
-        run.mlflow_run_id = created.info.run_id
+        run.mlflow_run_id = tracking.create_run(self.registry, self.spec, run.id, run.reason)
         self.book.update(run.id, mlflow_run_id=run.mlflow_run_id)
-        params = {
-            "model": self.spec.name,
-            "network": self.spec.network.name,
-            "epochs": retraining.epochs,
-            "steps_per_epoch": retraining.steps_per_epoch,
-            "batch_size": retraining.batch_size,
-            "learning_rate": retraining.learning_rate,
-            "seed": retraining.seed,
-            "train_labels": len(train_set),
-            "holdout_labels": len(holdout),
-            "parent_triton_version": parent if parent is not None else "none",
-            "device": "cuda" if torch.cuda.is_available() else "cpu",
-            "gate_margin": retraining.gate_margin,
-        }
-        for key, value in params.items():
-            client.log_param(run.mlflow_run_id, key, value)
+        params = tracking.training_params(self.spec, len(train_set), len(holdout), parent)
         dataset = manifest(self.store, self.spec.name, train_set, holdout)
-        client.log_dict(run.mlflow_run_id, dataset, "dataset_manifest.json")
+        tracking.log_inputs(self.registry, run.mlflow_run_id, params, dataset)
         return params
 
     def _train(
@@ -269,33 +259,29 @@ class Retrainer:
             client.log_metric(run.mlflow_run_id, f"champion_holdout_dice_{name}", score)
         return scores
 
+    def _stage(
+        self, scripted: torch.jit.ScriptModule, *, has_champion: bool
+    ) -> StagedVersion | None:
+        """The challenger as the next Triton version, loading beside the champion while it is
+        judged (drafts keep asking for the champion). None without a Triton, or on a cold
+        start (nothing serves yet, so there is nothing to overlap with; it deploys after)."""
+        if self.backend is None or not has_champion:
+            return None
+        return StagedVersion(self.repository, self.backend, self.spec, scripted)
+
     def _register(
-        self, run: _Run, challenger: torch.nn.Module, card: str, scores: HoldoutScores
-    ) -> tuple[torch.jit.ScriptModule, str]:
-        """The TorchScript model, spec and card as the run's artifact, registered as a new
-        MLflow version with alias challenger. Returns the scripted model and the version."""
-        client = self.registry.client
-        scripted: torch.jit.ScriptModule = torch.jit.script(challenger)
-        with tempfile.TemporaryDirectory() as folder:
-            artifact = Path(folder) / "model"
-            artifact.mkdir()
-            torch.jit.save(scripted, str(artifact / "model.pt"))
-            (artifact / "spec.json").write_text(self.spec.model_dump_json(indent=2))
-            (artifact / "README.md").write_text(card)
-            client.log_artifacts(run.mlflow_run_id, str(artifact), "model")
-        source = f"{client.get_run(run.mlflow_run_id).info.artifact_uri}/model"
-        mean = scores.challenger_mean
-        version = self.registry.register(
-            self.spec.name,
+        self, run: _Run, scripted: torch.jit.ScriptModule, card: str, scores: HoldoutScores
+    ) -> str:
+        """The model as the run's artifact, a new MLflow version aliased challenger."""
+        return tracking.register_model(
+            self.registry,
+            self.spec,
             run.mlflow_run_id,
-            source,
-            {
-                "radloop.training_run": str(run.id),
-                "holdout_dice": f"{mean:.4f}" if mean is not None else "",
-            },
+            run.id,
+            scripted,
+            card,
+            scores.challenger_mean,
         )
-        self.registry.set_alias(self.spec.name, CHALLENGER, version)
-        return scripted, version
 
     def _decide(
         self,
@@ -342,19 +328,26 @@ class Retrainer:
         self,
         run: _Run,
         scripted: torch.jit.ScriptModule,
+        staged: StagedVersion | None,
         version: str,
         parent: int | None,
         scores: HoldoutScores,
     ) -> int:
-        """Export as the next Triton version, hot-reload it (or just point the repository at
-        it without a Triton), alias it champion; events model.promoted and model.deployed."""
+        """Serve the challenger: the staged version promoted, else exported as the next Triton
+        version and hot-reloaded (or the repository just pointed at it without a Triton);
+        alias champion; events model.promoted and model.deployed."""
         name = self.spec.name
-        triton_version = self.repository.export(self.spec, scripted, serve=False)
-        if self.backend is not None:
-            hot_reload(self.repository, self.backend, self.spec, triton_version)
+        if staged is not None:
+            deployment = staged.promote()
+            triton_version = deployment.version
+            run.timings["triton_load_s"] = deployment.load_seconds + deployment.warmup_seconds
         else:
-            self.repository.write_config(name, [triton_version])
-            self.repository.set_champion(name, triton_version)
+            triton_version = self.repository.export(self.spec, scripted, serve=False)
+            if self.backend is not None:
+                hot_reload(self.repository, self.backend, self.spec, triton_version)
+            else:
+                self.repository.write_config(name, [triton_version])
+                self.repository.set_champion(name, triton_version)
         self.registry.tag(name, version, "triton_version", triton_version)
         self.registry.set_alias(name, CHAMPION, version)
         with self.store.transaction() as session:
@@ -372,6 +365,14 @@ class Retrainer:
                     ),
                 )
         return triton_version
+
+
+def _withdraw_quietly(staged: StagedVersion) -> None:
+    """Withdraw on the way out of a failed or cancelled run, without hiding why it ended."""
+    try:
+        staged.withdraw()
+    except Exception:
+        log.exception("%s: could not withdraw candidate v%d", staged.spec.name, staged.version)
 
 
 def _trainable(spec: ModelSpec, champion: torch.nn.Module | None) -> torch.nn.Module | None:

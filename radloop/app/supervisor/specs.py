@@ -190,6 +190,10 @@ def triton_spec(settings: Settings, bind: str = LOOPBACK) -> ChildSpec:
             f"--model-repository={repository}",
             f"--backend-directory={backends}",
             "--model-control-mode=explicit",
+            # radloop writes every config.pbtxt in full; with auto-completion on, the python
+            # backend starts an extra stub per version just to ask model.py for a config,
+            # which doubled the time a hot reload takes (docs/benchmarks.md).
+            "--disable-auto-complete-config",
             f"--http-port={triton.http_port}",
             f"--grpc-port={triton.grpc_port}",
             f"--metrics-port={triton.metrics_port}",
@@ -204,7 +208,7 @@ def triton_spec(settings: Settings, bind: str = LOOPBACK) -> ChildSpec:
         env={
             "LD_LIBRARY_PATH": str(libraries),
             # The python backend's stub finds its interpreter as `python3` on PATH: put this
-            # venv's first so models import the venv's torch and MONAI.
+            # venv's first so models import the venv's torch.
             "PATH": venv_bin + os.pathsep + os.environ.get("PATH", ""),
         },
         ports=[triton.http_port, triton.grpc_port, triton.metrics_port],
