@@ -165,12 +165,10 @@ class AnnotationSettings(_Section):
     retry_delay_seconds: float = Field(2.0, gt=0)
     # How often `radloop up` stores images of cases that are not yet in the viewer's Orthanc.
     viewer_retry_seconds: float = Field(15.0, gt=0)
-    # A job not started within this (no worker connected, or Prefect lost the run) or whose
-    # worker stopped renewing it (killed) is submitted again. Running workers renew it every
-    # quarter of it. Waiting jobs back off: twice the lease per attempt, at most ten minutes.
+    # A job not started within this, or whose worker stopped renewing it, is submitted again
+    # (waiting ones back off to 10 min). Workers renew it every quarter lease.
     job_lease_seconds: float = Field(60.0, gt=0)
-    # Studies one annotation worker drafts at once: 2 overlaps reading and writing with
-    # Triton's inference of another study.
+    # Studies one `radloop worker` drafts at once (overlaps I/O with another's inference).
     worker_concurrency: int = Field(2, ge=1)
 
 
@@ -223,8 +221,7 @@ class RetrainSettings(_Section):
     timezone: str = "UTC"
     # `radloop train --wait` gives up (exit 1) when the run is not decided in this long.
     wait_timeout_seconds: float = Field(3600.0, gt=0)
-    # The Prefect work pool `radloop worker --queue train` serves (created as a process pool
-    # when missing; a Docker or Kubernetes pool from deploy/ is used as it is).
+    # The work pool `radloop worker --queue train` serves (made a process pool if missing).
     work_pool: str = "radloop-train"
 
 
@@ -262,9 +259,8 @@ class Settings(BaseSettings):
     # production: placeholder secrets (PLACEHOLDER_SECRETS) stop start-up instead of a warning.
     environment: Environment = Environment.DEVELOPMENT
     data_dir: Path = Path.home() / ".local" / "share" / "radloop"
-    # What every host of a cluster reads and writes: the spool, drafts, datasets, the model
-    # repository and Prefect's background-task storage (a shared folder, e.g. NFS). Unset:
-    # `data_dir` (one host). Logs, run state and embedded servers' files stay in `data_dir`.
+    # What every host of a cluster shares (spool, drafts, datasets, model repository, Prefect
+    # task storage; e.g. NFS). Unset: `data_dir`. Logs and run state stay in `data_dir`.
     shared_dir: Path | None = None
     # Unset: SQLite (WAL) at `<data_dir>/radloop.db`.
     database_url: str | None = None
@@ -334,8 +330,7 @@ class Settings(BaseSettings):
         return self.triton.repository or self.effective_shared_dir / "model-repository"
 
     @property
-    def prefect_results_dir(self) -> Path:
-        """Where background tasks' parameters and results live: every host reads them."""
+    def prefect_results_dir(self) -> Path:  # background tasks' parameters and results
         return self.effective_shared_dir / "prefect-results"
 
     @property
