@@ -33,10 +33,15 @@ from pydantic_settings import (
 from sqlalchemy.engine import make_url
 
 from radloop.callers import AE_TITLE, CallerRule
+from radloop.settings_errors import (
+    ENV_PREFIX,
+    PLACEHOLDER_SECRETS,
+    SettingsError,
+    describe_errors,
+)
 
 log = logging.getLogger(__name__)
 
-ENV_PREFIX = "RADLOOP_"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PACKAGED_CONFIG = PROJECT_ROOT / "configs" / "radloop.yaml"
 # The @ohif/app release scripts/bootstrap fetches (pinned there with its integrity).
@@ -242,11 +247,6 @@ class Environment(StrEnum):
     PRODUCTION = "production"
 
 
-# Values shipped in examples (configs/radloop.yaml, deploy/) or left by a hurried install.
-SECRET_KEYS = frozenset({"password", "database_url"})
-PLACEHOLDER_SECRETS = frozenset({"change-me", "changeme", "changethis", "secret", "password"})
-
-
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
@@ -373,26 +373,6 @@ class Settings(BaseSettings):
             env_settings,
             YamlConfigSettingsSource(settings_cls, yaml_file=config_file),
         )
-
-
-class SettingsError(Exception):
-    """Start-up refused: each line names the setting (as its environment variable) and why."""
-
-
-def describe_errors(error: ValidationError) -> str:
-    """One line per error naming the variable; the value is echoed only for keys that cannot
-    hold a secret."""
-    lines = []
-    for item in error.errors():
-        loc = [str(part) for part in item["loc"]]
-        if not loc:  # a rule across settings: its message names the variables
-            lines.append(str(item["msg"]).removeprefix("Value error, "))
-            continue
-        key = ENV_PREFIX + "__".join(loc).upper()
-        secret = any(part in SECRET_KEYS for part in loc)
-        shown = "" if secret else f" (got {item.get('input')!r})"
-        lines.append(f"{key}: {item['msg']}{shown}")
-    return "\n".join(lines)
 
 
 def load_settings(**overrides: Any) -> Settings:

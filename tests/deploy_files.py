@@ -14,7 +14,8 @@ import typer
 import yaml
 from pydantic import BaseModel
 
-from radloop.settings import ENV_PREFIX, Settings
+from radloop.settings import Settings
+from radloop.settings_errors import ENV_PREFIX
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"

@@ -17,7 +17,8 @@ import jsonschema
 import kubernetes_validate
 import pytest
 
-from radloop.settings import PLACEHOLDER_SECRETS, SettingsError, load_settings
+from radloop.settings import load_settings
+from radloop.settings_errors import PLACEHOLDER_SECRETS, SettingsError
 from tests import deploy_files as d
 
 KUBERNETES_VERSIONS = ["1.30.0", "1.37.0"]

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from radloop.settings import SettingsError, load_settings
+from radloop.settings import load_settings
+from radloop.settings_errors import SettingsError
 from tests.servers import RADLOOP
 
 

@@ -13,7 +13,8 @@ from rich.console import Console
 
 from radloop.db import SchemaOutdated, Store
 from radloop.modelspec import ModelSpec, ModelSpecError, load_specs
-from radloop.settings import Settings, SettingsError, load_settings
+from radloop.settings import Settings, load_settings
+from radloop.settings_errors import SettingsError
 
 console = Console()
 # Errors are not wrapped: a reader (or a script) may grep them.
