@@ -112,7 +112,7 @@ def warm() -> Warm:
     return Warm(
         settings,
         store,
-        load_specs(settings.effective_models_dir),
+        load_specs(settings.effective_models_dir, networks=False),  # it never builds one
         build_annotator(settings, store),
         AnnotationJobs(store, settings.annotation.job_lease_seconds),
         TritonBackend(settings.triton.base_url, settings.triton.timeout_seconds),

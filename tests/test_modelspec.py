@@ -90,3 +90,20 @@ def test_models_check_stops_on_a_broken_spec(radloop_env: dict[str, str], tmp_pa
     result = subprocess.run([RADLOOP, "models", "check"], env=env, capture_output=True, text=True)
     assert result.returncode == 2
     assert "labels.0.type" in result.stderr
+
+
+def test_a_network_is_checked_by_what_builds_it_not_by_every_command(
+    radloop_env: dict[str, str], tmp_path: Path
+) -> None:
+    _edited(tmp_path, lambda d: d["network"].update(name="NoSuchNet"))
+    env = {**radloop_env, "RADLOOP_MODELS_DIR": str(tmp_path)}
+    # The worklist needs the labels, not the network (and not MONAI's 7 s import).
+    listed = subprocess.run(
+        [RADLOOP, "queue", "list", "--json"], env=env, capture_output=True, text=True
+    )
+    assert listed.returncode == 0, listed.stderr
+    # What builds one refuses it, naming the key (`models check`, as bootstrap, import and the
+    # training worker do).
+    refused = subprocess.run([RADLOOP, "models", "check"], env=env, capture_output=True, text=True)
+    assert refused.returncode == 2, refused.stdout
+    assert "network.name" in refused.stderr and "NoSuchNet" in refused.stderr

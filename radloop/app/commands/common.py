@@ -43,10 +43,11 @@ def open_store(settings: Settings, migrate: bool = False) -> Store:
         raise typer.Exit(2) from None
 
 
-def cli_model_specs(settings: Settings) -> dict[str, ModelSpec]:
-    """Every model spec, validated, or exit 2 naming the file and key of each error."""
+def cli_model_specs(settings: Settings, *, networks: bool = False) -> dict[str, ModelSpec]:
+    """Every model spec, validated, or exit 2 naming the file and key of each error. Only
+    commands that build a network ask for `networks` to be checked (it imports MONAI)."""
     try:
-        return load_specs(settings.effective_models_dir)
+        return load_specs(settings.effective_models_dir, networks=networks)
     except ModelSpecError as error:
         err_console.print(f"[red]invalid model spec[/red]\n{error}", highlight=False)
         raise typer.Exit(2) from None

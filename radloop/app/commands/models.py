@@ -145,13 +145,13 @@ def rollback(
 @models_app.command("check")
 def models_check() -> None:
     """Validate every spec in the models folder; exit 2 naming the file and key of each error."""
-    specs = cli_model_specs(cli_settings())
+    specs = cli_model_specs(cli_settings(), networks=True)
     for spec in specs.values():
         console.print(f"{spec.name}: ok ({len(spec.labels)} labels, {spec.network.name})")
 
 
 def _spec(settings: Settings, name: str) -> ModelSpec:
-    specs = cli_model_specs(settings)
+    specs = cli_model_specs(settings, networks=True)
     if name not in specs:
         err_console.print(f"no model spec named {name!r} (known: {', '.join(specs) or 'none'})")
         raise typer.Exit(2)

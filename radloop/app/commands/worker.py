@@ -64,7 +64,9 @@ def worker(
     """Run a worker: annotation (warm, near a Triton) or training (a work-pool worker)."""
     settings = cli_settings()
     configure_logging(settings)
-    cli_model_specs(settings)  # refuse to start with a broken spec
+    # Refuse to start with a broken spec (`radloop up` reports why). The training worker also
+    # checks the network it will build; annotation serves TorchScript and never builds one.
+    cli_model_specs(settings, networks=queue is WorkerQueue.TRAIN)
     settings.prefect_results_dir.mkdir(parents=True, exist_ok=True)
     # SIGTERM and SIGHUP stop it like Ctrl-C: runs in flight are left to their leases.
     for sig in (signal.SIGTERM, signal.SIGHUP):
