@@ -140,3 +140,39 @@ threading.Event().wait()
     finally:
         second.stop()
     assert not state_file(settings).exists()
+
+
+@ONCE  # processes only: nothing database-specific
+def test_parts_start_together_each_after_the_parts_it_needs_and_a_failed_start_says_why(
+    tmp_path: Path,
+) -> None:
+    # `slow` answers 3 s after it starts (a slow import); `needs_slow` must wait for it;
+    # `other` needs nothing and is up long before `slow`.
+    slow_port, needs_port, other_port = free_port(), free_port(), free_port()
+    slow = server_spec(tmp_path, "slow", slow_port)
+    slow.argv = [sys.executable, "-c", "import time; time.sleep(3)\n" + SERVER]
+    needs_slow = server_spec(tmp_path, "needs_slow", needs_port)
+    needs_slow.after = ("slow", "not-run-here")  # parts this supervisor does not run are ignored
+    other = server_spec(tmp_path, "other", other_port)
+    supervisor = Supervisor([slow, needs_slow, other])
+    try:
+        supervisor.start()
+        starts = {name: tending.starts[0] for name, tending in supervisor.tending.items()}
+        assert starts["other"] - starts["slow"] < 1.0  # together, not one after another
+        assert starts["needs_slow"] - starts["slow"] >= 3.0  # once `slow` answered
+        assert all(child.alive() for child in supervisor.children)
+    finally:
+        supervisor.stop()
+
+    # A part that exits during start-up: radloop up says so with the end of its log.
+    broken = server_spec(tmp_path, "broken", free_port())
+    broken.argv = [sys.executable, "-c", "raise SystemExit('spec phantom: network: no such')"]
+    supervisor = Supervisor([broken, server_spec(tmp_path, "fine", free_port())])
+    try:
+        with pytest.raises(SupervisorError) as refused:
+            supervisor.start()
+    finally:
+        supervisor.stop()
+    assert "broken exited with 1 during start-up" in str(refused.value)
+    assert "spec phantom: network: no such" in str(refused.value)
+    assert not any(child.alive() for child in supervisor.children)

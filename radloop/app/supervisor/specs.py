@@ -35,6 +35,8 @@ class ChildSpec:
     after_start: Callable[[], None] | None = None
     # Ports the child listens on: held by anyone else, `radloop up` stops and names the holder.
     ports: list[int] = field(default_factory=list)
+    # The parts that must be healthy before this one starts (those `radloop up` runs itself).
+    after: tuple[str, ...] = ()
 
 
 def orthanc_spec(
@@ -235,6 +237,7 @@ def worker_spec(settings: Settings, queue: WorkerQueue) -> ChildSpec:
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         },
         start_timeout=120.0,
+        after=("prefect", "triton") if queue is WorkerQueue.ANNOTATE else ("prefect", "mlflow"),
     )
 
 
