@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -11,7 +13,7 @@ import pytest
 from alembic import command
 from alembic.config import Config
 from pydicom import dcmread
-from sqlalchemy import select
+from sqlalchemy import inspect, select
 
 from dicom_listener import Ingestor, IngestOutcome, InstanceHeader, StudyAssembler
 from radloop.db import Instance, OutboxEvent, Store, Study, utcnow
@@ -122,3 +124,31 @@ def test_an_outdated_schema_is_refused_by_commands_and_upgraded_by_a_service_sta
     listener.stop()
     assert schema_revision(store.engine) == schema_head()
     assert radloop_json(radloop_env, "studies", "list") == []
+
+
+def test_services_starting_together_on_a_new_database_migrate_it_once(
+    database_url: str,
+) -> None:
+    # As Compose, Kubernetes or a cluster's hosts start them: four services open a database
+    # nobody used yet in the same instant, each asking to migrate it.
+    at = time.time() + 4  # past every interpreter's imports
+    opens = (
+        f"import time; from radloop.db import Store; time.sleep(max(0, {at} - time.time())); "
+        f"Store.open({database_url!r}, migrate=True).close()"
+    )
+    services = [
+        subprocess.Popen([sys.executable, "-c", opens], stderr=subprocess.PIPE, text=True)
+        for _ in range(4)
+    ]
+    errors = [service.communicate(timeout=120)[1] for service in services]
+    assert [service.returncode for service in services] == [0] * 4, errors
+    store = Store.open(database_url)
+    try:
+        assert schema_revision(store.engine) == schema_head()
+        assert radloop_tables(store) >= {"studies", "annotation_jobs", "workers"}
+    finally:
+        store.close()
+
+
+def radloop_tables(store: Store) -> set[str]:
+    return set(inspect(store.engine).get_table_names())

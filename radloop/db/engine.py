@@ -72,10 +72,20 @@ def schema_revision(engine: Engine) -> str | None:
         return MigrationContext.configure(connection).get_current_revision()
 
 
+# Any fixed number: services that start together on one PostgreSQL (Compose, Kubernetes, a
+# cluster's hosts) take turns to migrate.
+_MIGRATION_LOCK = 0x7261646C  # "radl"
+
+
 def upgrade(engine: Engine) -> None:
-    """Apply every Alembic migration up to head (idempotent)."""
+    """Apply every Alembic migration up to head (idempotent), one process at a time: the next
+    one finds the schema current. SQLite's BEGIN IMMEDIATE serialises it already; PostgreSQL
+    takes a transaction-scoped advisory lock, since two `CREATE TABLE`s of the same name at
+    once fail rather than wait."""
     config = _config()
     with engine.begin() as connection:
+        if engine.dialect.name == "postgresql":
+            connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK})")
         config.attributes["connection"] = connection
         command.upgrade(config, "head")
 
