@@ -118,3 +118,19 @@ def test_settings_cannot_be_changed_after_start_up(radloop_env: dict[str, str]) 
         settings.review.single_reader = True  # type: ignore[misc]
     with pytest.raises(ValidationError, match="frozen"):
         settings.data_dir = Path("/elsewhere")  # type: ignore[misc]
+
+
+def test_a_site_that_set_its_allow_list_gets_no_demo_unasked(
+    radloop_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from radloop.app.cli import first_run_demo
+    from radloop.db import Store
+
+    monkeypatch.setenv("RADLOOP_DEMO_ON_FIRST_RUN", "true")
+    store = Store.open(load_settings().effective_database_url)
+    try:
+        assert first_run_demo(load_settings(), store)  # a new user's empty data dir
+        monkeypatch.setenv("RADLOOP_DICOM__ALLOWED_CALLERS", "PACS@10.1.2.3")
+        assert not first_run_demo(load_settings(), store)  # a configured site
+    finally:
+        store.close()

@@ -121,16 +121,31 @@ def test_up_starts_every_part_ingests_from_each_source_drafts_and_stops_on_ctrl_
             pass
 
 
-@ONCE  # Triton outages and task retries: nothing database-specific
-def test_triton_killed_during_a_study_the_worker_retries_and_drafts_once(
+@pytest.mark.timeout(900)
+@ONCE  # Triton outages, task retries and start-up choices: nothing database-specific
+def test_a_refused_demo_leaves_radloop_up_and_a_study_outlives_triton_killed_under_it(
     radloop_env: dict[str, str], settings: Settings, tmp_path: Path
 ) -> None:
     spec = load_spec(PACKAGED_MODELS / "phantom-abdomen.yaml")
     export_version(settings, spec)
-    up = RadloopProcess(radloop_env, command=("up",)).start(timeout=240)
+    env = {
+        **radloop_env,
+        # A site's allow-list: its PACS, dcmtk's storescu and echoscu, radloop's status probe.
+        "RADLOOP_DICOM__ALLOWED_CALLERS": (
+            "PACS@10.1.2.3,STORESCU@127.0.0.1,ECHOSCU@127.0.0.1,RADLOOP-STATUS"
+        ),
+        "COLUMNS": "200",  # rich wraps its messages at the terminal's width
+    }
+    # Asked for anyway, the demo's own association is refused: the demo fails, radloop stays
+    # up. (That a site with an allow-list gets no demo unasked: `test_cli.py`.)
+    up = RadloopProcess(env, command=("up", "--demo")).start(timeout=240)
     try:
+        wait_until(lambda: "the demo failed; radloop keeps running" in up.output(), 120)
+        assert "refused the demo's association" in up.output()
+        assert all(s["healthy"] for s in radloop_json(env, "status")["services"])
+
         phantom = write_study(tmp_path / "phantoms", 0, seed=6)
-        assert storescu(radloop_env, sorted(phantom.dicom_dir.glob("*.dcm"))).returncode == 0
+        assert storescu(env, sorted(phantom.dicom_dir.glob("*.dcm"))).returncode == 0
         # The study completes 2 s later and its worker takes it a moment after. Triton is
         # killed as soon as radloop up restarts it, for long enough that the task's first
         # attempt finds no Triton; then it is left to come back.
@@ -143,7 +158,7 @@ def test_triton_killed_during_a_study_the_worker_retries_and_drafts_once(
         assert kills >= 2
 
         def drafts() -> list[dict[str, object]]:
-            rows = radloop_json(radloop_env, "queue", "list", "--all")
+            rows = radloop_json(env, "queue", "list", "--all")
             return [r for r in rows if r["study_uid"] == phantom.study_uid]
 
         (draft,) = wait_until(drafts, timeout=300, interval=2)
@@ -155,35 +170,3 @@ def test_triton_killed_during_a_study_the_worker_retries_and_drafts_once(
         assert "Retry 1/8" in worker_log  # the task failed while Triton was down, then retried
     finally:
         assert up.stop(sig=signal.SIGINT, timeout=60) == 0, up.output()
-
-
-@pytest.mark.timeout(900)
-@ONCE  # start-up and demo choices: nothing database-specific
-def test_a_site_with_an_allow_list_gets_no_demo_and_a_failing_demo_leaves_radloop_running(
-    radloop_env: dict[str, str], settings: Settings
-) -> None:
-    spec = load_spec(PACKAGED_MODELS / "phantom-abdomen.yaml")
-    export_version(settings, spec)
-    env = {
-        **radloop_env,
-        "RADLOOP_DEMO_ON_FIRST_RUN": "true",
-        "RADLOOP_DICOM__ALLOWED_CALLERS": "PACS@10.1.2.3,ECHOSCU@127.0.0.1,RADLOOP-STATUS",
-        "COLUMNS": "200",  # rich wraps its messages at the terminal's width
-    }
-    up = RadloopProcess(env, command=("up",)).start(timeout=240)
-    try:
-        time.sleep(5)  # the demo would have started by now
-        assert "turning the loop once" not in up.output()
-        assert all(s["healthy"] for s in radloop_json(env, "status")["services"])
-    finally:
-        assert up.stop(sig=signal.SIGINT, timeout=60) == 0, up.output()
-
-    # Asked for anyway, the demo's association is refused: the demo fails, radloop stays up.
-    asked = RadloopProcess(env, command=("up", "--demo")).start(timeout=240)
-    try:
-        wait_until(lambda: "the demo failed; radloop keeps running" in asked.output(), 120)
-        assert "refused the demo's association" in asked.output()
-        time.sleep(3)
-        assert all(s["healthy"] for s in radloop_json(env, "status")["services"])
-    finally:
-        assert asked.stop(sig=signal.SIGINT, timeout=60) == 0, asked.output()

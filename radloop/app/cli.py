@@ -115,8 +115,7 @@ def up(
     settings = cli_settings()
     store = open_store(settings, migrate=True)
     if demo is None:
-        # A site that has set who may send it studies is configured: no demo unless asked.
-        demo = settings.demo_on_first_run and _is_empty(store) and not _site_allow_list(settings)
+        demo = first_run_demo(settings, store)
     after_up = None
     if demo:
         from radloop.app.demo import Demo
@@ -124,6 +123,12 @@ def up(
         console.print("turning the loop once with phantoms first (--no-demo skips)")
         after_up = lambda stop: Demo(settings, store, console).run()  # noqa: E731
     run_stack(settings, store, after_up)
+
+
+def first_run_demo(settings: Settings, store: Store) -> bool:
+    """Whether `radloop up` turns the loop once with phantoms unasked: on an empty data dir,
+    unless the site has set who may send it studies (a configured site gets no demo)."""
+    return settings.demo_on_first_run and _is_empty(store) and not _site_allow_list(settings)
 
 
 def _site_allow_list(settings: Settings) -> bool:
