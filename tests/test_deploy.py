@@ -230,14 +230,28 @@ def test_prefect_server_runs_exactly_one_api_process() -> None:
     assert prefect["spec"]["strategy"]["type"] == "Recreate"
 
 
-def test_triton_and_both_workers_request_a_gpu_on_gpu_nodes() -> None:
+def test_every_triton_and_the_training_worker_request_a_gpu_on_gpu_nodes() -> None:
+    gpus = set()
     for name, spec, container in d.containers():
         limit = container.get("resources", {}).get("limits", {}).get("nvidia.com/gpu")
-        if name in GPU_SERVICES:
+        if container["name"] == "triton" or name == "worker-train":
             assert limit == 1, name
             assert spec["nodeSelector"], name
+            gpus.add(name)
         else:
-            assert limit is None, name
+            assert limit is None, (name, container["name"])
+    assert gpus == {"triton", "worker-annotate", "worker-train"}
+
+
+def test_each_annotation_worker_drafts_through_the_triton_in_its_own_pod() -> None:
+    # One more replica is one more GPU server: the worker loads each champion on its Triton.
+    pod = d.pod_spec(d.workloads()["worker-annotate"])
+    assert pod is not None
+    by_name = {container["name"]: container for container in pod["containers"]}
+    assert set(by_name) == {"worker", "triton"}
+    env = {e["name"]: e.get("value") for e in by_name["worker"]["env"]}
+    assert env["RADLOOP_TRITON__URL"] == "http://127.0.0.1:8000"
+    assert "--model-control-mode=explicit" in by_name["triton"]["args"]
 
 
 def test_radloop_pods_mount_the_shared_volume_at_the_same_paths() -> None:
@@ -256,8 +270,8 @@ def test_radloop_pods_mount_the_shared_volume_at_the_same_paths() -> None:
             assert (d.SHARED_PVC, d.DATA_DIR, None, False) in mounts, name
             assert (d.SHARED_PVC, d.MODEL_REPOSITORY, d.MODEL_SUBPATH, False) in mounts, name
             checked.add(name)
-        elif name == "triton":
-            assert (d.SHARED_PVC, d.MODEL_REPOSITORY, d.MODEL_SUBPATH, True) in mounts
+        elif container["name"] == "triton":
+            assert (d.SHARED_PVC, d.MODEL_REPOSITORY, d.MODEL_SUBPATH, True) in mounts, name
             assert f"--model-repository={d.MODEL_REPOSITORY}" in container["args"]
     assert {"gateway", "worker-annotate", "worker-train", "review", "mlflow"} <= checked
     [settings] = [r for _, r in d.manifests() if r["metadata"]["name"] == "radloop-settings"]
