@@ -10,196 +10,49 @@ on `train` that then serves on both GPU hosts' Triton."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import shutil
-import subprocess
-import tempfile
 from collections.abc import Iterator
-from datetime import timedelta
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
-import yaml
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from agents.nifti import read_label_map
 from model_registry.inference import TritonBackend
-from radloop.app.phantoms import WrittenStudy, write_study
-from radloop.app.supervisor import (
-    Child,
-    ChildSpec,
-    mlflow_spec,
-    orthanc_spec,
-    prefect_spec,
-    triton_spec,
-)
-from radloop.db import Annotation, AnnotationJob, Store, Study, Worker, utcnow
+from radloop.app.supervisor import mlflow_spec, triton_spec
+from radloop.db import Annotation, AnnotationJob, Study
 from radloop.domain import JobState
-from radloop.modelspec import PACKAGED_MODELS, load_spec
-from radloop.settings import Settings, load_settings
+from radloop.modelspec import load_spec
 from radloop.wait import wait_until
+from tests.cluster import MODEL, Cluster, cluster_on, drafted_by, job, workers
 from tests.conftest_marks import ONCE
 from tests.drafted import correction_seg, stow_body
-from tests.hosts import Host, Network, network, usable, wait_listening
+from tests.hosts import usable, wait_listening
 from tests.models import export_version
-from tests.servers import RADLOOP, PostgresServer, radloop_json
+from tests.servers import radloop_json
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(usable() is not None, reason=str(usable()))]
 
-MODEL = "phantom-abdomen"
 HOSTS = ("gw", "core", "gpu1", "gpu2", "train", "web")
-STORESCU = "/usr/bin/storescu"  # dcmtk's
-
-
-@dataclasses.dataclass
-class Cluster:
-    net: Network
-    root: Path
-    common: dict[str, str]
-    children: list[Child]
-    store: Store
-    settings: Settings
-
-    def env(self, host: Host, **extra: str) -> dict[str, str]:
-        base = {k: v for k, v in os.environ.items() if not k.startswith("RADLOOP_")}
-        return {
-            **base,
-            **self.common,
-            "RADLOOP_DATA_DIR": str(self.root / host.name),
-            "PREFECT_HOME": str(self.root / host.name / "prefect-client"),
-            **extra,
-        }
-
-    def settings_of(self, host: Host) -> Settings:
-        return load_settings(data_dir=self.root / host.name, shared_dir=self.root / "shared")
-
-    def serve(self, host: Host, spec: ChildSpec) -> Child:
-        """A server of radloop's supervisor specs, on `host`."""
-        child = Child(dataclasses.replace(spec, argv=host.argv(spec.argv), ports=[]))
-        child.start()
-        self.children.append(child)
-        child.wait_healthy()
-        return child
-
-    def radloop(self, host: Host, label: str, *args: str, **env: str) -> Any:
-        log = self.root / host.name / f"{label}.log"
-        return host.start(label, [RADLOOP, *args], self.env(host, **env), log)
-
-    def cli(self, *args: str) -> Any:
-        """The radloop CLI from this machine (the admin's laptop on the same network)."""
-        return radloop_json(self.env(self.net["gw"]), *args)
-
-
-def write_spec(folder: Path) -> None:
-    """One label trains (the first goes to the holdout), briefly, and any version passes."""
-    spec = yaml.safe_load((PACKAGED_MODELS / f"{MODEL}.yaml").read_text())
-    spec["retraining"].update(threshold=1, epochs=1, steps_per_epoch=1, gate_margin=1.0)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{MODEL}.yaml").write_text(yaml.safe_dump(spec))
 
 
 @pytest.fixture
 def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cluster]:
     for key in [k for k in os.environ if k.startswith("RADLOOP_")]:
         monkeypatch.delenv(key)
-    with network(HOSTS) as net:
-        core = net["core"]
-        # Outside tmp_path: the `postgres` account must reach it (pytest's folder is root's).
-        pg_root = Path(tempfile.mkdtemp(prefix="radloop-cluster-pg-"))
-        postgres = PostgresServer(
-            pg_root, host=core.address, on=core.argv, network=f"{net.prefix}.0/24"
-        )
-        postgres.start()
-        children: list[Child] = []
-        try:
-            database = postgres.create_database("radloop")
-            postgres.create_database("prefect")
-            postgres.create_database("mlflow")
-            write_spec(tmp_path / "models")
-            common = {
-                "RADLOOP_SHARED_DIR": str(tmp_path / "shared"),
-                "RADLOOP_DATABASE_URL": database,
-                "RADLOOP_MODELS_DIR": str(tmp_path / "models"),
-                "RADLOOP_PREFECT__API_URL": f"http://{core.address}:4200/api",
-                "RADLOOP_ORTHANC__URL": f"http://{core.address}:8042",
-                "RADLOOP_MLFLOW__TRACKING_URI": f"http://{core.address}:5000",
-                "RADLOOP_DICOM__QUIET_SECONDS": "2",
-                "RADLOOP_ANNOTATION__JOB_LEASE_SECONDS": "4",
-                "RADLOOP_ANNOTATION__RETRY_DELAY_SECONDS": "0.5",
-                "RADLOOP_ANNOTATION__WORKER_CONCURRENCY": "1",
-                "RADLOOP_OUTBOX__POLL_SECONDS": "0.2",
-                "RADLOOP_OUTBOX__MAX_BACKOFF_SECONDS": "1",
-                "RADLOOP_REVIEW__SINGLE_READER": "true",
-                "RADLOOP_REVIEW__HOLDOUT_FRACTION": "0.5",
-                "RADLOOP_DEMO_ON_FIRST_RUN": "false",
-                "TCP_NODELAY": "1",
-            }
-            for key, value in common.items():
-                monkeypatch.setenv(key, value)
-            settings = load_settings(data_dir=tmp_path / "admin")
-            store = Store.open(database, migrate=True)
-            yield Cluster(net, tmp_path, common, children, store, settings)
-            store.close()
-        finally:
-            net.stop_processes()  # radloop's, while the servers they talk to still answer
-            for child in reversed(children):
-                child.stop()
-            net.close()  # anything left, the namespaces and links
-            postgres.stop()
-            shutil.rmtree(pg_root, ignore_errors=True)
-
-
-def push(cluster: Cluster, seed: int) -> WrittenStudy:
-    study = write_study(cluster.root / "phantoms", seed, seed=seed)
-    gw = cluster.net["gw"].address
-    files = sorted(str(p) for p in study.dicom_dir.glob("*.dcm"))
-    sent = subprocess.run(
-        [STORESCU, "-aet", "PACS", "-aec", "RADLOOP", gw, "11112", *files],
-        capture_output=True,
-        env={**os.environ, "TCP_NODELAY": "1"},
-    )
-    assert sent.returncode == 0, sent.stderr
-    return study
-
-
-def job(store: Store, study: WrittenStudy) -> AnnotationJob | None:
-    with store.read() as session:
-        found = session.scalars(
-            select(AnnotationJob).where(AnnotationJob.study_uid == study.study_uid)
-        ).first()
-        if found is not None:
-            session.expunge(found)
-        return found
-
-
-def drafted_by(store: Store, study: WrittenStudy) -> str | None:
-    """The host of the worker that drafted `study`, once it is offered to readers."""
-    with store.read() as session:
-        drafts = session.scalar(
-            select(func.count(Annotation.id))
-            .join(Study, Study.id == Annotation.study_id)
-            .where(
-                Study.study_uid == study.study_uid,
-                Annotation.seg_sop_instance_uid.is_not(None),
-                Annotation.viewable_at.is_not(None),
-            )
-        )
-    found = job(store, study)
-    if not drafts or found is None or found.state != JobState.DONE:
-        return None
-    assert drafts == 1, f"{drafts} drafts of {study.study_uid}"
-    return str(found.worker).split(":")[0]
-
-
-def workers(store: Store) -> dict[str, str]:
-    """host -> queue of the workers that reported in the last 5 s."""
-    since = utcnow() - timedelta(seconds=5)
-    with store.read() as session:
-        return {w.host: w.queue for w in session.scalars(select(Worker)) if w.last_seen_at > since}
+    with cluster_on(
+        tmp_path,
+        HOSTS,
+        monkeypatch.setenv,
+        RADLOOP_ANNOTATION__JOB_LEASE_SECONDS="4",
+        RADLOOP_ANNOTATION__RETRY_DELAY_SECONDS="0.5",
+        RADLOOP_ANNOTATION__WORKER_CONCURRENCY="1",
+        RADLOOP_REVIEW__SINGLE_READER="true",
+        RADLOOP_REVIEW__HOLDOUT_FRACTION="0.5",
+    ) as made:
+        yield made
 
 
 @pytest.mark.timeout(900)
@@ -213,19 +66,11 @@ def test_a_cluster_of_namespaces_drafts_hands_over_survives_prefect_and_trains_f
     spec = load_spec(cluster.root / "models" / f"{MODEL}.yaml")
 
     # core: Orthanc, Prefect and MLflow (on PostgreSQL), each bound to core's address.
-    core_settings = cluster.settings_of(core)
-    cluster.serve(core, orthanc_spec(core_settings, bind=core.address))
-    prefect_db = cluster.common["RADLOOP_DATABASE_URL"].rsplit("/", 1)[0] + "/prefect"
-    prefect = cluster.serve(
-        core,
-        prefect_spec(
-            core_settings,
-            bind=core.address,
-            database_url=prefect_db.replace("+psycopg", "+asyncpg"),
-        ),
+    prefect = cluster.serve_orthanc_and_prefect()
+    mlflow = mlflow_spec(
+        cluster.settings_of(core), bind=core.address, database_url=cluster.database("mlflow")
     )
-    mlflow_db = cluster.common["RADLOOP_DATABASE_URL"].rsplit("/", 1)[0] + "/mlflow"
-    cluster.serve(core, mlflow_spec(core_settings, bind=core.address, database_url=mlflow_db))
+    cluster.serve(core, mlflow)
 
     # A first version in the shared model repository; a Triton on each GPU host.
     export_version(cluster.settings_of(gw), spec)
@@ -261,7 +106,7 @@ def test_a_cluster_of_namespaces_drafts_hands_over_survives_prefect_and_trains_f
 
     # 1. A study is taken by a worker, which is SIGKILLed in the middle of it: the other GPU
     # host drafts it, exactly once.
-    first = push(cluster, seed=1)
+    first = cluster.push(seed=1)
 
     def running() -> AnnotationJob | None:
         found = job(store, first)
@@ -286,7 +131,7 @@ def test_a_cluster_of_namespaces_drafts_hands_over_survives_prefect_and_trains_f
     # 2. No worker connected: two studies' runs wait in Prefect, which restarts. A worker that
     # connects afterwards, on the other GPU host, still drafts both.
     annotators[survivor].stop()
-    waiting = [push(cluster, seed=2), push(cluster, seed=3)]
+    waiting = [cluster.push(seed=2), cluster.push(seed=3)]
     wait_until(lambda: all(getattr(job(store, s), "task_run_id", None) for s in waiting), 60)
     prefect.stop()
     prefect.start()
@@ -333,7 +178,7 @@ def test_a_cluster_of_namespaces_drafts_hands_over_survives_prefect_and_trains_f
         serves = partial(TritonBackend(triton_of[name]).ready, MODEL, "2")
         wait_until(serves, timeout=300, interval=1, what=f"v2 on {name}")
     # The next study is drafted with it.
-    last = push(cluster, seed=4)
+    last = cluster.push(seed=4)
     wait_until(lambda: drafted_by(store, last), timeout=120)
     with store.read() as session:
         version = session.scalar(
