@@ -4,7 +4,8 @@ Part 1 runs `radloop demo` (everything real: C-STORE, Prefect, Triton, review AP
 free ports in a temporary data dir and reads back from radloop's database: when the label that
 reached the retraining threshold was validated, when the training flow started, its phases
 (prepare, epochs, evaluate, register, deploy) and when the new version served. Everything but
-the epochs is the loop's own overhead (target ≤ 15 s on CPU).
+the epochs is the loop's own overhead (target ≤ 10 s on CPU, issue 11), and the whole demo
+should end within 8 minutes on 2 cores.
 
 Part 2 hot-reloads a version into a real Triton twice in the same run — once idle, once while
 two clients send requests back to back — and reports each reload's time, their ratio and the
@@ -38,7 +39,7 @@ from radloop.domain import TrainingState
 from radloop.modelspec import PACKAGED_MODELS, load_spec
 from radloop.settings import Settings
 
-OVERHEAD_S = 15.0
+OVERHEAD_S, DEMO_S = 10.0, 480.0
 
 
 def run_demo(env: dict[str, str], log: Path, timeout: float) -> float:
@@ -173,7 +174,7 @@ def main() -> None:
             "failed_requests": target(
                 "no failed request during reload", reload["failed_requests"], 0
             ),
-            "demo": target("demo within 10 min on 2 cores", demo_s, 600),
+            "demo": target(f"demo within {DEMO_S / 60:.0f} min on 2 cores", demo_s, DEMO_S),
         },
     }
     print(json.dumps(report, indent=2))
@@ -187,7 +188,7 @@ def main() -> None:
         ("demo wall time", f"{demo_s:.0f} s"),
         ("threshold reached → new version serving", f"{loop['threshold_to_serving_s']} s"),
         ("  of which training epochs", f"{loop['training_epochs_s']} s"),
-        ("  everything else (target ≤ 15 s)", f"{loop['everything_else_s']} s"),
+        (f"  everything else (target ≤ {OVERHEAD_S:g} s)", f"{loop['everything_else_s']} s"),
         ("  of which label → flow running", f"{loop['trigger_to_flow_start_s']} s"),
         ("decision", str(loop["decision"])),
         (
