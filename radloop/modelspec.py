@@ -3,8 +3,8 @@ serves — network, input rules, preprocessing, coded labels, inference and unce
 
 Specs are validated when radloop starts; a wrong spec stops start-up with the file and key.
 Whether the declared network exists and builds is checked by the processes that build one
-(`radloop models`, the workers, training): importing MONAI costs 7 s on 2 cores, which the
-gateway, the review service and every CLI call would otherwise pay for nothing.
+(`radloop models`, the training worker and its flow): importing MONAI costs 7 s on 2 cores,
+which the gateway, the review service and every CLI call would otherwise pay for nothing.
 """
 
 from __future__ import annotations

@@ -1,8 +1,7 @@
-"""`radloop up`'s supervision: start the children, each as soon as the parts it needs are
-healthy, and wait for each to be healthy on the process radloop started (never on whoever
-answers its port), restart one that exits with a
-growing delay, give up on one that keeps exiting, stop all in reverse order — and end what a
-killed `radloop up` left behind before starting again."""
+"""`radloop up`'s supervision: start each child as soon as the parts it needs are healthy and
+wait for it to be healthy on the process radloop started (never on whoever answers its port),
+restart one that exits with a growing delay, give up on one that keeps exiting, stop all in
+reverse order — and end what a killed `radloop up` left behind before starting again."""
 
 from __future__ import annotations
 
