@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from radloop.modelspec import PACKAGED_MODELS, ModelSpecError, load_spec, load_specs
+from tests.conftest_marks import ONCE
 from tests.servers import RADLOOP
 
 SAMPLE = PACKAGED_MODELS / "phantom-abdomen.yaml"
@@ -92,6 +93,7 @@ def test_models_check_stops_on_a_broken_spec(radloop_env: dict[str, str], tmp_pa
     assert "labels.0.type" in result.stderr
 
 
+@ONCE  # spec loading: nothing database-specific
 def test_a_network_is_checked_by_what_builds_it_not_by_every_command(
     radloop_env: dict[str, str], tmp_path: Path
 ) -> None:

@@ -41,6 +41,9 @@ def study_has_state(env: dict[str, str], study_uid: str, state: str) -> bool:
     return study_state(env, study_uid) == state
 
 
+# The services `radloop up` runs do their work on PostgreSQL in test_cluster (its own server):
+# this one, 140 s, runs in the SQLite pass only.
+@ONCE
 def test_up_starts_every_part_ingests_from_each_source_drafts_and_stops_on_ctrl_c(
     radloop_env: dict[str, str], settings: Settings, tmp_path: Path
 ) -> None:
