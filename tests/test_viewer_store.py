@@ -160,6 +160,7 @@ def radloop_study_complete(store: Store, study_uid: str) -> bool:
     return state == "complete"
 
 
+@ONCE  # an Orthanc outage; the reconciler's SQL runs on PostgreSQL in the tests above
 def test_while_orthanc_is_down_the_case_waits_with_its_reason_and_is_stored_once_it_is_back(
     store: Store,
     settings: Settings,
