@@ -18,14 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
-from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+from annotate import machine  # the same machine record as the other benchmarks
 from rich.console import Console
 from rich.table import Table
 from sqlalchemy import select
@@ -135,19 +134,6 @@ def measure(count: int) -> dict[str, Any]:
         "rounds": rounds,
         "drain_1_over_2": round(one["drain_s"] / two["drain_s"], 3),
     }
-
-
-def machine() -> dict[str, Any]:
-    lines = Path("/proc/cpuinfo").read_text().splitlines()
-    cpu = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "")
-    when = datetime.now(UTC).isoformat(timespec="seconds")
-    return dict(
-        cpus=os.cpu_count(),
-        cpu=cpu,
-        kernel=platform.release(),
-        date=when,
-        load=round(os.getloadavg()[0], 2),
-    )
 
 
 def main() -> None:

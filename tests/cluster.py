@@ -151,8 +151,10 @@ def cluster_on(
                 setenv(key, value)
             admin = load_settings(data_dir=root / "admin")
             store = Store.open(database, migrate=True)
-            yield Cluster(net, root, common, children, store, admin)
-            store.close()
+            try:
+                yield Cluster(net, root, common, children, store, admin)
+            finally:
+                store.close()
         finally:
             net.stop_processes()  # radloop's, while the servers they talk to still answer
             for child in reversed(children):

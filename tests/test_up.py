@@ -140,7 +140,7 @@ def test_a_refused_demo_leaves_radloop_up_and_a_study_outlives_triton_killed_und
         "COLUMNS": "200",  # rich wraps its messages at the terminal's width
     }
     # Asked for anyway, the demo's own association is refused: the demo fails, radloop stays
-    # up. (That a site with an allow-list gets no demo unasked: `test_cli.py`.)
+    # up. (That a site with an allow-list gets no demo unasked: `test_settings.py`.)
     up = RadloopProcess(env, command=("up", "--demo")).start(timeout=240)
     try:
         wait_until(lambda: "the demo failed; radloop keeps running" in up.output(), 120)
