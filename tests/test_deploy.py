@@ -218,8 +218,9 @@ def test_manifests_validate_against_kubernetes_strictly(version: str) -> None:
     assert failures == []
 
 
-def test_every_container_has_a_readiness_probe() -> None:
-    missing = [f"{w}/{c['name']}" for w, _, c in d.containers() if "readinessProbe" not in c]
+def test_every_serving_container_has_a_readiness_probe() -> None:
+    serving = [(w, c) for w, _, c in d.containers() if d.workloads()[w]["kind"] != "Job"]
+    missing = [f"{w}/{c['name']}" for w, c in serving if "readinessProbe" not in c]
     assert missing == []
 
 
@@ -230,17 +231,70 @@ def test_prefect_server_runs_exactly_one_api_process() -> None:
     assert prefect["spec"]["strategy"]["type"] == "Recreate"
 
 
-def test_every_triton_and_the_training_worker_request_a_gpu_on_gpu_nodes() -> None:
+def test_every_triton_and_each_training_job_request_a_gpu_on_gpu_nodes() -> None:
     gpus = set()
     for name, spec, container in d.containers():
         limit = container.get("resources", {}).get("limits", {}).get("nvidia.com/gpu")
-        if container["name"] == "triton" or name == "worker-train":
+        if container["name"] == "triton" or name == d.TRAINING_JOB:
             assert limit == 1, name
             assert spec["nodeSelector"], name
             gpus.add(name)
         else:
             assert limit is None, (name, container["name"])
-    assert gpus == {"triton", "worker-annotate", "worker-train"}
+    assert gpus == {"triton", "worker-annotate", d.TRAINING_JOB}
+
+
+def test_training_runs_as_jobs_of_the_work_pool_worker_train_keeps() -> None:
+    worker = d.workloads()["worker-train"]
+    [container] = d.spec_of(worker)["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["RADLOOP_RETRAIN__WORK_POOL_TYPE"] == "kubernetes"
+    template = Path(env["RADLOOP_RETRAIN__WORK_POOL_TEMPLATE"])
+    [mount] = [m for m in container["volumeMounts"] if m["mountPath"] == str(template.parent)]
+    [volume] = [v for v in d.spec_of(worker)["volumes"] if v["name"] == mount["name"]]
+    [generator] = d.kustomization()["configMapGenerator"]
+    assert volume["configMap"]["name"] == generator["name"]
+    assert generator["files"] == [template.name] == [d.TRAINING_JOB_TEMPLATE.name]
+    # The Jobs run radloop's image, the one kustomize sets for every radloop pod...
+    [image] = [i for i in d.kustomization()["images"] if i["name"] == d.RADLOOP_IMAGE]
+    [job] = d.spec_of(d.training_job())["containers"]
+    assert job["image"] == f"{image['newName']}:{image['newTag']}"
+    # ... Prefect's command for one flow run, under the image's init; each Job runs once.
+    assert job["command"] == ["/usr/bin/tini", "--"]
+    assert job["args"] == ["prefect", "flow-run", "execute"]
+    assert d.training_job()["spec"]["backoffLimit"] == 0
+    # The worker may create and watch Jobs and their pods; a Job gets no API access.
+    [role] = [r for _, r in d.manifests() if r["kind"] == "Role"]
+    granted = {resource for rule in role["rules"] for resource in rule["resources"]}
+    assert {"jobs", "pods", "pods/log"} <= granted
+    assert d.spec_of(worker)["serviceAccountName"] == "radloop-trainer"
+    assert d.spec_of(d.training_job())["automountServiceAccountToken"] is False
+    # The secrets the Job reads by name: kustomize must not suffix that name.
+    [secrets] = d.kustomization()["secretGenerator"]
+    assert secrets["options"]["disableNameSuffixHash"] is True
+
+
+def test_a_training_container_gets_a_gpu_the_shared_directory_and_the_sites_settings() -> None:
+    created = d.training_container()
+    host = created["host_config"]
+    assert host["DeviceRequests"] == [
+        {"Driver": "nvidia", "Count": 1, "DeviceIDs": [], "Capabilities": [["gpu"]], "Options": {}}
+    ]
+    assert host["ShmSize"] > 0  # PyTorch's data loaders share batches through /dev/shm
+    assert host["NetworkMode"] == "host"  # the addresses radloop's settings name
+    assert f"/srv/radloop:{d.DATA_DIR}" in host["Binds"]
+    assert f"/srv/radloop/{d.MODEL_SUBPATH}:{d.MODEL_REPOSITORY}" in host["Binds"]
+    assert "/etc/radloop:/etc/radloop:ro" in host["Binds"]
+    # Prefect's command for one run under the image's init, as radloop's user.
+    assert created["entrypoint"] == ["/usr/bin/tini", "--"]
+    assert created["command"] == "prefect flow-run execute"
+    assert created["user"] == "10001:10001"
+    env = created["environment"]
+    assert env["RADLOOP_DATA_DIR"] == d.DATA_DIR
+    assert env["RADLOOP_TRITON__REPOSITORY"] == d.MODEL_REPOSITORY
+    assert env["RADLOOP_CONFIG"].startswith("/etc/radloop/")  # the site's file, passwords in it
+    radloop = [n for n in env if n.startswith("RADLOOP_") and n != "RADLOOP_CONFIG"]
+    assert [n for n in radloop if not d.is_setting(n)] == []
 
 
 def test_each_annotation_worker_drafts_through_the_triton_in_its_own_pod() -> None:

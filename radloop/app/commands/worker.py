@@ -6,11 +6,12 @@
   beside that server's Triton; several workers on several hosts share the work. It renews the
   lease of each study it drafts: a worker that dies lets its studies go to another one when the
   lease runs out (`annotation.job_lease_seconds`).
-* `train`: a Prefect process worker of the work pool `retrain.work_pool`. It registers the
+* `train`: the Prefect worker of the work pool `retrain.work_pool`. It registers the
   `retrain-model/retrain` deployment there (event trigger on validated labels, the retraining
-  schedule, `radloop train`; one run at a time) and runs each training as a flow run (a new
-  process). Docker or Kubernetes pools (deploy/) run the same deployment in containers. It
-  also sweeps the runs a stop or a crash left behind (`flows.ghosts`).
+  schedule, `radloop train`; one run at a time) and runs each training as a flow run: a new
+  process beside it (process pool, the default), or a Kubernetes Job or Docker container with
+  a GPU of its own (`retrain.work_pool_type`, job templates in deploy/). It also sweeps the
+  runs a stop or a crash left behind (`flows.ghosts`).
 
 Both report themselves (host, queue, pid, last seen) every few seconds: `radloop status` lists
 them and `radloop up` calls its workers healthy once they have.
@@ -20,6 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import importlib
+import json
 import logging
 import os
 import signal
@@ -40,9 +43,11 @@ from radloop.app.commands.common import (
 )
 from radloop.db import Store, utcnow
 from radloop.domain import WorkerQueue
-from radloop.settings import Settings
+from radloop.settings import Settings, WorkPoolType
 
 if TYPE_CHECKING:
+    from prefect.workers.base import BaseWorker
+
     from flows.ghosts import Sweeper
 
 log = logging.getLogger(__name__)
@@ -71,6 +76,9 @@ def worker(
     # SIGTERM and SIGHUP stop it like Ctrl-C: runs in flight are left to their leases.
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.default_int_handler)
+    # Threads that Prefect's integrations start outside its settings context (prefect-
+    # kubernetes's observer of Jobs) find the API in the environment, read at Prefect's import.
+    os.environ["PREFECT_API_URL"] = settings.prefect.effective_api_url
     with prefect_client(settings):
         if queue is WorkerQueue.ANNOTATE:
             open_store(settings).close()  # exit 2 on an outdated schema, before Prefect
@@ -187,35 +195,79 @@ def retrain_deployment(settings: Settings) -> Any:
     )
 
 
-def _ensure_pool(name: str) -> None:
-    """The work pool, created as a process pool if the site has not made one (a Docker or
-    Kubernetes pool from deploy/ is used as it is)."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import WorkPoolCreate
-    from prefect.exceptions import ObjectNotFound
-    from prefect.workers.process import ProcessWorker
+class WorkPoolError(RuntimeError):
+    """The training work pool cannot be served as the settings describe it."""
 
+
+# The Prefect worker that runs each type of pool, from prefect, prefect-docker and
+# prefect-kubernetes.
+WORKERS = {
+    WorkPoolType.PROCESS: ("prefect.workers.process", "ProcessWorker"),
+    WorkPoolType.DOCKER: ("prefect_docker.worker", "DockerWorker"),
+    WorkPoolType.KUBERNETES: ("prefect_kubernetes.worker", "KubernetesWorker"),
+}
+
+
+def _ensure_pool(settings: Settings) -> type[BaseWorker[Any, Any, Any]]:
+    """The training work pool as the settings describe it, and the Prefect worker of its type.
+    Creates the pool if missing; keeps its job template equal to `retrain.work_pool_template`
+    when that is set; refuses a pool of another type (its runs would wait for a worker that
+    never comes)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
+    from prefect.exceptions import ObjectNotFound
+
+    retrain = settings.retrain
+    module, name = WORKERS[retrain.work_pool_type]
+    worker_class: type[BaseWorker[Any, Any, Any]] = getattr(importlib.import_module(module), name)
+    template = None
+    if retrain.work_pool_template is not None:
+        try:
+            template = json.loads(retrain.work_pool_template.read_text())
+        except (OSError, ValueError) as error:
+            raise WorkPoolError(
+                f"retrain.work_pool_template {retrain.work_pool_template}: {error}"
+            ) from error
     with get_client(sync_client=True) as client:
         try:
-            client.read_work_pool(name)
+            pool = client.read_work_pool(retrain.work_pool)
         except ObjectNotFound:
-            template = ProcessWorker.get_default_base_job_template()
-            pool = WorkPoolCreate(name=name, type="process", base_job_template=template)
-            client.create_work_pool(pool)
-            log.info("created the process work pool %s", name)
+            client.create_work_pool(
+                WorkPoolCreate(
+                    name=retrain.work_pool,
+                    type=retrain.work_pool_type.value,
+                    base_job_template=template or worker_class.get_default_base_job_template(),
+                )
+            )
+            log.info("created the %s work pool %s", retrain.work_pool_type, retrain.work_pool)
+            return worker_class
+        if pool.type != retrain.work_pool_type:
+            raise WorkPoolError(
+                f"the work pool {retrain.work_pool} is a {pool.type} pool, but "
+                f"retrain.work_pool_type is {retrain.work_pool_type}: set "
+                f"RADLOOP_RETRAIN__WORK_POOL_TYPE={pool.type}, or name another pool in "
+                "RADLOOP_RETRAIN__WORK_POOL"
+            )
+        if template is not None and pool.base_job_template != template:
+            client.update_work_pool(retrain.work_pool, WorkPoolUpdate(base_job_template=template))
+            log.info("work pool %s: job template from %s", pool.name, retrain.work_pool_template)
+    return worker_class
 
 
 def _serve_training(settings: Settings) -> None:
     from prefect.settings import PREFECT_WORKER_QUERY_SECONDS, temporary_settings
-    from prefect.workers.process import ProcessWorker
 
     from agents.jobs import heartbeat_seconds
     from flows.annotate import worker_id
     from flows.ghosts import Sweeper
 
     pool = settings.retrain.work_pool
+    try:
+        worker_class = _ensure_pool(settings)
+    except WorkPoolError as error:
+        console.print(f"[red]{error}[/red]")
+        raise typer.Exit(2) from None
     store = open_store(settings, migrate=True)
-    _ensure_pool(pool)
     deployment = retrain_deployment(settings)
     deployment.apply(work_pool_name=pool)
     # Runs a stop or a crash left behind hold the deployment's slot: end them before taking
@@ -234,10 +286,11 @@ def _serve_training(settings: Settings) -> None:
     me = worker_id()
     every = heartbeat_seconds(settings.annotation.job_lease_seconds)
     stop = _report_in(store, me, WorkerQueue.TRAIN, every, sweep_now_and_then)
-    console.print(f"radloop worker {me}: training, work pool {pool}")
+    kind = settings.retrain.work_pool_type
+    console.print(f"radloop worker {me}: training, {kind} work pool {pool}")
 
     async def run() -> None:
-        async with ProcessWorker(work_pool_name=pool, limit=1, name=f"radloop {me}") as runner:
+        async with worker_class(work_pool_name=pool, limit=1, name=f"radloop {me}") as runner:
             await runner.start()
 
     try:
