@@ -138,6 +138,7 @@ def test_a_refused_demo_leaves_radloop_up_and_a_study_outlives_triton_killed_und
             "PACS@10.1.2.3,STORESCU@127.0.0.1,ECHOSCU@127.0.0.1,RADLOOP-STATUS"
         ),
         "COLUMNS": "200",  # rich wraps its messages at the terminal's width
+        "RADLOOP_SUPERVISOR__RESTART_BACKOFF_SECONDS": "1",  # Triton back sooner below
     }
     # Asked for anyway, the demo's own association is refused: the demo fails, radloop stays
     # up. (That a site with an allow-list gets no demo unasked: `test_settings.py`.)
@@ -155,7 +156,7 @@ def test_a_refused_demo_leaves_radloop_up_and_a_study_outlives_triton_killed_und
         # crash would: not the guard radloop up runs it under (whose command line names it too),
         # which then ends the server's python-backend stubs.
         kills = 0
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 12
         while time.monotonic() < deadline:
             pattern = rf"^\S*/tritonserver\s.*{settings.model_repository}"
             kills += subprocess.run(["pkill", "-KILL", "-f", pattern]).returncode == 0

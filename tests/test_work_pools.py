@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -30,7 +31,7 @@ POOL = "gpu-jobs"
 @ONCE  # Prefect's work pools; the training worker's database use runs on PostgreSQL in
 # test_cluster
 def test_the_training_worker_serves_a_kubernetes_pool_with_deploys_job_template(
-    radloop_env: dict[str, str], settings: Settings, prefect_server: Any
+    radloop_env: dict[str, str], settings: Settings, prefect_server: Any, tmp_path: Path
 ) -> None:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
@@ -83,3 +84,22 @@ def test_the_training_worker_serves_a_kubernetes_pool_with_deploys_job_template(
     assert f"the work pool {POOL} is a kubernetes pool" in said
     assert "but retrain.work_pool_type is process" in said
     assert "RADLOOP_RETRAIN__WORK_POOL_TYPE=kubernetes" in said
+
+    # A template edited wrong (a placeholder no variable declares): refused with Prefect's
+    # reason, and the pool keeps the template it had.
+    broken = json.loads(TRAINING_JOB_TEMPLATE.read_text())
+    del broken["variables"]["properties"]["gpus"]
+    (tmp_path / "broken.json").write_text(json.dumps(broken))
+    refused = subprocess.run(
+        [RADLOOP, "worker", "--queue", "train"],
+        env={**env, "RADLOOP_RETRAIN__WORK_POOL_TEMPLATE": str(tmp_path / "broken.json")},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    said = " ".join((refused.stdout + refused.stderr).split())
+    assert "Prefect refused the job template" in said and "gpus" in said
+    with get_client(sync_client=True) as client:
+        kept = client.read_work_pool(POOL).base_job_template
+    assert kept == json.loads(TRAINING_JOB_TEMPLATE.read_text())

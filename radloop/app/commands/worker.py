@@ -215,7 +215,7 @@ def _ensure_pool(settings: Settings) -> type[BaseWorker[Any, Any, Any]]:
     never comes)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
-    from prefect.exceptions import ObjectNotFound
+    from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
 
     retrain = settings.retrain
     module, name = WORKERS[retrain.work_pool_type]
@@ -249,7 +249,13 @@ def _ensure_pool(settings: Settings) -> type[BaseWorker[Any, Any, Any]]:
                 "RADLOOP_RETRAIN__WORK_POOL"
             )
         if template is not None and pool.base_job_template != template:
-            client.update_work_pool(retrain.work_pool, WorkPoolUpdate(base_job_template=template))
+            try:
+                update = WorkPoolUpdate(base_job_template=template)
+                client.update_work_pool(retrain.work_pool, update)
+            except (PrefectHTTPStatusError, ValueError) as error:  # Prefect's 422 says why
+                raise WorkPoolError(
+                    f"Prefect refused the job template {retrain.work_pool_template}: {error}"
+                ) from error
             log.info("work pool %s: job template from %s", pool.name, retrain.work_pool_template)
     return worker_class
 
