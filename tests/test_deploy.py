@@ -268,7 +268,11 @@ def test_training_runs_as_jobs_of_the_work_pool_worker_train_keeps() -> None:
     granted = {resource for rule in role["rules"] for resource in rule["resources"]}
     assert {"jobs", "pods", "pods/log"} <= granted
     assert d.spec_of(worker)["serviceAccountName"] == "radloop-trainer"
-    assert d.spec_of(d.training_job())["automountServiceAccountToken"] is False
+    job = d.spec_of(d.training_job())
+    assert job["automountServiceAccountToken"] is False
+    accounts = {r["metadata"]["name"] for _, r in d.manifests() if r["kind"] == "ServiceAccount"}
+    assert {job["serviceAccountName"], "radloop-trainer"} <= accounts
+    assert d.training_job()["metadata"]["namespace"] == d.kustomization()["namespace"]
     # The secrets the Job reads by name: kustomize must not suffix that name.
     [secrets] = d.kustomization()["secretGenerator"]
     assert secrets["options"]["disableNameSuffixHash"] is True
