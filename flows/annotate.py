@@ -17,6 +17,7 @@ import functools
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,13 +76,21 @@ class Warm:
     triton: TritonBackend
     worker: str = field(default_factory=worker_id)
     in_flight: set[str] = field(default_factory=set)
+    # Jobs whose run waits for its next attempt (a retry after an outage), with the monotonic
+    # time by which that attempt must have started: the worker keeps their leases meanwhile,
+    # else a retry delay longer than the lease would have the job submitted again.
+    awaiting_retry: dict[str, float] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
     # tritonclient's HTTP client is not thread-safe, and a load takes seconds: one at a time.
     loading: threading.Lock = field(default_factory=threading.Lock)
 
     def holding(self) -> list[str]:
+        """The jobs whose leases this worker renews: those it drafts, and those whose retry
+        is due soon (one the engine never retried is let go at its deadline)."""
+        now = time.monotonic()
         with self.lock:
-            return sorted(self.in_flight)
+            self.awaiting_retry = {k: due for k, due in self.awaiting_retry.items() if due > now}
+            return sorted(self.in_flight | set(self.awaiting_retry))
 
     def serve_champions(self, wait: bool = True) -> None:
         """Make this worker's Triton serve each model's champion. The training worker loads a
@@ -128,6 +137,7 @@ def annotate_study(job_key: str, submission: int) -> dict[str, Any]:
         return {"job": job_key, "skipped": "done, or being drafted by another worker"}
     with state.lock:
         state.in_flight.add(job_key)
+        state.awaiting_retry.pop(job_key, None)
     try:
         return _annotate(state, job)
     finally:
@@ -147,6 +157,8 @@ def _annotate(state: Warm, job: JobRef) -> dict[str, Any]:
         if isinstance(failure, RETRYABLE) and runs <= state.settings.annotation.retries:
             if isinstance(failure, InferenceUnavailable):
                 _reload_champions(state)  # this host's Triton lost it (restarted, unloaded)
+            with state.lock:
+                state.awaiting_retry[job.key] = time.monotonic() + retry_wait(state.settings, runs)
             raise  # Prefect retries the run after its delay
         error = failure_reason(failure)
         outcome = state.annotator.queue_failed(job.study_uid, job.revision, spec, error)
@@ -161,6 +173,9 @@ def _reload_champions(state: Warm) -> None:
         log.warning("could not reload the champions on this worker's Triton: %r", error)
 
 
+RETRY_JITTER = 0.5  # Prefect spreads each delay over ±50 %
+
+
 def retrying(settings: Settings) -> Any:
     """The task as workers run it: retries and their backoff from settings (the task key is
     the function's, so submitters need not know them)."""
@@ -169,8 +184,15 @@ def retrying(settings: Settings) -> Any:
     return annotate_study.with_options(
         retries=retries,
         retry_delay_seconds=[delay * 2**n for n in range(retries)] or 0,
-        retry_jitter_factor=0.5,
+        retry_jitter_factor=RETRY_JITTER,
     )
+
+
+def retry_wait(settings: Settings, runs: int) -> float:
+    """The longest Prefect may wait after attempt `runs` failed before it starts the next,
+    plus a margin for the engine to start it."""
+    delay = settings.annotation.retry_delay_seconds * 2.0 ** (runs - 1)
+    return delay * (1 + RETRY_JITTER) + settings.annotation.job_lease_seconds
 
 
 def submit_annotation(job: JobRef) -> str:

@@ -139,6 +139,8 @@ def test_a_refused_demo_leaves_radloop_up_and_a_study_outlives_triton_killed_und
         ),
         "COLUMNS": "200",  # rich wraps its messages at the terminal's width
         "RADLOOP_SUPERVISOR__RESTART_BACKOFF_SECONDS": "1",  # Triton back sooner below
+        # Shorter than the later retry delays below: the worker must hold the job meanwhile.
+        "RADLOOP_ANNOTATION__JOB_LEASE_SECONDS": "6",
     }
     # Asked for anyway, the demo's own association is refused: the demo fails, radloop stays
     # up. (That a site with an allow-list gets no demo unasked: `test_settings.py`.)
@@ -171,7 +173,9 @@ def test_a_refused_demo_leaves_radloop_up_and_a_study_outlives_triton_killed_und
         assert draft["state"] == "drafted", draft
         time.sleep(5)  # a duplicate would show up here
         assert len(drafts()) == 1
-        assert "triton exited" in (Path(settings.data_dir) / "radloop-up.log").read_text()
+        up_log = (Path(settings.data_dir) / "radloop-up.log").read_text()
+        assert "triton exited" in up_log
+        assert "submitting it again" not in up_log  # one task run, its retries on one worker
         worker_log = (Path(settings.data_dir) / "logs" / "worker.log").read_text()
         assert "Retry 1/8" in worker_log  # the task failed while Triton was down, then retried
     finally:
