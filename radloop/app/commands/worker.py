@@ -43,7 +43,7 @@ from radloop.app.commands.common import (
 )
 from radloop.db import Store, utcnow
 from radloop.domain import WorkerQueue
-from radloop.settings import Settings, WorkPoolType
+from radloop.settings import RetrainSettings, Settings, WorkPoolType
 
 if TYPE_CHECKING:
     from prefect.workers.base import BaseWorker
@@ -213,9 +213,7 @@ def _ensure_pool(settings: Settings) -> type[BaseWorker[Any, Any, Any]]:
     Creates the pool if missing; keeps its job template equal to `retrain.work_pool_template`
     when that is set; refuses a pool of another type (its runs would wait for a worker that
     never comes)."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
-    from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
+    from prefect.exceptions import PrefectHTTPStatusError
 
     retrain = settings.retrain
     module, name = WORKERS[retrain.work_pool_type]
@@ -228,36 +226,41 @@ def _ensure_pool(settings: Settings) -> type[BaseWorker[Any, Any, Any]]:
             raise WorkPoolError(
                 f"retrain.work_pool_template {retrain.work_pool_template}: {error}"
             ) from error
+    try:
+        _pool_as_set(retrain, template or worker_class.get_default_base_job_template(), template)
+    except (PrefectHTTPStatusError, ValueError) as error:  # Prefect's 422 says why
+        raise WorkPoolError(
+            f"Prefect refused the job template {retrain.work_pool_template}: {error}"
+        ) from error
+    return worker_class
+
+
+def _pool_as_set(
+    retrain: RetrainSettings, default: dict[str, Any], template: dict[str, Any] | None
+) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
+    from prefect.exceptions import ObjectNotFound
+
+    name, kind = retrain.work_pool, retrain.work_pool_type
     with get_client(sync_client=True) as client:
         try:
-            pool = client.read_work_pool(retrain.work_pool)
+            pool = client.read_work_pool(name)
         except ObjectNotFound:
             client.create_work_pool(
-                WorkPoolCreate(
-                    name=retrain.work_pool,
-                    type=retrain.work_pool_type.value,
-                    base_job_template=template or worker_class.get_default_base_job_template(),
-                )
+                WorkPoolCreate(name=name, type=kind.value, base_job_template=default)
             )
-            log.info("created the %s work pool %s", retrain.work_pool_type, retrain.work_pool)
-            return worker_class
-        if pool.type != retrain.work_pool_type:
+            log.info("created the %s work pool %s", kind, name)
+            return
+        if pool.type != kind:
             raise WorkPoolError(
-                f"the work pool {retrain.work_pool} is a {pool.type} pool, but "
-                f"retrain.work_pool_type is {retrain.work_pool_type}: set "
-                f"RADLOOP_RETRAIN__WORK_POOL_TYPE={pool.type}, or name another pool in "
-                "RADLOOP_RETRAIN__WORK_POOL"
+                f"the work pool {name} is a {pool.type} pool, but retrain.work_pool_type is "
+                f"{kind}: set RADLOOP_RETRAIN__WORK_POOL_TYPE={pool.type}, or name another "
+                "pool in RADLOOP_RETRAIN__WORK_POOL"
             )
         if template is not None and pool.base_job_template != template:
-            try:
-                update = WorkPoolUpdate(base_job_template=template)
-                client.update_work_pool(retrain.work_pool, update)
-            except (PrefectHTTPStatusError, ValueError) as error:  # Prefect's 422 says why
-                raise WorkPoolError(
-                    f"Prefect refused the job template {retrain.work_pool_template}: {error}"
-                ) from error
-            log.info("work pool %s: job template from %s", pool.name, retrain.work_pool_template)
-    return worker_class
+            client.update_work_pool(name, WorkPoolUpdate(base_job_template=template))
+            log.info("work pool %s: job template from %s", name, retrain.work_pool_template)
 
 
 def _serve_training(settings: Settings) -> None:
