@@ -176,14 +176,18 @@ def _reload_champions(state: Warm) -> None:
 RETRY_JITTER = 0.5  # Prefect spreads each delay over ±50 %
 
 
+def retry_delays(settings: Settings) -> list[float]:
+    """The delay before each retry, doubling from `annotation.retry_delay_seconds`."""
+    delay = settings.annotation.retry_delay_seconds
+    return [delay * 2**n for n in range(settings.annotation.retries)]
+
+
 def retrying(settings: Settings) -> Any:
     """The task as workers run it: retries and their backoff from settings (the task key is
     the function's, so submitters need not know them)."""
-    delay = settings.annotation.retry_delay_seconds
-    retries = settings.annotation.retries
     return annotate_study.with_options(
-        retries=retries,
-        retry_delay_seconds=[delay * 2**n for n in range(retries)] or 0,
+        retries=settings.annotation.retries,
+        retry_delay_seconds=retry_delays(settings) or 0,
         retry_jitter_factor=RETRY_JITTER,
     )
 
@@ -191,7 +195,7 @@ def retrying(settings: Settings) -> Any:
 def retry_wait(settings: Settings, runs: int) -> float:
     """The longest Prefect may wait after attempt `runs` failed before it starts the next,
     plus a margin for the engine to start it."""
-    delay = settings.annotation.retry_delay_seconds * 2.0 ** (runs - 1)
+    delay = retry_delays(settings)[runs - 1]
     return delay * (1 + RETRY_JITTER) + settings.annotation.job_lease_seconds
 
 

@@ -13,7 +13,7 @@ import types
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Union, get_args, get_origin
+from typing import TYPE_CHECKING, Any, TypeVar, Union, get_args, get_origin
 
 import typer
 import yaml
@@ -21,6 +21,11 @@ from pydantic import BaseModel
 
 from radloop.settings import Settings
 from radloop.settings_errors import ENV_PREFIX
+
+if TYPE_CHECKING:
+    from prefect.workers.base import BaseJobConfiguration
+
+C = TypeVar("C", bound="BaseJobConfiguration")
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
@@ -173,19 +178,10 @@ def workloads() -> dict[str, dict[str, Any]]:
 
 @functools.cache
 def training_job() -> dict[str, Any]:
-    """The Job prefect-kubernetes's worker submits for a training run: the pool's template
-    with its defaults, rendered and prepared by the worker's own job configuration. No
-    Prefect API is asked (the template names no block or variable), so none is started."""
-    from prefect.client.orchestration import PrefectClient
-    from prefect.client.schemas.objects import FlowRun
+    """The Job prefect-kubernetes's worker submits for a training run (`_prepared`)."""
     from prefect_kubernetes.worker import KubernetesWorkerJobConfiguration
 
-    template = json.loads(TRAINING_JOB_TEMPLATE.read_text())
-    nowhere = PrefectClient("http://127.0.0.1:9/api")
-    configuration = asyncio.run(
-        KubernetesWorkerJobConfiguration.from_template_and_values(template, {}, client=nowhere)
-    )
-    configuration.prepare_for_flow_run(FlowRun(flow_id=uuid.uuid4(), name="retrain-run"))
+    configuration = _prepared(KubernetesWorkerJobConfiguration, TRAINING_JOB_TEMPLATE)
     job: dict[str, Any] = copy.deepcopy(configuration.job_manifest)
     job["metadata"]["name"] = TRAINING_JOB  # the API server makes one from generateName
     for field in PREFECT_MISPLACED_FIELDS:
@@ -261,25 +257,33 @@ def is_setting(variable: str) -> bool:
     return True
 
 
-def training_container(docker_api: str = "1.44") -> dict[str, Any]:
-    """The body of Docker's `POST /containers/create` that prefect-docker's worker sends for a
-    training run: the pool's template with its defaults, rendered by the worker's own job
-    configuration, made into create arguments by docker-py. No daemon is asked: the Prefect API
-    named is not on this host (else the worker asks the daemon for its version)."""
-    import docker
-    from docker.models.containers import _create_container_args
+def _prepared(configuration_class: type[C], template_path: Path) -> C:
+    """A work pool's template with its defaults, rendered and prepared for one flow run by
+    the worker's own job configuration class. No Prefect API is asked (the templates name no
+    block or variable); the API the run is told of is not on this host (else prefect-docker
+    asks the Docker daemon for its version)."""
     from prefect.client.orchestration import PrefectClient
     from prefect.client.schemas.objects import FlowRun
     from prefect.settings import PREFECT_API_URL, temporary_settings
-    from prefect_docker.worker import DockerWorker, DockerWorkerJobConfiguration
 
-    template = json.loads(TRAINING_CONTAINER_TEMPLATE.read_text())
+    template = json.loads(template_path.read_text())
     nowhere = PrefectClient("http://127.0.0.1:9/api")
     with temporary_settings({PREFECT_API_URL: "http://prefect.example.org:4200/api"}):
-        configuration = asyncio.run(
-            DockerWorkerJobConfiguration.from_template_and_values(template, {}, client=nowhere)
+        configuration: C = asyncio.run(
+            configuration_class.from_template_and_values(template, {}, client=nowhere)
         )
         configuration.prepare_for_flow_run(FlowRun(flow_id=uuid.uuid4(), name="retrain-run"))
+    return configuration
+
+
+def training_container(docker_api: str = "1.44") -> dict[str, Any]:
+    """The body of Docker's `POST /containers/create` that prefect-docker's worker sends for a
+    training run (`_prepared`), made into create arguments by docker-py; no daemon is asked."""
+    import docker
+    from docker.models.containers import _create_container_args
+    from prefect_docker.worker import DockerWorker, DockerWorkerJobConfiguration
+
+    configuration = _prepared(DockerWorkerJobConfiguration, TRAINING_CONTAINER_TEMPLATE)
     client = docker.DockerClient(base_url="unix:///nonexistent.sock", version=docker_api)
     worker = DockerWorker(work_pool_name="radloop-train")
     container = worker._build_container_settings(client, configuration)

@@ -227,7 +227,7 @@ def _ensure_pool(settings: Settings) -> type[BaseWorker[Any, Any, Any]]:
                 f"retrain.work_pool_template {retrain.work_pool_template}: {error}"
             ) from error
     try:
-        _pool_as_set(retrain, template or worker_class.get_default_base_job_template(), template)
+        _pool_as_set(retrain, worker_class, template)
     except (PrefectHTTPStatusError, ValueError) as error:  # Prefect's 422 says why
         raise WorkPoolError(
             f"Prefect refused the job template {retrain.work_pool_template}: {error}"
@@ -236,7 +236,9 @@ def _ensure_pool(settings: Settings) -> type[BaseWorker[Any, Any, Any]]:
 
 
 def _pool_as_set(
-    retrain: RetrainSettings, default: dict[str, Any], template: dict[str, Any] | None
+    retrain: RetrainSettings,
+    worker_class: type[BaseWorker[Any, Any, Any]],
+    template: dict[str, Any] | None,
 ) -> None:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
@@ -248,7 +250,11 @@ def _pool_as_set(
             pool = client.read_work_pool(name)
         except ObjectNotFound:
             client.create_work_pool(
-                WorkPoolCreate(name=name, type=kind.value, base_job_template=default)
+                WorkPoolCreate(
+                    name=name,
+                    type=kind.value,
+                    base_job_template=template or worker_class.get_default_base_job_template(),
+                )
             )
             log.info("created the %s work pool %s", kind, name)
             return
