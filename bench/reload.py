@@ -45,7 +45,7 @@ def block(
         settings, _ = configure(Path(folder), {})
         repository = TritonRepository(settings.model_repository)
         repository.export(spec, network)
-        model_dir = repository.root / spec.name
+        model_dir = settings.model_repository / spec.name
         (model_dir / "1" / "model.py").write_bytes(code)
         base = triton_spec(settings)
         argv = [a for a in base.argv if a != AUTO_COMPLETE_OFF]

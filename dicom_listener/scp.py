@@ -33,8 +33,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from dicom_listener.ingest import Ingestor
 from dicom_listener.instance import InstanceHeader, InvalidInstance
 from radloop.callers import CallerRule
+from radloop.dicom_settings import DicomSettings
 from radloop.domain import IngestSource, is_valid_uid
-from radloop.settings import DicomSettings
 
 log = logging.getLogger(__name__)
 

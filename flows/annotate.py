@@ -31,7 +31,7 @@ from agents.jobs import AnnotationJobs, JobRef
 from agents.viewer_store import ViewerStoreUnavailable
 from flows.process import process_start, this_host
 from model_registry.inference import InferenceUnavailable, TritonBackend
-from model_registry.repository import TritonRepository
+from model_registry.repository import model_repository
 from radloop.db import Store
 from radloop.modelspec import ModelSpec, load_specs
 from radloop.settings import Settings, load_settings
@@ -47,7 +47,7 @@ def build_annotator(settings: Settings, store: Store) -> Annotator:
         store,
         settings.spool_dir,
         settings.drafts_dir,
-        TritonRepository(settings.model_repository),
+        model_repository(settings),
         TritonBackend(settings.triton.base_url, settings.triton.timeout_seconds),
         Orthanc(
             orthanc.base_url,

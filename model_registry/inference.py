@@ -130,7 +130,9 @@ class InProcessBackend:
     through Triton."""
 
     def __init__(self, repository: Path) -> None:
-        self.repository = repository
+        from model_registry.repository import TritonRepository
+
+        self.repository = TritonRepository(repository)
         self._loaded: dict[str, tuple[str, Any, dict[str, Any]]] = {}
 
     def infer(
@@ -138,17 +140,16 @@ class InProcessBackend:
     ) -> InferenceResult:
         import torch
 
-        from model_registry.repository import TritonRepository
         from model_registry.triton_model import load, segment
 
         if version is None:
-            version = TritonRepository(self.repository).champion(model)
+            version = self.repository.champion(model)
         if version is None:
-            raise InferenceUnavailable(f"no version of {model} in {self.repository}")
-        folder = self.repository / model / str(version)
-        if model not in self._loaded or self._loaded[model][0] != folder.name:
-            network, config = load(folder, torch.device("cpu"))
-            self._loaded[model] = (folder.name, network, config)
+            raise InferenceUnavailable(f"no version of {model} in {self.repository.store.url()}")
+        if model not in self._loaded or self._loaded[model][0] != str(version):
+            with self.repository.version_folder(model, version) as folder:
+                network, config = load(folder, torch.device("cpu"))
+            self._loaded[model] = (str(version), network, config)
         served, network, config = self._loaded[model]
         labels, score = segment(network, image, spacing, config)
         return InferenceResult(labels=labels, uncertainty=score, model_version=served)

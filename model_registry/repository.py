@@ -1,33 +1,33 @@
 """The Triton model repository radloop manages: `<root>/<model>/<version>/` folders holding
 TorchScript weights, the spec they were trained for and the python-backend `model.py`.
 
-A version folder appears atomically (written beside, then renamed), so a Triton load never
-sees half a version, and a version that never served (a withdrawn candidate) leaves the same
-way; its files, `config.pbtxt` and the serving pointer `serving.json` are written durably
-(`radloop.durable`), so a power cut cannot leave a pointer to a version whose weights were
-never on disk. The layout is Triton's own, so NVIDIA's Triton container serves the same
-folder on a GPU (see deploy/triton/README.md).
+The repository is a folder or a prefix of an S3 bucket (`radloop.objectstore`; Triton reads
+both). In a folder a version appears atomically (written beside, then renamed), so a Triton
+load never sees half a version, and a version that never served (a withdrawn candidate) leaves
+the same way; its files, `config.pbtxt` and the serving pointer `serving.json` are written
+durably (`radloop.durable`), so a power cut cannot leave a pointer to a version whose weights
+were never on disk. On S3 each object appears whole and `model.py` is uploaded last: a
+version without it is one Triton cannot load, never half a network. The layout is Triton's
+own, so NVIDIA's Triton container serves the same repository on a GPU (see
+deploy/triton/README.md).
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from radloop.durable import (
-    durable_path,
-    fsync_folder,
-    make_folder_durably,
-    replace_durably,
-    write_bytes_durably,
-)
 from radloop.modelspec import ModelSpec
+from radloop.objectstore import LocalFolder, ObjectStore
 
 if TYPE_CHECKING:
     import torch
+
+    from radloop.settings import Settings
 
 MODEL_CODE = Path(__file__).resolve().with_name("triton_model.py")
 
@@ -62,21 +62,39 @@ def inference_config(spec: ModelSpec) -> dict[str, Any]:
 
 
 SERVING_FILE = "serving.json"
+README = "README.txt"
 
 
 class TritonRepository:
-    def __init__(self, root: Path) -> None:
-        self.root = root
+    def __init__(self, store: ObjectStore | Path) -> None:
+        self.store: ObjectStore = LocalFolder(store) if isinstance(store, Path) else store
+
+    def create(self) -> None:
+        """Make the repository exist (Triton will not start on a missing one): a folder, or on
+        S3 a README object under the prefix (S3 has no empty folders)."""
+        if isinstance(self.store, LocalFolder):
+            self.store.root.mkdir(parents=True, exist_ok=True)
+        elif not self.store.exists(README):
+            self.store.write_bytes(
+                README,
+                b"radloop's Triton model repository: a folder per model, a folder per version\n",
+            )
+
+    def _read_text(self, key: str) -> str | None:
+        try:
+            return self.store.read_bytes(key).decode()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
 
     def _pointer(self, name: str) -> dict[str, Any]:
         try:
-            record = json.loads((self.root / name / SERVING_FILE).read_text())
-        except (OSError, ValueError):
+            record = json.loads(self._read_text(f"{name}/{SERVING_FILE}") or "{}")
+        except ValueError:
             return {}
         return record if isinstance(record, dict) else {}
 
     def _write_pointer(self, name: str, record: dict[str, Any]) -> None:
-        write_bytes_durably(self.root / name / SERVING_FILE, json.dumps(record).encode())
+        self.store.write_bytes(f"{name}/{SERVING_FILE}", json.dumps(record).encode())
 
     def champion(self, name: str) -> int | None:
         """The version drafts come from: `serving.json`, else the newest version."""
@@ -117,32 +135,24 @@ class TritonRepository:
         self._write_pointer(name, {**record, "candidate": version})
 
     def remove_version(self, name: str, version: int) -> None:
-        """Take `version` out of the repository (renamed away, then deleted), and its
-        candidate mark; the champion cannot be removed. Unload it in Triton afterwards."""
+        """Take `version` out of the repository, and its candidate mark; the champion cannot
+        be removed. Unload it in Triton afterwards."""
         if version == self.champion(name):
             raise ValueError(f"{name} v{version} is the champion")
-        model_dir = self.root / name
-        folder = model_dir / str(version)
-        if folder.is_dir():
-            trash = Path(tempfile.mkdtemp(dir=model_dir, prefix=".removed-"))
-            folder.rename(trash / folder.name)
-            fsync_folder(model_dir)
-            shutil.rmtree(trash, ignore_errors=True)
+        self.store.remove(f"{name}/{version}")
         record = self._pointer(name)
         if record.get("candidate") == version:
             self._write_pointer(name, {k: v for k, v in record.items() if k != "candidate"})
 
     def config_text(self, name: str) -> str | None:
         """`config.pbtxt` as it is now (to put back with `restore_config`)."""
-        path = self.root / name / "config.pbtxt"
-        return path.read_text() if path.is_file() else None
+        return self._read_text(f"{name}/config.pbtxt")
 
     def restore_config(self, name: str, text: str) -> bool:
         """Put back a `config_text`; returns whether the file changed."""
-        path = self.root / name / "config.pbtxt"
-        if path.is_file() and path.read_text() == text:
+        if self.config_text(name) == text:
             return False
-        write_bytes_durably(path, text.encode())
+        self.store.write_bytes(f"{name}/config.pbtxt", text.encode())
         return True
 
     def write_config(self, spec_name: str, versions: list[int] | None = None) -> bool:
@@ -157,10 +167,13 @@ class TritonRepository:
         return self.restore_config(spec_name, _CONFIG.format(name=spec_name, policy=policy))
 
     def versions(self, name: str) -> list[int]:
-        folder = self.root / name
-        if not folder.is_dir():
-            return []
-        return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit() and p.is_dir())
+        return sorted(int(n) for n in self.store.folders(name) if n.isdigit())
+
+    @contextmanager
+    def version_folder(self, name: str, version: int) -> Iterator[Path]:
+        """A local folder with the version's files (`model.pt`, `spec.json`, `model.py`)."""
+        with self.store.fetch(f"{name}/{version}") as folder:
+            yield folder
 
     def export(
         self,
@@ -178,24 +191,24 @@ class TritonRepository:
         version = version if version is not None else (existing[-1] + 1 if existing else 1)
         if version in existing:
             raise FileExistsError(f"{spec.name} version {version} already exists")
-        model_dir = self.root / spec.name
-        make_folder_durably(model_dir)
-        staging = Path(tempfile.mkdtemp(dir=model_dir, prefix=".staging-"))
-        try:
+
+        def write(folder: Path) -> None:
             # torch is imported here, not at module level: every annotation flow run imports
             # this module only to list versions, and torch cost it 1.3 s of start-up.
             import torch
 
-            with durable_path(staging / "model.pt") as weights:
-                torch.jit.save(model, str(weights))
+            torch.jit.save(model, str(folder / "model.pt"))
             config = json.dumps(inference_config(spec), indent=2)
-            write_bytes_durably(staging / "spec.json", config.encode())
-            write_bytes_durably(staging / "model.py", MODEL_CODE.read_bytes())
-            replace_durably(staging, model_dir / str(version))
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        if serve or not (model_dir / "config.pbtxt").exists():
+            (folder / "spec.json").write_text(config)
+            shutil.copyfile(MODEL_CODE, folder / "model.py")
+
+        self.store.publish(f"{spec.name}/{version}", write, last="model.py")
+        if serve or self.config_text(spec.name) is None:
             self.write_config(spec.name)
             self.set_champion(spec.name, version)
         return version
+
+
+def model_repository(settings: Settings) -> TritonRepository:
+    """The repository these settings name: on the object store, or a folder."""
+    return TritonRepository(settings.shared_store("model-repository"))

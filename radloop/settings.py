@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import logging
 import os
-import ssl
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     SecretStr,
     ValidationError,
@@ -25,14 +22,14 @@ from pydantic import (
 )
 from pydantic_settings import (
     BaseSettings,
-    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     YamlConfigSettingsSource,
 )
 from sqlalchemy.engine import make_url
 
-from radloop.callers import AE_TITLE, CallerRule
+from radloop.dicom_settings import DicomSettings, Section
+from radloop.objectstore import LocalFolder, ObjectStore, ObjectStoreSettings, triton_location
 from radloop.settings_errors import (
     ENV_PREFIX,
     PLACEHOLDER_SECRETS,
@@ -48,68 +45,7 @@ PACKAGED_CONFIG = PROJECT_ROOT / "configs" / "radloop.yaml"
 OHIF_VERSION = "3.13.2"
 
 
-class _Section(BaseModel):
-    """A section of the settings tree: read once at start, never changed after."""
-
-    model_config = ConfigDict(frozen=True)
-
-
-class TlsSettings(_Section):
-    """DICOM TLS (PS3.15 B.1): the server's certificate and key; with `ca_file`, callers must
-    present a certificate signed by that CA (mutual TLS)."""
-
-    cert_file: Path
-    key_file: Path
-    ca_file: Path | None = None
-
-    @field_validator("cert_file", "key_file", "ca_file")
-    @classmethod
-    def _readable(cls, value: Path | None) -> Path | None:
-        if value is not None and not value.is_file():
-            raise ValueError(f"{value} is not a readable file")
-        return value
-
-    def server_context(self) -> ssl.SSLContext:
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        context.load_cert_chain(self.cert_file, self.key_file)
-        if self.ca_file is not None:
-            context.load_verify_locations(self.ca_file)
-            context.verify_mode = ssl.CERT_REQUIRED
-        return context
-
-
-class DicomSettings(_Section):
-    ae_title: str = "RADLOOP"
-    host: str = "127.0.0.1"
-    port: int = Field(11112, ge=1, le=65535)
-    # Comma-separated `AE[@host-or-network]`; `*` stands for any AE title.
-    allowed_callers: Annotated[list[CallerRule], NoDecode] = Field(
-        default_factory=lambda: [CallerRule.parse("*@127.0.0.1")]
-    )
-    quiet_seconds: float = Field(30.0, gt=0)
-    max_associations: int = Field(16, ge=1)
-    # Unset: plain TCP. Set cert_file and key_file (RADLOOP_DICOM__TLS__CERT_FILE, ...) for TLS.
-    tls: TlsSettings | None = None
-
-    @field_validator("ae_title")
-    @classmethod
-    def _valid_ae(cls, value: str) -> str:
-        if not AE_TITLE.match(value) or not value.strip():
-            raise ValueError("must be 1-16 printable characters without backslash")
-        return value.strip()
-
-    @field_validator("allowed_callers", mode="before")
-    @classmethod
-    def _parse_callers(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            value = [part for part in value.split(",") if part.strip()]
-        if isinstance(value, list):
-            return [CallerRule.parse(v) if isinstance(v, str) else v for v in value]
-        return value
-
-
-class OrthancSettings(_Section):
+class OrthancSettings(Section):
     # Unset: `radloop up` starts its own Orthanc on the ports below.
     url: str | None = None
     username: str | None = None
@@ -126,7 +62,7 @@ class OrthancSettings(_Section):
         return self.url or f"http://127.0.0.1:{self.http_port}"
 
 
-class WatchSettings(_Section):
+class WatchSettings(Section):
     enabled: bool = True
     # Unset: `<data_dir>/incoming` and `<data_dir>/rejected`.
     folder: Path | None = None
@@ -134,7 +70,7 @@ class WatchSettings(_Section):
     settle_seconds: float = Field(2.0, gt=0)
 
 
-class PrefectSettings(_Section):
+class PrefectSettings(Section):
     # Unset: `radloop up` starts a local Prefect server on `port`.
     api_url: str | None = None
     port: int = Field(4200, ge=1, le=65535)
@@ -144,13 +80,13 @@ class PrefectSettings(_Section):
         return self.api_url or f"http://127.0.0.1:{self.port}/api"
 
 
-class TritonSettings(_Section):
+class TritonSettings(Section):
     # Unset: `radloop up` starts the `tritonserver` of the nvidia-pytriton wheel on these ports.
     url: str | None = None
     http_port: int = Field(8000, ge=1, le=65535)
     grpc_port: int = Field(8001, ge=1, le=65535)
     metrics_port: int = Field(8002, ge=1, le=65535)
-    # Unset: `<data_dir>/model-repository`.
+    # Unset: `<shared_dir>/model-repository` (on the object store when `object_store.url` is set).
     repository: Path | None = None
     timeout_seconds: float = Field(300.0, gt=0)
 
@@ -159,7 +95,7 @@ class TritonSettings(_Section):
         return self.url or f"http://127.0.0.1:{self.http_port}"
 
 
-class AnnotationSettings(_Section):
+class AnnotationSettings(Section):
     """Drafting a completed study (by `radloop worker --queue annotate`) and putting it where
     readers open it."""
 
@@ -177,13 +113,13 @@ class AnnotationSettings(_Section):
     worker_concurrency: int = Field(2, ge=1)
 
 
-class OutboxSettings(_Section):
+class OutboxSettings(Section):
     poll_seconds: float = Field(0.5, gt=0)
     batch_size: int = Field(100, ge=1)
     max_backoff_seconds: float = Field(60.0, gt=0)
 
 
-class ReviewSettings(_Section):
+class ReviewSettings(Section):
     """The review service: worklist, REST API, OHIF host and DICOMweb proxy."""
 
     host: str = "127.0.0.1"
@@ -209,7 +145,7 @@ class ReviewSettings(_Section):
         return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
 
 
-class MlflowSettings(_Section):
+class MlflowSettings(Section):
     # Unset: `radloop up` starts `mlflow server` on `port` with a SQLite backend and an
     # artifact folder under the data dir.
     tracking_uri: str | None = None
@@ -229,7 +165,7 @@ class WorkPoolType(StrEnum):
     KUBERNETES = "kubernetes"
 
 
-class RetrainSettings(_Section):
+class RetrainSettings(Section):
     # Prefect cron schedule of the retraining that runs when any new labels exist.
     schedule: str = "0 2 * * *"
     timezone: str = "UTC"
@@ -245,7 +181,7 @@ class RetrainSettings(_Section):
     work_pool_template: Path | None = None
 
 
-class SupervisorSettings(_Section):
+class SupervisorSettings(Section):
     """How `radloop up` treats a child process (Orthanc, Prefect, ...) that exits."""
 
     # First restart after this long, doubling with each exit in a row, up to the maximum.
@@ -295,6 +231,7 @@ class Settings(BaseSettings):
     mlflow: MlflowSettings = MlflowSettings()
     retrain: RetrainSettings = RetrainSettings()
     supervisor: SupervisorSettings = SupervisorSettings()
+    object_store: ObjectStoreSettings = ObjectStoreSettings()
 
     @field_validator("database_url")
     @classmethod
@@ -311,6 +248,15 @@ class Settings(BaseSettings):
         return value.upper()
 
     @model_validator(mode="after")
+    def _one_model_repository(self) -> Settings:
+        if self.object_store.url and self.triton.repository:
+            raise ValueError(
+                "triton.repository and object_store.url both say where the model repository "
+                "is: unset one (with an object store it is <url>/model-repository)"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _no_placeholder_secrets(self) -> Settings:
         found = []
         if self.orthanc.password and self.orthanc.password.get_secret_value() in (
@@ -319,6 +265,9 @@ class Settings(BaseSettings):
             found.append("RADLOOP_ORTHANC__PASSWORD")
         if self.database_url and make_url(self.database_url).password in PLACEHOLDER_SECRETS:
             found.append("RADLOOP_DATABASE_URL")
+        secret = self.object_store.secret_access_key
+        if secret and secret.get_secret_value() in PLACEHOLDER_SECRETS:
+            found.append("RADLOOP_OBJECT_STORE__SECRET_ACCESS_KEY")
         if found and self.environment is Environment.PRODUCTION:
             raise ValueError(
                 f"{' and '.join(found)} still hold an example password; set real secrets "
@@ -343,6 +292,23 @@ class Settings(BaseSettings):
     @property
     def model_repository(self) -> Path:
         return self.triton.repository or self.effective_shared_dir / "model-repository"
+
+    def shared_store(self, key: str) -> ObjectStore:
+        """`model-repository`, `datasets`: on the object store when one is set, else folders
+        of the shared dir (the model repository at `triton.repository` when that is set)."""
+        if self.object_store.url:
+            return self.object_store.store(key)
+        if key == "model-repository":
+            return LocalFolder(self.model_repository)
+        return LocalFolder(self.effective_shared_dir / key)
+
+    @property
+    def triton_repository_location(self) -> str:
+        """`--model-repository` of a Triton this machine starts."""
+        if self.object_store.url:
+            url = self.object_store.url_of("model-repository")
+            return triton_location(url, self.object_store.endpoint_url)
+        return str(self.model_repository)
 
     @property
     def prefect_results_dir(self) -> Path:  # background tasks' parameters and results

@@ -21,7 +21,7 @@ from radloop.app.supervisor import (
 )
 from radloop.db import Store
 from radloop.settings import Settings, load_settings
-from tests.servers import PostgresServer, RadloopProcess, free_port
+from tests.servers import PostgresServer, RadloopProcess, S3Server, free_port
 
 BACKEND = os.environ.get("RADLOOP_TEST_DATABASE", "sqlite")
 # Fixtures that start a real server process: a test using one is `slow` (make test-fast skips
@@ -74,11 +74,23 @@ def database_url(postgres: PostgresServer | None, tmp_path: Path) -> str:
     return postgres.create_database(f"t_{uuid.uuid4().hex[:12]}")
 
 
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    server = S3Server(tmp_path_factory.mktemp("s3")).start()
+    yield server
+    server.stop()
+
+
 @pytest.fixture
 def radloop_env(
-    tmp_path: Path, database_url: str, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    database_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
 ) -> dict[str, str]:
-    """Environment of a radloop process for this test; also applied to this test process."""
+    """Environment of a radloop process for this test; also applied to this test process.
+    A test marked `object_store` keeps the model repository, datasets, Prefect's task storage
+    and MLflow's artifacts in a bucket of its own on `s3_server` (named by `bucket` below)."""
     for key in list(os.environ):
         if key.startswith("RADLOOP_"):
             monkeypatch.delenv(key)
@@ -102,9 +114,17 @@ def radloop_env(
         "RADLOOP_OUTBOX__POLL_SECONDS": "0.2",
         "RADLOOP_OUTBOX__MAX_BACKOFF_SECONDS": "1",
     }
+    if request.node.get_closest_marker("object_store"):
+        server: S3Server = request.getfixturevalue("s3_server")
+        values.update(server.bucket(bucket(request.node)))
     for key, value in values.items():
         monkeypatch.setenv(key, value)
     return {**os.environ, "TCP_NODELAY": "1", **values}
+
+
+def bucket(node: pytest.Item) -> str:
+    """The bucket of an `object_store` test: a valid S3 name from the test's."""
+    return f"t-{uuid.uuid5(uuid.NAMESPACE_URL, node.nodeid).hex}"
 
 
 @pytest.fixture

@@ -71,7 +71,7 @@ def worklist(store: Store, settings: Settings, spec: ModelSpec) -> Worklist:
         {spec.name: spec},
         settings.spool_dir,
         settings.drafts_dir,
-        settings.datasets_dir,
+        settings.shared_store("datasets"),
     )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from model_registry.repository import TritonRepository
+from model_registry.repository import model_repository
 from radloop.modelspec import ModelSpec
 from radloop.settings import Settings
 
@@ -16,4 +16,4 @@ def scripted_network(spec: ModelSpec, seed: int = 0) -> torch.jit.ScriptModule:
 
 def export_version(settings: Settings, spec: ModelSpec, seed: int = 0) -> int:
     """Add a version of `spec`'s model to the test's repository; return its number."""
-    return TritonRepository(settings.model_repository).export(spec, scripted_network(spec, seed))
+    return model_repository(settings).export(spec, scripted_network(spec, seed))

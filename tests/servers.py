@@ -26,10 +26,19 @@ PG_BIN = Path("/usr/lib/postgresql/15/bin")
 RADLOOP = str(Path(sys.executable).with_name("radloop"))
 
 
+_GIVEN: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A port nothing listens on now, and not one this test process handed out before (the
+    kernel may give a released port again: two of one test's servers once got the same)."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port not in _GIVEN:
+            _GIVEN.add(port)
+            return port
 
 
 def dicom_echo(port: int, called: str = "RADLOOP", calling: str = "ECHOSCU") -> bool:
@@ -211,3 +220,53 @@ def radloop_json(env: dict[str, str], *args: str, exit_codes: tuple[int, ...] = 
     )
     assert result.returncode in exit_codes, result.stderr + result.stdout
     return json.loads(result.stdout)
+
+
+class S3Server:
+    """moto's standalone S3 server (a real HTTP endpoint speaking the S3 API) on loopback, as
+    the test's S3-compatible object storage; a bucket per test (`bucket`)."""
+
+    ACCESS_KEY, SECRET = "radloop-test", "radloop-test-secret"
+
+    def __init__(self, root: Path) -> None:
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        moto = str(Path(sys.executable).with_name("moto_server"))
+        argv = [moto, "-H", "127.0.0.1", "-p", str(self.port)]
+        self.process = ChildProcess("s3", argv, log_file=root / "s3.log")
+
+    def start(self) -> S3Server:
+        self.process.start()
+        wait_until(lambda: _accepts(self.port), timeout=60, what="moto's S3 server")
+        return self
+
+    def client(self) -> Any:
+        import boto3
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=self.ACCESS_KEY,
+            aws_secret_access_key=self.SECRET,
+            region_name="us-east-1",
+        )
+
+    def bucket(self, name: str) -> dict[str, str]:
+        """Create bucket `name`; radloop's settings (as environment) that put the object store
+        in it."""
+        self.client().create_bucket(Bucket=name)
+        return {
+            "RADLOOP_OBJECT_STORE__URL": f"s3://{name}/radloop",
+            "RADLOOP_OBJECT_STORE__ENDPOINT_URL": self.endpoint,
+            "RADLOOP_OBJECT_STORE__ACCESS_KEY_ID": self.ACCESS_KEY,
+            "RADLOOP_OBJECT_STORE__SECRET_ACCESS_KEY": self.SECRET,
+        }
+
+    def keys(self, bucket: str, prefix: str = "") -> list[str]:
+        pages = (
+            self.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        )
+        return sorted(item["Key"] for page in pages for item in page.get("Contents", []))
+
+    def stop(self) -> None:
+        self.process.stop()

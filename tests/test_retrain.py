@@ -27,7 +27,7 @@ from agents.retrain import Retrainer
 from agents.trainer import TrainingConfig, prepare, train
 from model_registry.inference import TritonBackend
 from model_registry.mlflow_registry import CHALLENGER, CHAMPION, Registry
-from model_registry.repository import TritonRepository
+from model_registry.repository import TritonRepository, model_repository
 from radloop.app.phantoms import generate
 from radloop.app.supervisor import Child
 from radloop.db import Label, OutboxEvent, Store, TrainingRun, utcnow
@@ -35,9 +35,10 @@ from radloop.domain import TrainingState, TrainingTrigger
 from radloop.modelspec import PACKAGED_MODELS, ModelSpec, load_spec
 from radloop.settings import Settings
 from radloop.wait import wait_until
+from tests.conftest import bucket
 from tests.conftest_marks import ONCE
 from tests.drafted import annotator, received_phantom, worklist
-from tests.servers import radloop_json
+from tests.servers import S3Server, radloop_json
 
 # Trains and serves models.
 pytestmark = pytest.mark.slow
@@ -104,6 +105,9 @@ def events(store: Store, name: str) -> list[dict[str, Any]]:
 # Its setup trains the module's starter model, and it starts Triton: 200 s on the shared
 # 2-core machine with others' work beside it, over the default 300 s when that was heavier.
 @pytest.mark.timeout(600)
+# The cluster shape without a shared folder: Triton serves from the bucket, validated pairs,
+# staged versions and MLflow's artifacts go there (the other tests here use folders).
+@pytest.mark.object_store
 def test_the_gate_refuses_a_challenger_trained_on_corrupted_labels(
     settings: Settings,
     store: Store,
@@ -111,9 +115,11 @@ def test_the_gate_refuses_a_challenger_trained_on_corrupted_labels(
     triton: Child,
     champion_network: torch.jit.ScriptModule,
     tmp_path: Path,
+    s3_server: S3Server,
+    request: pytest.FixtureRequest,
 ) -> None:
     spec = _spec(threshold=4)
-    repository = TritonRepository(settings.model_repository)
+    repository = model_repository(settings)
     repository.export(spec, champion_network)
     backend = TritonBackend(triton.spec.url)
     backend.load(spec.name)
@@ -127,8 +133,17 @@ def test_the_gate_refuses_a_challenger_trained_on_corrupted_labels(
         lambda index, truth: truth if index in (0, 5) else corrupted(truth),
     )
     assert splits(store) == ["holdout", "train", "train", "train", "train", "holdout"]
+    name = bucket(request.node)
+    with store.read() as session:
+        paths = [
+            p
+            for label in session.scalars(select(Label))
+            for p in (label.image_path, label.label_path)
+        ]
+    assert len(paths) == 12 and all(p.startswith(f"s3://{name}/radloop/datasets/") for p in paths)
+    assert len(s3_server.keys(name, "radloop/datasets/")) == 12
     registry = Registry(settings.mlflow.effective_tracking_uri)
-    retrainer = Retrainer(store, spec, registry, repository, backend)
+    retrainer = Retrainer.from_settings(store, spec, settings)
     assert retrainer.due(TrainingTrigger.THRESHOLD) is not None
 
     result = retrainer.run(TrainingTrigger.THRESHOLD)
@@ -158,6 +173,10 @@ def test_the_gate_refuses_a_challenger_trained_on_corrupted_labels(
         ).read_text()
     )
     assert len(manifest["train"]) == 4 and len(manifest["holdout"]) == 2
+    artifacts = s3_server.keys(name, "radloop/mlflow-artifacts/")
+    assert any(key.endswith("/dataset_manifest.json") for key in artifacts), artifacts
+    assert not (settings.data_dir / "model-repository").exists()
+    assert not (settings.data_dir / "datasets").exists()
     for entry in manifest["train"] + manifest["holdout"]:  # ids and UIDs, no patient data
         assert set(entry) == {
             "label_id",

@@ -50,6 +50,9 @@ def test_database_defaults_to_sqlite_under_data_dir(
         ("RADLOOP_DICOM__QUIET_SECONDS", "-1"),
         ("RADLOOP_DATABASE_URL", "mysql://x"),
         ("RADLOOP_DICOM__TLS__CERT_FILE", "/nonexistent/cert.pem"),
+        ("RADLOOP_OBJECT_STORE__URL", "/srv/radloop"),
+        ("RADLOOP_OBJECT_STORE__URL", "s3://Not_A_Bucket/x"),
+        ("RADLOOP_OBJECT_STORE__ENDPOINT_URL", "minio:9000"),
     ],
 )
 def test_wrong_value_is_refused_naming_the_key(
@@ -134,3 +137,28 @@ def test_a_site_that_set_its_allow_list_gets_no_demo_unasked(
         assert not first_run_demo(load_settings(), store)  # a configured site
     finally:
         store.close()
+
+
+def test_an_object_store_and_a_triton_repository_folder_together_are_refused(
+    radloop_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RADLOOP_OBJECT_STORE__URL", "s3://radloop-site/loop")
+    monkeypatch.setenv("RADLOOP_TRITON__REPOSITORY", "/srv/models")
+    with pytest.raises(SettingsError, match="unset one"):
+        load_settings()
+
+
+def test_triton_is_given_the_bucket_in_its_own_spelling(
+    radloop_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RADLOOP_OBJECT_STORE__URL", "s3://radloop-site/loop/")
+    on_aws = load_settings()
+    assert on_aws.triton_repository_location == "s3://radloop-site/loop/model-repository"
+    monkeypatch.setenv("RADLOOP_OBJECT_STORE__ENDPOINT_URL", "https://minio.hospital:9000")
+    assert load_settings().triton_repository_location == (
+        "s3://https://minio.hospital:9000/radloop-site/loop/model-repository"
+    )
+    monkeypatch.setenv("RADLOOP_OBJECT_STORE__ENDPOINT_URL", "http://10.0.0.5:9000")
+    assert load_settings().triton_repository_location == (
+        "s3://10.0.0.5:9000/radloop-site/loop/model-repository"
+    )

@@ -19,11 +19,12 @@ from radloop.db import Store
 from radloop.modelspec import PACKAGED_MODELS, load_spec
 from radloop.settings import Settings
 from radloop.wait import wait_until
+from tests.conftest import bucket
 from tests.conftest_marks import ONCE
 from tests.dicom_files import generated_ct
 from tests.drafted import correction_seg, stow_body
 from tests.models import export_version
-from tests.servers import RadloopProcess, radloop_json
+from tests.servers import RadloopProcess, S3Server, radloop_json
 from tests.test_scp import storescu
 
 # Each test runs the whole `radloop up`.
@@ -42,10 +43,17 @@ def study_has_state(env: dict[str, str], study_uid: str, state: str) -> bool:
 
 
 # The services `radloop up` runs do their work on PostgreSQL in test_cluster (its own server):
-# this one, 140 s, runs in the SQLite pass only.
+# this one, 140 s, runs in the SQLite pass only. Its shared files are on S3 (the bucket
+# `object_store` gives it): Triton serves from there, the worker reads the task parameters the
+# dispatcher put there, the validated pair lands there.
 @ONCE
+@pytest.mark.object_store
 def test_up_starts_every_part_ingests_from_each_source_drafts_and_stops_on_ctrl_c(
-    radloop_env: dict[str, str], settings: Settings, tmp_path: Path
+    radloop_env: dict[str, str],
+    settings: Settings,
+    tmp_path: Path,
+    s3_server: S3Server,
+    request: pytest.FixtureRequest,
 ) -> None:
     spec = load_spec(PACKAGED_MODELS / "phantom-abdomen.yaml")
     export_version(settings, spec)
@@ -113,6 +121,14 @@ def test_up_starts_every_part_ingests_from_each_source_drafts_and_stops_on_ctrl_
         assert case not in [
             row["annotation_id"] for row in radloop_json(radloop_env, "queue", "list")
         ]
+        name = bucket(request.node)
+        assert f"radloop/model-repository/{spec.name}/1/model.py" in s3_server.keys(name)
+        assert s3_server.keys(name, "radloop/prefect-results/")  # the task's parameters
+        assert len(s3_server.keys(name, f"radloop/datasets/{spec.name}/")) == 2
+        data_dir = Path(radloop_env["RADLOOP_DATA_DIR"])
+        assert not {"model-repository", "prefect-results", "datasets"} & {
+            p.name for p in data_dir.iterdir()
+        }
     finally:
         code = up.stop(sig=signal.SIGINT, timeout=60)
     assert code == 0, up.output()

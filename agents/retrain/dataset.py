@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,6 +14,7 @@ from sqlalchemy import func, select
 from agents.nifti import read_label_map, read_nifti, voxel_spacing
 from radloop.db import Label, Store
 from radloop.domain import LabelSplit
+from radloop.objectstore import ObjectStore
 
 
 @dataclass(frozen=True)
@@ -25,10 +25,13 @@ class Volume:
     spacing: tuple[float, float, float]
 
 
-def read_pair(image_path: str, label_path: str) -> tuple[NDArray[Any], NDArray[Any], Any]:
+def read_pair(
+    datasets: ObjectStore, image_path: str, label_path: str
+) -> tuple[NDArray[Any], NDArray[Any], Any]:
     """A dataset pair written by validation: HU and labels as (slice, row, column), spacing."""
-    hu, affine = read_nifti(Path(image_path), dtype=np.float32)
-    return hu, read_label_map(Path(label_path)), voxel_spacing(affine)
+    with datasets.fetch_file(image_path) as image, datasets.fetch_file(label_path) as label:
+        hu, affine = read_nifti(image, dtype=np.float32)
+        return hu, read_label_map(label), voxel_spacing(affine)
 
 
 def train_labels_since(store: Store, model: str, since: datetime | None) -> int:
@@ -42,7 +45,9 @@ def train_labels_since(store: Store, model: str, since: datetime | None) -> int:
         return int(session.scalar(query) or 0)
 
 
-def load_volumes(store: Store, model: str, split: LabelSplit) -> list[Volume]:
+def load_volumes(
+    store: Store, datasets: ObjectStore, model: str, split: LabelSplit
+) -> list[Volume]:
     """Every validated pair of `model` in `split`, in label order."""
     with store.read() as session:
         rows = session.execute(
@@ -52,7 +57,7 @@ def load_volumes(store: Store, model: str, split: LabelSplit) -> list[Volume]:
         ).all()
     volumes = []
     for label_id, image_path, label_path in rows:
-        hu, labels, spacing = read_pair(image_path, label_path)
+        hu, labels, spacing = read_pair(datasets, image_path, label_path)
         volumes.append(Volume(label_id, hu, labels, spacing))
     return volumes
 

@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,11 +24,12 @@ from agents.trainer import Example, TrainingConfig, prepare, train
 from model_registry.deploy import StagedVersion, hot_reload
 from model_registry.inference import TritonBackend
 from model_registry.mlflow_registry import CHAMPION, Registry, adopt
-from model_registry.repository import TritonRepository
+from model_registry.repository import TritonRepository, model_repository
 from radloop.db import Store, utcnow
 from radloop.domain import LabelSplit, TrainingState, TrainingTrigger
 from radloop.events import EventType, ModelEvent, record_event
 from radloop.modelspec import ModelSpec
+from radloop.objectstore import LocalFolder, ObjectStore
 from radloop.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -61,12 +63,15 @@ class Retrainer:
         registry: Registry,
         repository: TritonRepository,
         backend: TritonBackend | None,
+        datasets: ObjectStore | None = None,
     ) -> None:
         self.store = store
         self.spec = spec
         self.registry = registry
         self.repository = repository
         self.backend = backend
+        # Where validated pairs are (their rows name them); None: this host's filesystem.
+        self.datasets = datasets or LocalFolder(Path("/"))
         self.book = RunBook(store, spec.name)
 
     @classmethod
@@ -76,8 +81,9 @@ class Retrainer:
             store,
             spec,
             Registry(settings.mlflow.effective_tracking_uri),
-            TritonRepository(settings.model_repository),
+            model_repository(settings),
             TritonBackend(settings.triton.base_url, settings.triton.timeout_seconds),
+            settings.shared_store("datasets"),
         )
 
     # -- when -------------------------------------------------------------------------
@@ -181,8 +187,8 @@ class Retrainer:
 
     def _dataset(self) -> tuple[list[Volume], list[Volume]]:
         """The validated train and holdout volumes; training needs at least one train label."""
-        train_set = load_volumes(self.store, self.spec.name, LabelSplit.TRAIN)
-        holdout = load_volumes(self.store, self.spec.name, LabelSplit.HOLDOUT)
+        train_set = load_volumes(self.store, self.datasets, self.spec.name, LabelSplit.TRAIN)
+        holdout = load_volumes(self.store, self.datasets, self.spec.name, LabelSplit.HOLDOUT)
         if not train_set:
             raise RuntimeError("no validated train labels")
         return train_set, holdout
@@ -193,15 +199,15 @@ class Retrainer:
         parent = self.repository.champion(self.spec.name)
         if parent is None:
             return None, None
-        folder = self.repository.root / self.spec.name / str(parent)
-        champion: torch.nn.Module = torch.jit.load(str(folder / "model.pt"), map_location="cpu")  # type: ignore[no-untyped-call]
-        adopt(
-            self.registry,
-            self.spec.name,
-            folder,
-            parent,
-            "served before radloop trained it (starter or imported)",
-        )
+        with self.repository.version_folder(self.spec.name, parent) as folder:
+            champion: torch.nn.Module = torch.jit.load(str(folder / "model.pt"), map_location="cpu")  # type: ignore[no-untyped-call]
+            adopt(
+                self.registry,
+                self.spec.name,
+                folder,
+                parent,
+                "served before radloop trained it (starter or imported)",
+            )
         return parent, champion.eval()
 
     def _open_mlflow_run(

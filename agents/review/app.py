@@ -65,7 +65,7 @@ def create_app(
         specs,
         settings.spool_dir,
         settings.drafts_dir,
-        settings.datasets_dir,
+        settings.shared_store("datasets"),
         clock,
     )
     app.state.review_settings = settings.review

@@ -40,6 +40,7 @@ from radloop.domain import AnnotationState
 from radloop.durable import write_bytes_durably
 from radloop.events import AnnotationCorrected, record_event
 from radloop.modelspec import ModelSpec
+from radloop.objectstore import ObjectStore
 from radloop.settings import ReviewSettings
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,7 @@ class CorrectionIntake:
         specs: dict[str, ModelSpec],
         spool_dir: Path,
         drafts_dir: Path,
-        datasets_dir: Path,
+        datasets: ObjectStore,
         clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self.store = store
@@ -66,7 +67,7 @@ class CorrectionIntake:
         self.specs = specs
         self.spool_dir = spool_dir
         self.drafts_dir = drafts_dir
-        self.datasets_dir = datasets_dir
+        self.datasets = datasets
         self.clock = clock
 
     def open_case_for_study(self, study_uid: str, series_uids: set[str], user: str) -> int | None:
@@ -173,7 +174,7 @@ class CorrectionIntake:
         label_path = seg_path.with_name(seg_path.name.removesuffix(".dcm") + ".label.nii.gz")
         write_nifti(label_path, label_map, series.affine)
         staged = (
-            stage_pair(self.datasets_dir, case_.annotation_id, case_.model, series, label_path)
+            stage_pair(self.datasets, case_.annotation_id, case_.model, series, label_path)
             if self.settings.single_reader
             else None
         )
@@ -212,7 +213,7 @@ class CorrectionIntake:
                     series,
                     staged,
                     now,
-                    self.datasets_dir,
+                    self.datasets,
                     self.settings.holdout_fraction,
                 )
         log.info(

@@ -1,8 +1,9 @@
 """Validated corrections become the training set: a `labels` row and an image/label NIfTI
 pair per label under `datasets/<model>/<split>/`. The split is decided once per study and never
-changes; the pair is staged before the transaction and renamed into place inside it. Both the
-staged files and the renames are durable (`radloop.durable`): a validated label survives a
-power cut once its transaction commits."""
+changes; the pair is staged before the transaction and moved into place inside it (renamed in a
+folder, uploaded to an object store). In a folder both the staged files and the renames are
+durable (`radloop.durable`): a validated label survives a power cut once its transaction
+commits."""
 
 from __future__ import annotations
 
@@ -19,19 +20,20 @@ from agents.review.cases import OPEN_STATES
 from agents.volume import LoadedSeries
 from radloop.db import Annotation, Label, Study
 from radloop.domain import AnnotationState, LabelSplit, StudyState
-from radloop.durable import durable_path, replace_durably
+from radloop.durable import durable_path
 from radloop.events import LabelValidated, record_event
+from radloop.objectstore import ObjectStore
 
 log = logging.getLogger(__name__)
 
 
 def stage_pair(
-    datasets_dir: Path, annotation_id: int, model: str, series: LoadedSeries, correction: Path
+    datasets: ObjectStore, annotation_id: int, model: str, series: LoadedSeries, correction: Path
 ) -> tuple[Path, Path]:
     """Write the training pair (series image, corrected label) under names derived from
     the annotation, outside any transaction: gzip-writing a whole series takes seconds,
     and on SQLite a transaction holds the one write lock that ingest needs too."""
-    staging = datasets_dir / model / ".staging"
+    staging = datasets.scratch() / model
     image, label = (
         staging / f"a{annotation_id}_image.nii.gz",
         staging / f"a{annotation_id}_label.nii.gz",
@@ -50,11 +52,12 @@ def add_label(
     series: LoadedSeries,
     staged: tuple[Path, Path],
     now: datetime,
-    datasets_dir: Path,
+    datasets: ObjectStore,
     holdout_fraction: float,
 ) -> None:
-    """Record the label; move the staged pair to its place (a rename, so the transaction
-    stays short). A transaction that fails after the rename leaves files no row names."""
+    """Record the label; move the staged pair to its place (a rename in a folder, an upload to
+    an object store, so the transaction stays short). A transaction that fails after the move
+    leaves files no row names."""
     split = _split(session, annotation, holdout_fraction)
     label = Label(
         annotation_id=annotation.id,
@@ -70,12 +73,12 @@ def add_label(
     )
     session.add(label)
     session.flush()
-    folder = datasets_dir / annotation.model_name / split.value
-    image_path = folder / f"{label.id:06d}_image.nii.gz"
-    label_path = folder / f"{label.id:06d}_label.nii.gz"
-    replace_durably(staged[0], image_path)
-    replace_durably(staged[1], label_path)
-    label.image_path, label.label_path = str(image_path), str(label_path)
+    folder = f"{annotation.model_name}/{split.value}"
+    image_key = f"{folder}/{label.id:06d}_image.nii.gz"
+    label_key = f"{folder}/{label.id:06d}_label.nii.gz"
+    datasets.put_file(staged[0], image_key)
+    datasets.put_file(staged[1], label_key)
+    label.image_path, label.label_path = datasets.url(image_key), datasets.url(label_key)
     annotation.state = AnnotationState.VALIDATED.value
     annotation.validated_by = user
     annotation.validated_at = now

@@ -33,6 +33,7 @@ from agents.review.training_set import add_label, stage_pair
 from radloop.db import Annotation, AnnotationJob, Store, Study, utcnow
 from radloop.domain import AnnotationState
 from radloop.modelspec import ModelSpec
+from radloop.objectstore import ObjectStore
 from radloop.settings import ReviewSettings
 
 __all__ = ["OPEN_STATES", "Conflict", "NotFound", "ReviewError", "Unprocessable", "Worklist"]
@@ -46,7 +47,7 @@ class Worklist:
         specs: dict[str, ModelSpec],
         spool_dir: Path,
         drafts_dir: Path,
-        datasets_dir: Path,
+        datasets: ObjectStore,
         clock: Callable[[], datetime] = utcnow,
     ) -> None:
         """`clock` gives the time leases are measured against (tests move it forward)."""
@@ -55,9 +56,9 @@ class Worklist:
         self.settings = settings
         self.specs = specs
         self.spool_dir = spool_dir
-        self.datasets_dir = datasets_dir
+        self.datasets = datasets
         self.intake = CorrectionIntake(
-            store, settings, specs, spool_dir, drafts_dir, datasets_dir, clock
+            store, settings, specs, spool_dir, drafts_dir, datasets, clock
         )
 
     # -- reading -------------------------------------------------------------------------
@@ -181,7 +182,7 @@ class Worklist:
         if correction_path is None:
             raise Conflict(f"annotation {annotation_id} has no correction to validate")
         staged = stage_pair(
-            self.datasets_dir, annotation_id, case_.model, series, Path(correction_path)
+            self.datasets, annotation_id, case_.model, series, Path(correction_path)
         )
         with self.store.transaction() as session:
             annotation = session.get_one(Annotation, annotation_id)
@@ -200,7 +201,7 @@ class Worklist:
                 series,
                 staged,
                 self.clock(),
-                self.datasets_dir,
+                self.datasets,
                 self.settings.holdout_fraction,
             )
         return self.item(annotation_id)

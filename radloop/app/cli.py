@@ -34,8 +34,9 @@ from radloop.app.commands.studies import studies_app
 from radloop.app.commands.train import train
 from radloop.app.commands.worker import worker
 from radloop.db import Store, Study, User
+from radloop.dicom_settings import DicomSettings
 from radloop.domain import WorkerQueue
-from radloop.settings import DicomSettings, Settings
+from radloop.settings import Settings
 
 app = typer.Typer(help="radloop: the radiology active-learning loop.", no_args_is_help=True)
 app.add_typer(studies_app, name="studies")

@@ -116,10 +116,10 @@ class Demo:
         from agents.trainer import TrainingConfig, prepare, train
         from model_registry.inference import TritonBackend
         from model_registry.mlflow_registry import Registry, adopt
-        from model_registry.repository import TritonRepository
+        from model_registry.repository import model_repository
         from radloop.app.phantoms import generate
 
-        repository = TritonRepository(self.settings.model_repository)
+        repository = model_repository(self.settings)
         if repository.champion(MODEL) is None:
             self.say("training a starter model on 6 phantoms (a weak first version) ...")
             phantoms = [generate(100 + i) for i in range(6)]
@@ -133,14 +133,17 @@ class Demo:
             TritonBackend(self.settings.triton.base_url).load(MODEL)
         version = repository.champion(MODEL)
         if version is None:
-            raise DemoFailed(f"no version of {MODEL} in {repository.root} after the starter model")
-        adopt(
-            Registry(self.settings.mlflow.effective_tracking_uri),
-            MODEL,
-            repository.root / MODEL / str(version),
-            version,
-            "radloop demo starter model",
-        )
+            raise DemoFailed(
+                f"no version of {MODEL} in {repository.store.url()} after the starter model"
+            )
+        with repository.version_folder(MODEL, version) as folder:
+            adopt(
+                Registry(self.settings.mlflow.effective_tracking_uri),
+                MODEL,
+                folder,
+                version,
+                "radloop demo starter model",
+            )
         self.say(f"Triton serves {MODEL} v{version}")
 
     def users(self) -> tuple[Reader, Reader]:
@@ -305,10 +308,10 @@ class Demo:
 
     def summary(self, seconds: float) -> dict[str, Any]:
         from model_registry.mlflow_registry import Registry
-        from model_registry.repository import TritonRepository
+        from model_registry.repository import model_repository
 
         registry = Registry(self.settings.mlflow.effective_tracking_uri)
-        served = TritonRepository(self.settings.model_repository).champion(MODEL)
+        served = model_repository(self.settings).champion(MODEL)
         with self.store.read() as session:
             effort: dict[str | None, float] = dict(
                 session.execute(

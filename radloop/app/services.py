@@ -13,12 +13,12 @@ import httpx
 from pynetdicom.transport import ThreadedAssociationServer
 from pyorthanc import Orthanc
 
-from agents.jobs import AnnotationJobs, JobPlanner
+from agents.jobs import AnnotationJobs, JobPlanner, JobRef
 from agents.outbox import OutboxDispatcher
 from agents.viewer_store import ViewerStore
 from dicom_listener import Ingestor, OrthancFollower, StudyAssembler, WatchFolder, build_ae
 from model_registry.inference import TritonBackend
-from model_registry.repository import TritonRepository
+from model_registry.repository import model_repository
 from radloop.db import Store
 from radloop.modelspec import ModelSpec
 from radloop.settings import Settings
@@ -72,13 +72,18 @@ class Services:
         """Deliver the outbox to Prefect; plan each completed study's annotation jobs and
         submit them (and again those whose lease ran out) to the annotation workers."""
         from flows.annotate import submit_annotation
+        from flows.storage import save_storage_block
 
         outbox = self.settings.outbox
-        repository = TritonRepository(self.settings.model_repository)
+        repository = model_repository(self.settings)
 
         def serving() -> dict[str, str | None]:
             versions = {name: repository.champion(name) for name in specs}
             return {name: None if v is None else str(v) for name, v in versions.items()}
+
+        def submit(job: JobRef) -> str:
+            save_storage_block(self.settings)  # once; while Prefect is away, the next try
+            return submit_annotation(job)
 
         jobs = AnnotationJobs(self.store, self.settings.annotation.job_lease_seconds)
         dispatcher = OutboxDispatcher(
@@ -86,7 +91,7 @@ class Services:
             self.settings.prefect.effective_api_url,
             batch_size=outbox.batch_size,
             max_backoff_seconds=outbox.max_backoff_seconds,
-            planner=JobPlanner(jobs, serving, submit_annotation),
+            planner=JobPlanner(jobs, serving, submit),
         )
         self.assembler.on_complete = dispatcher.wake  # a completed study is submitted at once
         self._spawn("outbox", lambda stop: dispatcher.run(stop, outbox.poll_seconds))
@@ -143,7 +148,7 @@ class Services:
 
 def load_served_models(settings: Settings, specs: dict[str, ModelSpec]) -> None:
     """Ask Triton (explicit model control) to load every spec'd model that has a version."""
-    repository = TritonRepository(settings.model_repository)
+    repository = model_repository(settings)
     backend = TritonBackend(settings.triton.base_url, settings.triton.timeout_seconds)
     for name in specs:
         versions = repository.versions(name)

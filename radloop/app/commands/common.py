@@ -66,17 +66,13 @@ def configure_logging(settings: Settings) -> None:
 @contextmanager
 def prefect_client(settings: Settings) -> Iterator[None]:
     """Prefect's client settings from radloop's, in Prefect's settings context (threads that
-    should see them get a copy of the context): the API, and the shared folder where background
-    tasks' parameters and results live, which submitters and workers on every host must share."""
-    from prefect.settings import (
-        PREFECT_API_URL,
-        PREFECT_RESULTS_LOCAL_STORAGE_PATH,
-        temporary_settings,
-    )
+    should see them get a copy of the context): the API, and the shared storage where background
+    tasks' parameters and results live, which submitters and workers on every host must share
+    (`flows.storage`)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    updates = {
-        PREFECT_API_URL: settings.prefect.effective_api_url,
-        PREFECT_RESULTS_LOCAL_STORAGE_PATH: str(settings.prefect_results_dir),
-    }
+    from flows.storage import storage_settings
+
+    updates = {PREFECT_API_URL: settings.prefect.effective_api_url, **storage_settings(settings)}
     with temporary_settings(updates=updates):
         yield

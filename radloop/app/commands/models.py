@@ -29,11 +29,11 @@ def models_list(as_json: JsonOption = False) -> None:
     it; a spec with no version yet appears once with version null."""
     from model_registry.inference import InferenceUnavailable, TritonBackend
     from model_registry.mlflow_registry import Registry, RegistryUnavailable
-    from model_registry.repository import TritonRepository
+    from model_registry.repository import model_repository
 
     settings = cli_settings()
     specs = cli_model_specs(settings)
-    repository = TritonRepository(settings.model_repository)
+    repository = model_repository(settings)
     backend = TritonBackend(settings.triton.base_url)
     registry = Registry(settings.mlflow.effective_tracking_uri)
     mlflow_up = registry.reachable()
@@ -88,12 +88,12 @@ def rollback(
     from model_registry.deploy import DeployFailed, hot_reload
     from model_registry.inference import TritonBackend
     from model_registry.mlflow_registry import CHAMPION, Registry, RegistryUnavailable
-    from model_registry.repository import TritonRepository
+    from model_registry.repository import model_repository
     from radloop.events import EventType, ModelEvent, record_event
 
     settings = cli_settings()
     spec = _spec(settings, model)
-    repository = TritonRepository(settings.model_repository)
+    repository = model_repository(settings)
     current = repository.champion(model)
     target = to if to is not None else repository.previous_champion(model)
     if target is None or target not in repository.versions(model):
@@ -161,16 +161,17 @@ def _spec(settings: Settings, name: str) -> ModelSpec:
 def _publish(settings: Settings, spec: ModelSpec, network: Any, out: Console = console) -> int:
     """Export a new repository version and, if Triton is up, load it."""
     from model_registry.inference import InferenceUnavailable, TritonBackend
-    from model_registry.repository import TritonRepository
+    from model_registry.repository import model_repository
 
-    repository = TritonRepository(settings.model_repository)
+    repository = model_repository(settings)
     version = repository.export(spec, network)
     try:
         TritonBackend(settings.triton.base_url).load(spec.name)
         out.print(f"Triton at {settings.triton.base_url} now serves {spec.name} v{version}")
     except InferenceUnavailable:
         out.print("Triton is not running: the version is served from the next `radloop up`")
-    _adopt(settings, spec, repository.root / spec.name / str(version), version, out)
+    with repository.version_folder(spec.name, version) as folder:
+        _adopt(settings, spec, folder, version, out)
     return version
 
 

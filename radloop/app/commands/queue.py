@@ -41,7 +41,7 @@ def _worklist() -> Worklist:
         cli_model_specs(settings),
         settings.spool_dir,
         settings.drafts_dir,
-        settings.datasets_dir,
+        settings.shared_store("datasets"),
     )
 
 

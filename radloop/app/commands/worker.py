@@ -72,7 +72,8 @@ def worker(
     # Refuse to start with a broken spec (`radloop up` reports why). The training worker also
     # checks the network it will build; annotation serves TorchScript and never builds one.
     cli_model_specs(settings, networks=queue is WorkerQueue.TRAIN)
-    settings.prefect_results_dir.mkdir(parents=True, exist_ok=True)
+    if not settings.object_store.url:
+        settings.prefect_results_dir.mkdir(parents=True, exist_ok=True)
     # SIGTERM and SIGHUP stop it like Ctrl-C: runs in flight are left to their leases.
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.default_int_handler)
@@ -120,7 +121,9 @@ def _serve_annotation(settings: Settings, limit: int) -> None:
 
     from agents.jobs import heartbeat_seconds
     from flows.annotate import retrying, warm
+    from flows.storage import save_storage_block
 
+    save_storage_block(settings)  # where submitters put the parameters it reads
     state = warm()  # imports, clients, specs: once, before the first study
 
     def renew() -> None:

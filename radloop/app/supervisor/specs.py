@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from model_registry.repository import model_repository
 from radloop.app.probes import http_ok, worker_connected
 from radloop.domain import WorkerQueue
 from radloop.settings import Settings
@@ -116,10 +117,17 @@ def prefect_spec(
 def mlflow_spec(
     settings: Settings, bind: str = LOOPBACK, database_url: str | None = None
 ) -> ChildSpec:
-    """`mlflow server`: tracking and registry on SQLite (or `database_url`), artifacts served
-    from a folder, both under `<data_dir>/mlflow`; UI and API on loopback (or `bind`)."""
+    """`mlflow server`: tracking and registry on SQLite (or `database_url`) under
+    `<data_dir>/mlflow`, artifacts served (proxied: clients need no bucket credentials) from
+    `<data_dir>/mlflow/artifacts` or the object store's `mlflow-artifacts/`; UI and API on
+    loopback (or `bind`)."""
     home = settings.data_dir / "mlflow"
     (home / "artifacts").mkdir(parents=True, exist_ok=True)
+    artifacts = (
+        settings.object_store.url_of("mlflow-artifacts")
+        if settings.object_store.url
+        else str(home / "artifacts")
+    )
     port = settings.mlflow.port
     mlflow = str(Path(sys.executable).with_name("mlflow"))
     return ChildSpec(
@@ -130,7 +138,7 @@ def mlflow_spec(
             "--backend-store-uri",
             database_url or f"sqlite:///{home / 'mlflow.db'}",
             "--artifacts-destination",
-            str(home / "artifacts"),
+            artifacts,
             "--host",
             bind,
             "--port",
@@ -143,6 +151,7 @@ def mlflow_spec(
         url=f"http://{bind}:{port}",
         env={
             "MLFLOW_TRACKING_URI": f"http://{bind}:{port}",
+            **settings.object_store.environment(),
             # MLflow answers only Host headers it knows: its address on another host's network.
             **(
                 {"MLFLOW_SERVER_ALLOWED_HOSTS": f"{bind},{bind}:{port}"} if bind != LOOPBACK else {}
@@ -181,15 +190,14 @@ def triton_spec(settings: Settings, bind: str = LOOPBACK) -> ChildSpec:
     triton = settings.triton
     home = settings.data_dir / "triton"
     binary, libraries, backends = _prepare_triton_backends(home)
-    repository = settings.model_repository
-    repository.mkdir(parents=True, exist_ok=True)
+    model_repository(settings).create()
     url = f"http://{bind}:{triton.http_port}"
     venv_bin = str(Path(sys.executable).parent)
     return ChildSpec(
         name="triton",
         argv=[
             str(binary),
-            f"--model-repository={repository}",
+            f"--model-repository={settings.triton_repository_location}",
             f"--backend-directory={backends}",
             "--model-control-mode=explicit",
             # radloop writes every config.pbtxt in full; with auto-completion on, the python
@@ -212,6 +220,7 @@ def triton_spec(settings: Settings, bind: str = LOOPBACK) -> ChildSpec:
             # The python backend's stub finds its interpreter as `python3` on PATH: put this
             # venv's first so models import the venv's torch.
             "PATH": venv_bin + os.pathsep + os.environ.get("PATH", ""),
+            **settings.object_store.environment(),  # its S3 credentials, region and endpoint
         },
         ports=[triton.http_port, triton.grpc_port, triton.metrics_port],
         start_timeout=60.0,
