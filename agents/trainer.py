@@ -8,7 +8,7 @@ and recorded: one seed drives patch sampling and initialisation.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -114,17 +114,32 @@ def train(
     return network.cpu(), report
 
 
+def dice_per_volume(
+    network: torch.nn.Module,
+    volumes: Sequence[tuple[NDArray[Any], NDArray[Any], Sequence[float]]],
+    spec: ModelSpec,
+) -> list[dict[str, float]]:
+    """Dice per label name of each (HU, labels, spacing) volume, at its own resolution
+    (`agents.metrics.dice_per_label`: a label absent from prediction and truth scores 1.0)."""
+    config = inference_config(spec)
+    return [
+        dice_per_label(segment(network, hu, spacing, config)[0], truth, spec)
+        for hu, truth, spacing in volumes
+    ]
+
+
+def mean_dice(scores: Sequence[Mapping[str, float]], spec: ModelSpec) -> dict[str, float]:
+    """Mean over volumes of `dice_per_volume` scores, per label name."""
+    return {
+        label.name: sum(score[label.name] for score in scores) / len(scores)
+        for label in spec.labels
+    }
+
+
 def evaluate(
     network: torch.nn.Module,
     volumes: Sequence[tuple[NDArray[Any], NDArray[Any], Sequence[float]]],
     spec: ModelSpec,
 ) -> dict[str, float]:
-    """Mean Dice per label name over (HU, labels, spacing) volumes, at their own resolution
-    (`agents.metrics.dice_per_label`: a label absent from prediction and truth scores 1.0)."""
-    config = inference_config(spec)
-    totals = {label.name: 0.0 for label in spec.labels}
-    for hu, truth, spacing in volumes:
-        predicted, _ = segment(network, hu, spacing, config)
-        for name, score in dice_per_label(predicted, truth, spec).items():
-            totals[name] += score
-    return {name: total / len(volumes) for name, total in totals.items()}
+    """Mean Dice per label name over (HU, labels, spacing) volumes."""
+    return mean_dice(dice_per_volume(network, volumes, spec), spec)

@@ -15,12 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Row, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from dicom_listener.instance import InstanceHeader
 from dicom_listener.spool import SPOOL_FILE_MODE, instance_path
-from radloop.db import Instance, Series, Store, Study, utcnow
+from radloop.db import Instance, Series, Store, Study, insert_ignoring_conflict, utcnow
 from radloop.domain import IngestSource, StudyState
 from radloop.durable import write_bytes_durably
 
@@ -30,14 +29,6 @@ log = logging.getLogger(__name__)
 class IngestOutcome(StrEnum):
     STORED = "stored"
     DUPLICATE = "duplicate"
-
-
-def insert_ignoring_conflict(session: Session, table: Any, values: dict[str, Any]) -> bool:
-    """INSERT … ON CONFLICT DO NOTHING on SQLite and PostgreSQL; True if a row was added."""
-    dialect = session.get_bind().dialect.name
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    result = session.execute(insert(table).values(**values).on_conflict_do_nothing())
-    return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
 class Ingestor:

@@ -24,6 +24,7 @@ from sqlalchemy import select
 
 from agents.nifti import read_label_map
 from agents.retrain import Retrainer
+from agents.retrain.scores import score_ahead
 from agents.trainer import TrainingConfig, prepare, train
 from model_registry.inference import TritonBackend
 from model_registry.mlflow_registry import CHALLENGER, CHAMPION, Registry
@@ -212,8 +213,24 @@ def test_a_good_challenger_is_promoted_registered_as_champion_and_hot_reloaded(
     retrainer = Retrainer(store, spec, registry, repository, backend)
     epochs: list[int] = []
 
+    # Between trainings the training worker scores the champion on the holdout, ahead of the
+    # gate; never while a training of the model runs.
+    datasets = settings.shared_store("datasets")
+    running = retrainer.book.open(TrainingTrigger.MANUAL, 1)
+    assert running is not None
+    assert score_ahead(store, spec, repository, datasets) == 0
+    retrainer.book.finish(running, TrainingState.CANCELLED)
+    assert score_ahead(store, spec, repository, datasets) == 1  # the one holdout label
+    assert score_ahead(store, spec, repository, datasets) == 0
+    holdout = [i for i, split in enumerate(splits(store), start=1) if split == "holdout"]
+    (ahead,) = retrainer.scores.known(1, holdout).values()
+
     result = retrainer.run(TrainingTrigger.MANUAL, on_epoch=lambda epoch, _: epochs.append(epoch))
     assert result["state"] == TrainingState.PROMOTED, result
+    # The gate took the champion's score as kept; the promoted version's are kept for the next.
+    assert result["champion_dice"] == pytest.approx(ahead)
+    (kept,) = retrainer.scores.known(2, holdout).values()
+    assert result["challenger_dice"] == pytest.approx(kept)
     assert epochs == [1, 2, 3, 4, 5, 6]
     assert result["triton_version"] == 2 and repository.champion(spec.name) == 2
     assert "2" in backend.served_versions(spec.name)

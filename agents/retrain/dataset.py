@@ -3,6 +3,7 @@ needs to rebuild that dataset (label ids and DICOM UIDs, no patient data)."""
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -46,15 +47,22 @@ def train_labels_since(store: Store, model: str, since: datetime | None) -> int:
 
 
 def load_volumes(
-    store: Store, datasets: ObjectStore, model: str, split: LabelSplit
+    store: Store,
+    datasets: ObjectStore,
+    model: str,
+    split: LabelSplit,
+    only: Collection[int] | None = None,
 ) -> list[Volume]:
-    """Every validated pair of `model` in `split`, in label order."""
+    """Every validated pair of `model` in `split` (of the labels `only`), in label order."""
+    query = (
+        select(Label.id, Label.image_path, Label.label_path)
+        .where(Label.model_name == model, Label.split == split.value)
+        .order_by(Label.id)
+    )
+    if only is not None:
+        query = query.where(Label.id.in_(list(only)))
     with store.read() as session:
-        rows = session.execute(
-            select(Label.id, Label.image_path, Label.label_path)
-            .where(Label.model_name == model, Label.split == split.value)
-            .order_by(Label.id)
-        ).all()
+        rows = session.execute(query).all()
     volumes = []
     for label_id, image_path, label_path in rows:
         hu, labels, spacing = read_pair(datasets, image_path, label_path)

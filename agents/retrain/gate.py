@@ -3,23 +3,29 @@ trained on), and the decision whether the challenger replaces the champion."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from agents.retrain.dataset import Volume
-from agents.trainer import evaluate
+from agents.trainer import dice_per_volume, mean_dice
 from radloop.modelspec import ModelSpec
+
+PerVolume = dict[int, dict[str, float]]  # holdout label id -> Dice per label name
 
 
 @dataclass(frozen=True)
 class HoldoutScores:
     """Mean Dice per label name on the holdout (`agents.metrics` policy); the champion's is
-    None without a champion, both are empty without holdout labels."""
+    None without a champion, both are empty without holdout labels. Per holdout label too:
+    the challenger's all, the champion's those computed here (the rest were known,
+    `agents.retrain.scores`)."""
 
     challenger: dict[str, float]
     champion: dict[str, float] | None
+    challenger_per_volume: PerVolume = field(default_factory=dict)
+    champion_computed: PerVolume = field(default_factory=dict)
 
     @property
     def challenger_mean(self) -> float | None:
@@ -30,17 +36,35 @@ class HoldoutScores:
         return _mean(self.champion)
 
 
+def score_volumes(network: torch.nn.Module, volumes: list[Volume], spec: ModelSpec) -> PerVolume:
+    """Dice per label name of `network` on each volume, by label id."""
+    triples = [(v.hu, v.labels, v.spacing) for v in volumes]
+    scores = dice_per_volume(network, triples, spec)
+    return {v.label_id: score for v, score in zip(volumes, scores, strict=True)}
+
+
 def judge(
     challenger: torch.nn.Module,
     champion: torch.nn.Module | None,
     holdout: list[Volume],
     spec: ModelSpec,
+    champion_known: PerVolume | None = None,
 ) -> HoldoutScores:
-    """Both networks on the same holdout volumes, at the volumes' own resolution."""
-    volumes = [(v.hu, v.labels, v.spacing) for v in holdout]
+    """Both networks on the same holdout volumes, at the volumes' own resolution; the
+    champion only on those it has no known score for."""
+    if not holdout:
+        return HoldoutScores(challenger={}, champion=None)
+    ours = score_volumes(challenger, holdout, spec)
+    theirs, computed = None, {}
+    if champion is not None:
+        known = {i: s for i, s in (champion_known or {}).items() if i in ours}
+        computed = score_volumes(champion, [v for v in holdout if v.label_id not in known], spec)
+        theirs = mean_dice([*known.values(), *computed.values()], spec)
     return HoldoutScores(
-        challenger=evaluate(challenger, volumes, spec) if volumes else {},
-        champion=evaluate(champion, volumes, spec) if volumes and champion else None,
+        challenger=mean_dice(list(ours.values()), spec),
+        champion=theirs,
+        challenger_per_volume=ours,
+        champion_computed=computed,
     )
 
 

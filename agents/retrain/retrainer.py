@@ -20,6 +20,7 @@ from agents.retrain.card import model_card
 from agents.retrain.dataset import Volume, load_volumes, manifest, train_labels_since
 from agents.retrain.gate import HoldoutScores, decide, judge
 from agents.retrain.runs import RunBook, sigterm_cancels, training_record
+from agents.retrain.scores import HoldoutScoreBook
 from agents.trainer import Example, TrainingConfig, prepare, train
 from model_registry.deploy import StagedVersion, hot_reload
 from model_registry.inference import TritonBackend
@@ -73,6 +74,7 @@ class Retrainer:
         # Where validated pairs are (their rows name them); None: this host's filesystem.
         self.datasets = datasets or LocalFolder(Path("/"))
         self.book = RunBook(store, spec.name)
+        self.scores = HoldoutScoreBook(store, spec.name)
 
     @classmethod
     def from_settings(cls, store: Store, spec: ModelSpec, settings: Settings) -> Retrainer:
@@ -157,7 +159,7 @@ class Retrainer:
             staged = self._stage(scripted, has_champion=champion is not None)
         try:
             with _timed(run, "evaluate_s"):
-                scores = self._judge(run, challenger, champion, holdout)
+                scores = self._judge(run, challenger, (parent, champion), holdout)
             with _timed(run, "register_s"):
                 card = model_card(self.spec, params, losses, scores)
                 version = self._register(run, scripted, card, scores)
@@ -166,6 +168,8 @@ class Retrainer:
             if promote:
                 with _timed(run, "deploy_s"):
                     triton_version = self._deploy(run, scripted, staged, version, parent, scores)
+                # The next gate's champion: its holdout scores are known.
+                self.scores.keep(triton_version, scores.challenger_per_volume)
             elif staged is not None:
                 with _timed(run, "withdraw_s"):
                     staged.withdraw()
@@ -253,11 +257,17 @@ class Retrainer:
         self,
         run: _Run,
         challenger: torch.nn.Module,
-        champion: torch.nn.Module | None,
+        champion: tuple[int | None, torch.nn.Module | None],
         holdout: list[Volume],
     ) -> HoldoutScores:
-        """Both networks on the frozen holdout, logged to the MLflow run."""
-        scores = judge(challenger, champion, holdout, self.spec)
+        """Both on the frozen holdout (the champion where no score is kept), logged to MLflow."""
+        parent, network = champion
+        ids = [v.label_id for v in holdout]
+        known = self.scores.known(parent, ids) if parent is not None else {}
+        scores = judge(challenger, network, holdout, self.spec, known)
+        if parent is not None:
+            self.scores.keep(parent, scores.champion_computed)
+        log.info("%s: champion scores known for %d of %d", self.spec.name, len(known), len(ids))
         client = self.registry.client
         for name, score in scores.challenger.items():
             client.log_metric(run.mlflow_run_id, f"holdout_dice_{name}", score)

@@ -1,11 +1,18 @@
 """The state store: tables, engine, migrations."""
 
-from radloop.db.engine import SchemaOutdated, Store, make_engine, upgrade
+from radloop.db.engine import (
+    SchemaOutdated,
+    Store,
+    insert_ignoring_conflict,
+    make_engine,
+    upgrade,
+)
 from radloop.db.models import (
     Annotation,
     AnnotationJob,
     Base,
     Cursor,
+    HoldoutScore,
     Instance,
     Label,
     OutboxEvent,
@@ -23,6 +30,7 @@ __all__ = [
     "AnnotationJob",
     "Base",
     "Cursor",
+    "HoldoutScore",
     "Instance",
     "Label",
     "OutboxEvent",
@@ -34,6 +42,7 @@ __all__ = [
     "User",
     "WebSession",
     "Worker",
+    "insert_ignoring_conflict",
     "make_engine",
     "upgrade",
     "utcnow",

@@ -163,6 +163,19 @@ class Label(Base):
     created_at: Mapped[datetime]
 
 
+class HoldoutScore(Base):
+    """Dice per label name of one served model version on one holdout label: the gate takes
+    the champion's from here instead of evaluating it again (`agents.retrain.scores`)."""
+
+    __tablename__ = "holdout_scores"
+
+    model_name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    triton_version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    label_id: Mapped[int] = mapped_column(ForeignKey("labels.id"), primary_key=True)
+    dice: Mapped[dict[str, float]] = mapped_column(JSON)
+    created_at: Mapped[datetime]
+
+
 class TrainingRun(Base):
     """One retraining of one model: what it trained on, what MLflow holds, what was decided."""
 

@@ -304,6 +304,12 @@ def _serve_training(settings: Settings) -> None:
     me = worker_id()
     every = heartbeat_seconds(settings.annotation.job_lease_seconds)
     stop = _report_in(store, me, WorkerQueue.TRAIN, every, sweep_now_and_then)
+    threading.Thread(
+        target=contextvars.copy_context().run,
+        args=(_score_ahead, settings, store, stop),
+        name="score-ahead",
+        daemon=True,
+    ).start()
     kind = settings.retrain.work_pool_type
     console.print(f"radloop worker {me}: training, {kind} work pool {pool}")
 
@@ -322,6 +328,25 @@ def _serve_training(settings: Settings) -> None:
         stop.set()
         time.sleep(0.2)
         store.close()
+
+
+SCORE_AHEAD_SECONDS = 5.0
+
+
+def _score_ahead(settings: Settings, store: Store, stop: threading.Event) -> None:
+    """Between trainings, score each served champion on new holdout labels, so that the gate
+    finds those scores kept (agents/retrain/scores.py) and evaluates only the challenger."""
+    from agents.retrain.scores import score_ahead
+    from model_registry.repository import model_repository
+
+    specs = cli_model_specs(settings)
+    repository, datasets = model_repository(settings), settings.shared_store("datasets")
+    while not stop.wait(SCORE_AHEAD_SECONDS):
+        for spec in specs.values():
+            try:
+                score_ahead(store, spec, repository, datasets)
+            except Exception as error:  # storage or database away: the next round
+                log.warning("scoring %s ahead on the holdout failed: %r", spec.name, error)
 
 
 def _sweep(sweeper: Sweeper) -> None:
