@@ -34,7 +34,7 @@ from model_registry.deploy import hot_reload, warmup_volume
 from model_registry.inference import InferenceUnavailable, TritonBackend
 from model_registry.repository import TritonRepository
 from radloop.app.supervisor import Child, triton_spec
-from radloop.db import Label, Store, TrainingRun
+from radloop.db import HoldoutScore, Label, Store, TrainingRun
 from radloop.domain import TrainingState
 from radloop.modelspec import PACKAGED_MODELS, load_spec
 from radloop.settings import Settings
@@ -73,6 +73,16 @@ def loop_figures(settings: Settings) -> dict[str, Any]:
             ).all()
             reached = labels[spec.retraining.threshold - 1]
             assert run.finished_at is not None and run.timings is not None
+            # Of the champion's holdout scores the gate used, those kept before the run
+            # started (scored ahead by the training worker: agents/retrain/scores.py).
+            ahead = session.scalars(
+                select(HoldoutScore.label_id).where(
+                    HoldoutScore.model_name == run.model_name,
+                    HoldoutScore.triton_version == run.parent_version,
+                    HoldoutScore.created_at < run.started_at,
+                )
+            ).all()
+            holdout = run.holdout_label_ids or []
             total = (run.finished_at - reached).total_seconds()
             epochs = run.timings["train_s"]
             return {
@@ -85,6 +95,8 @@ def loop_figures(settings: Settings) -> dict[str, Any]:
                 "everything_else_s": round(total - epochs, 2),
                 "trigger_to_flow_start_s": round((run.started_at - reached).total_seconds(), 2),
                 "phases_s": {k: round(v, 2) for k, v in run.timings.items()},
+                "holdout_labels": len(holdout),
+                "champion_scored_ahead": len(set(ahead) & set(holdout)),
                 "champion_holdout_dice": run.champion_dice,
                 "challenger_holdout_dice": run.challenger_dice,
             }
@@ -190,6 +202,11 @@ def main() -> None:
         ("  of which training epochs", f"{loop['training_epochs_s']} s"),
         (f"  everything else (target ≤ {OVERHEAD_S:g} s)", f"{loop['everything_else_s']} s"),
         ("  of which label → flow running", f"{loop['trigger_to_flow_start_s']} s"),
+        ("  of which holdout Dice (gate)", f"{loop['phases_s'].get('evaluate_s')} s"),
+        (
+            "  champion scored ahead",
+            f"{loop['champion_scored_ahead']} of {loop['holdout_labels']} holdout labels",
+        ),
         ("decision", str(loop["decision"])),
         (
             "reload idle / under load",

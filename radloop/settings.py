@@ -294,8 +294,9 @@ class Settings(BaseSettings):
         return self.triton.repository or self.effective_shared_dir / "model-repository"
 
     def shared_store(self, key: str) -> ObjectStore:
-        """`model-repository`, `datasets`: on the object store when one is set, else folders
-        of the shared dir (the model repository at `triton.repository` when that is set)."""
+        """`model-repository`, `datasets` (validated labels as image/label NIfTI pairs, per
+        model and split): on the object store when one is set, else folders of the shared dir
+        (the model repository at `triton.repository` when that is set)."""
         if self.object_store.url:
             return self.object_store.store(key)
         if key == "model-repository":
@@ -321,11 +322,6 @@ class Settings(BaseSettings):
     @property
     def drafts_dir(self) -> Path:
         return self.effective_shared_dir / "drafts"
-
-    @property
-    def datasets_dir(self) -> Path:
-        """Validated labels as image/label NIfTI pairs, per model and split."""
-        return self.effective_shared_dir / "datasets"
 
     @property
     def spool_dir(self) -> Path:
