@@ -70,9 +70,6 @@ def score_ahead(
 ) -> int:
     """Score the serving champion on the holdout labels it has no kept score for, unless a
     training of the model is running (it needs the machine); returns how many were scored."""
-    version = repository.champion(spec.name)
-    if version is None:
-        return 0
     with store.read() as session:
         training = session.scalar(
             select(TrainingRun.id).where(
@@ -87,9 +84,13 @@ def score_ahead(
                 )
             )
         )
+    # The database first: this runs every few seconds, the repository may be a bucket.
+    version = None if training or not holdout else repository.champion(spec.name)
+    if version is None:
+        return 0
     book = HoldoutScoreBook(store, spec.name)
     missing = holdout - set(book.known(version, holdout))
-    if training is not None or not missing:
+    if not missing:
         return 0
     volumes = load_volumes(store, datasets, spec.name, LabelSplit.HOLDOUT, only=missing)
     with repository.version_folder(spec.name, version) as folder:

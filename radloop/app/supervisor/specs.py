@@ -122,12 +122,12 @@ def mlflow_spec(
     `<data_dir>/mlflow/artifacts` or the object store's `mlflow-artifacts/`; UI and API on
     loopback (or `bind`)."""
     home = settings.data_dir / "mlflow"
-    (home / "artifacts").mkdir(parents=True, exist_ok=True)
-    artifacts = (
-        settings.object_store.url_of("mlflow-artifacts")
-        if settings.object_store.url
-        else str(home / "artifacts")
-    )
+    home.mkdir(parents=True, exist_ok=True)
+    if settings.object_store.url:
+        artifacts = settings.object_store.url_of("mlflow-artifacts")
+    else:
+        (home / "artifacts").mkdir(exist_ok=True)
+        artifacts = str(home / "artifacts")
     port = settings.mlflow.port
     mlflow = str(Path(sys.executable).with_name("mlflow"))
     return ChildSpec(
