@@ -72,6 +72,9 @@ def _patch(example: Example, roi: Sequence[int], rng: np.random.Generator) -> Ex
     return Example(image=image[(slice(None), *window)], labels=labels[(slice(None), *window)])
 
 
+Batch = Callable[[np.random.Generator, torch.nn.Module], tuple[torch.Tensor, torch.Tensor]]
+
+
 def train(
     spec: ModelSpec,
     examples: Sequence[Example],
@@ -82,27 +85,46 @@ def train(
 ) -> tuple[torch.nn.Module, TrainingReport]:
     """Train (or fine-tune `initial`) on `examples`, on the GPU with mixed precision when torch
     sees one, else on the CPU; returns the network on the CPU in eval mode."""
+    roi = spec.inference.roi_size
+
+    def patches(rng: np.random.Generator, network: torch.nn.Module) -> tuple[Any, Any]:
+        picks = [examples[int(i)] for i in rng.integers(0, len(examples), config.batch_size)]
+        chosen = [_patch(example, roi, rng) for example in picks]
+        return torch.stack([p.image for p in chosen]), torch.stack([p.labels for p in chosen])
+
+    network = initial if initial is not None else spec.network.build()
+    return fit(network, patches, config, on_epoch, device)
+
+
+def fit(
+    network: torch.nn.Module,
+    batch: Batch,
+    config: TrainingConfig,
+    on_epoch: Callable[[int, float], None] | None = None,
+    device: torch.device | None = None,
+) -> tuple[torch.nn.Module, TrainingReport]:
+    """Adam on Dice + cross-entropy over `config.epochs` × `config.steps_per_epoch` batches of
+    (inputs, labels) that `batch(rng, network)` makes; the network comes back on the CPU in
+    eval mode."""
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     amp = device.type == "cuda"
-    network = (initial if initial is not None else spec.network.build()).to(device)
+    network = network.to(device)
     network.train()
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     optimiser = torch.optim.Adam(network.parameters(), lr=config.learning_rate)
     scaler = torch.amp.GradScaler(device.type, enabled=amp)
-    roi = spec.inference.roi_size
     report = TrainingReport(config)
     for epoch in range(config.epochs):
         total = 0.0
         for _ in range(config.steps_per_epoch):
-            picks = [examples[int(i)] for i in rng.integers(0, len(examples), config.batch_size)]
-            patches = [_patch(example, roi, rng) for example in picks]
-            images = torch.stack([p.image for p in patches]).to(device)
-            labels = torch.stack([p.labels for p in patches]).to(device)
+            inputs, labels = batch(rng, network)
+            inputs, labels = inputs.to(device), labels.to(device)
+            network.train()
             optimiser.zero_grad()
             with torch.autocast(device_type=device.type, enabled=amp):
-                loss = loss_fn(network(images), labels)
+                loss = loss_fn(network(inputs), labels)
             scaler.scale(loss).backward()
             scaler.step(optimiser)
             scaler.update()

@@ -65,13 +65,40 @@ class TritonBackend:
     def infer(
         self, model: str, image: NDArray[Any], spacing: Sequence[float], version: int | None = None
     ) -> InferenceResult:
+        return self._infer(model, image, spacing, version, {})
+
+    def refine(
+        self,
+        model: str,
+        image: NDArray[Any],
+        spacing: Sequence[float],
+        clicks: NDArray[Any],
+        previous: NDArray[Any] | None,
+        version: int | None = None,
+    ) -> InferenceResult:
+        """An interactive model's label map for `clicks` (n × 4: channel, slice, row,
+        column) on `previous` (None: an empty label)."""
+        extra = {"CLICKS": np.asarray(clicks, dtype=np.int32).reshape(-1, 4)}
+        if previous is not None:
+            extra["PREVIOUS"] = np.ascontiguousarray(previous, dtype=np.uint8)
+        return self._infer(model, image, spacing, version, extra)
+
+    def _infer(
+        self,
+        model: str,
+        image: NDArray[Any],
+        spacing: Sequence[float],
+        version: int | None,
+        extra: dict[str, NDArray[Any]],
+    ) -> InferenceResult:
         volume = np.ascontiguousarray(image, dtype=np.float32)
-        inputs = [
-            triton_http.InferInput("IMAGE", list(volume.shape), "FP32"),
-            triton_http.InferInput("SPACING", [3], "FP32"),
-        ]
-        inputs[0].set_data_from_numpy(volume, binary_data=True)
-        inputs[1].set_data_from_numpy(np.asarray(spacing, dtype=np.float32), binary_data=True)
+        arrays = {"IMAGE": volume, "SPACING": np.asarray(spacing, dtype=np.float32), **extra}
+        types = {"IMAGE": "FP32", "SPACING": "FP32", "CLICKS": "INT32", "PREVIOUS": "UINT8"}
+        inputs = []
+        for name, array in arrays.items():
+            tensor = triton_http.InferInput(name, list(array.shape), types[name])
+            tensor.set_data_from_numpy(array, binary_data=True)
+            inputs.append(tensor)
         outputs = [
             triton_http.InferRequestedOutput(name, binary_data=True)
             for name in ("LABELS", "UNCERTAINTY", "MODEL_VERSION")
@@ -138,9 +165,31 @@ class InProcessBackend:
     def infer(
         self, model: str, image: NDArray[Any], spacing: Sequence[float], version: int | None = None
     ) -> InferenceResult:
+        from model_registry.triton_model import segment
+
+        served, network, config = self._network(model, version)
+        labels, score = segment(network, image, spacing, config)
+        return InferenceResult(labels=labels, uncertainty=score, model_version=served)
+
+    def refine(
+        self,
+        model: str,
+        image: NDArray[Any],
+        spacing: Sequence[float],
+        clicks: NDArray[Any],
+        previous: NDArray[Any] | None,
+        version: int | None = None,
+    ) -> InferenceResult:
+        from model_registry.triton_model import refine
+
+        served, network, config = self._network(model, version)
+        labels = refine(network, image, clicks, previous, config)
+        return InferenceResult(labels=labels, uncertainty=0.0, model_version=served)
+
+    def _network(self, model: str, version: int | None) -> tuple[str, Any, dict[str, Any]]:
         import torch
 
-        from model_registry.triton_model import load, segment
+        from model_registry.triton_model import load
 
         if version is None:
             version = self.repository.champion(model)
@@ -150,6 +199,4 @@ class InProcessBackend:
             with self.repository.version_folder(model, version) as folder:
                 network, config = load(folder, torch.device("cpu"))
             self._loaded[model] = (str(version), network, config)
-        served, network, config = self._loaded[model]
-        labels, score = segment(network, image, spacing, config)
-        return InferenceResult(labels=labels, uncertainty=score, model_version=served)
+        return self._loaded[model]

@@ -38,7 +38,10 @@ backend: "python"
 max_batch_size: 0
 input [
   {{ name: "IMAGE", data_type: TYPE_FP32, dims: [ -1, -1, -1 ] }},
-  {{ name: "SPACING", data_type: TYPE_FP32, dims: [ 3 ] }}
+  {{ name: "SPACING", data_type: TYPE_FP32, dims: [ 3 ] }},
+  # Interactive (DeepEdit) models only; the others ignore them.
+  {{ name: "CLICKS", data_type: TYPE_INT32, dims: [ -1, 4 ], optional: true }},
+  {{ name: "PREVIOUS", data_type: TYPE_UINT8, dims: [ -1, -1, -1 ], optional: true }}
 ]
 output [
   {{ name: "LABELS", data_type: TYPE_UINT8, dims: [ -1, -1, -1 ] }},
@@ -54,11 +57,18 @@ instance_group [ {{ kind: KIND_CPU, count: 1 }} ]
 """
 
 
-def inference_config(spec: ModelSpec) -> dict[str, Any]:
-    """What `model.py` needs of the spec, as JSON (it does not import radloop)."""
-    return spec.model_dump(
-        mode="json", include={"name", "preprocessing", "inference", "uncertainty", "labels"}
-    )
+def inference_config(spec: ModelSpec, *, interactive: bool = False) -> dict[str, Any]:
+    """What `model.py` needs of the spec, as JSON (it does not import radloop); for the
+    spec's interactive model with `interactive`."""
+    fields = {"name", "preprocessing", "inference", "uncertainty", "labels"}
+    if not interactive:
+        return spec.model_dump(mode="json", include=fields)
+    if spec.interactive is None:
+        raise ValueError(f"{spec.name} declares no interactive model")
+    return {
+        **spec.model_dump(mode="json", include=fields | {"interactive"}),
+        "name": spec.interactive_name,
+    }
 
 
 SERVING_FILE = "serving.json"
@@ -182,15 +192,19 @@ class TritonRepository:
         version: int | None = None,
         *,
         serve: bool = True,
+        interactive: bool = False,
     ) -> int:
-        """Write `model` as a new version of `spec.name` (next free number unless given).
+        """Write `model` as a new version of `spec.name` (next free number unless given), or
+        of its interactive model with `interactive`.
 
         With `serve`, the new version is also the one Triton loads and drafting uses (starter
         and imported models); the retraining flow passes False and hot-reloads it itself."""
-        existing = self.versions(spec.name)
+        config = json.dumps(inference_config(spec, interactive=interactive), indent=2)
+        name = str(json.loads(config)["name"])
+        existing = self.versions(name)
         version = version if version is not None else (existing[-1] + 1 if existing else 1)
         if version in existing:
-            raise FileExistsError(f"{spec.name} version {version} already exists")
+            raise FileExistsError(f"{name} version {version} already exists")
 
         def write(folder: Path) -> None:
             # torch is imported here, not at module level: every annotation flow run imports
@@ -198,14 +212,13 @@ class TritonRepository:
             import torch
 
             torch.jit.save(model, str(folder / "model.pt"))
-            config = json.dumps(inference_config(spec), indent=2)
             (folder / "spec.json").write_text(config)
             shutil.copyfile(MODEL_CODE, folder / "model.py")
 
-        self.store.publish(f"{spec.name}/{version}", write, last="model.py")
-        if serve or self.config_text(spec.name) is None:
-            self.write_config(spec.name)
-            self.set_champion(spec.name, version)
+        self.store.publish(f"{name}/{version}", write, last="model.py")
+        if serve or self.config_text(name) is None:
+            self.write_config(name)
+            self.set_champion(name, version)
         return version
 
 

@@ -10,6 +10,9 @@ holdout gate (`segment`), so all of them run the same code.
 
 One request: IMAGE (float32, slices × rows × columns, HU), SPACING (float32 [3], mm);
 response: LABELS (uint8, same shape), UNCERTAINTY (float32 [1]), MODEL_VERSION (bytes [1]).
+An interactive (DeepEdit) version also takes CLICKS (int32, n × 4: channel, slice, row,
+column; channel 0 is background, n is the label value) and PREVIOUS (uint8, IMAGE's shape: the
+label being refined); both are optional inputs, absent meaning no clicks and an empty label.
 """
 
 from __future__ import annotations
@@ -209,6 +212,98 @@ def segment(
     return labels[0, 0].to(torch.uint8).cpu().numpy(), min(1.0, max(0.0, score))
 
 
+def click_maps(
+    clicks: NDArray[Any], shape: Sequence[int], size: Sequence[int], channels: int, sigma: float
+) -> torch.Tensor:
+    """(channels, *size) click maps: each click (channel, slice, row, column on the image's
+    grid `shape`) marks its voxel of the resized grid, each map is Gaussian-smoothed and scaled
+    to a maximum of 1 (MONAI's `AddGuidanceSignalDeepEditd`)."""
+    maps = torch.zeros((channels, *size), dtype=torch.float32)
+    for channel, *index in np.asarray(clicks, dtype=np.int64).reshape(-1, 4).tolist():
+        at = [
+            min(n - 1, max(0, int((i + 0.5) * n / m)))
+            for i, n, m in zip(index, size, shape, strict=True)
+        ]
+        maps[channel, at[0], at[1], at[2]] = 1.0
+    radius = max(1, int(4 * sigma + 0.5))
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    kernel = torch.exp(-(x**2) / (2 * sigma**2))
+    kernel /= kernel.sum()
+    smooth = maps[:, None]
+    for axis in range(3):
+        view = [1, 1, 1, 1, 1]
+        view[2 + axis] = kernel.numel()
+        padding = [0, 0, 0]
+        padding[axis] = radius
+        smooth = F.conv3d(smooth, kernel.view(view), padding=tuple(padding))
+    peaks = smooth.amax(dim=(2, 3, 4), keepdim=True)
+    return (smooth / torch.where(peaks > 0, peaks, torch.ones_like(peaks)))[:, 0]
+
+
+def interactive_input(
+    image: NDArray[Any],
+    clicks: NDArray[Any],
+    previous: NDArray[Any] | None,
+    config: dict[str, Any],
+    device: torch.device,
+) -> torch.Tensor:
+    """(1, 1 + (L + 1) + L, *spatial_size): the windowed image resized to the interactive
+    model's size, a click map for background and each of the L labels, and the label being
+    refined, one-hot for each label."""
+    size = config["interactive"]["spatial_size"]
+    labels = len(config["labels"])
+    window = config["preprocessing"]["window"]
+    tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
+    tensor = (tensor.clamp(window["min"], window["max"]) - window["min"]) / (
+        window["max"] - window["min"]
+    )
+    resized = _resample(tensor[None, None], size, "trilinear")[0]
+    maps = click_maps(clicks, image.shape, size, labels + 1, config["interactive"]["sigma"])
+    if previous is None:
+        one_hot = torch.zeros((labels, *size))
+    else:
+        current = torch.from_numpy(np.ascontiguousarray(previous, dtype=np.float32))
+        current = _resample(current[None, None], size, "nearest")[0, 0]
+        one_hot = torch.stack([(current == value).float() for value in range(1, labels + 1)])
+    return torch.cat([resized, maps, one_hot])[None].to(device)
+
+
+def refine(
+    model: Any,
+    image: NDArray[Any],
+    clicks: NDArray[Any],
+    previous: NDArray[Any] | None,
+    config: dict[str, Any],
+) -> NDArray[Any]:
+    """The interactive model's label map (uint8, the image's shape) for `clicks` on
+    `previous` (None: an empty label)."""
+    device = next(iter(model.parameters())).device
+    x = interactive_input(image, clicks, previous, config, device)
+    with torch.inference_mode():
+        labels = model(x).argmax(dim=1, keepdim=True).float()
+        labels = _resample(labels, image.shape, "nearest")
+    return labels[0, 0].to(torch.uint8).cpu().numpy()
+
+
+def _answer(model: Any, config: dict[str, Any], request: Any, pb_utils: Any) -> tuple[Any, float]:
+    image = pb_utils.get_input_tensor_by_name(request, "IMAGE").as_numpy()
+    spacing = pb_utils.get_input_tensor_by_name(request, "SPACING").as_numpy()
+    if "interactive" not in config:
+        return segment(model, image, spacing.tolist(), config)
+    clicks = pb_utils.get_input_tensor_by_name(request, "CLICKS")
+    previous = pb_utils.get_input_tensor_by_name(request, "PREVIOUS")
+    return (
+        refine(
+            model,
+            image,
+            np.zeros((0, 4), np.int32) if clicks is None else clicks.as_numpy(),
+            None if previous is None else previous.as_numpy(),
+            config,
+        ),
+        0.0,
+    )
+
+
 def load(version_dir: Path, device: torch.device) -> tuple[Any, dict[str, Any]]:
     """The TorchScript model and its spec from a repository version folder."""
     model: Any = torch.jit.load(  # type: ignore[no-untyped-call]
@@ -234,9 +329,7 @@ class TritonPythonModel:
         responses = []
         for request in requests:
             try:
-                image = pb_utils.get_input_tensor_by_name(request, "IMAGE").as_numpy()
-                spacing = pb_utils.get_input_tensor_by_name(request, "SPACING").as_numpy()
-                labels, score = segment(self.model, image, spacing.tolist(), self.config)
+                labels, score = _answer(self.model, self.config, request, pb_utils)
                 responses.append(
                     pb_utils.InferenceResponse(
                         output_tensors=[

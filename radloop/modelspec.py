@@ -40,6 +40,12 @@ class UncertaintyMethod(StrEnum):
     FLIP_TTA = "flip_tta"
 
 
+class Interaction(StrEnum):
+    # DeepEdit: image + one click map per label (background first) + the current label, one
+    # hot; one network segments with no clicks and refines with them.
+    DEEPEDIT = "deepedit"
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -171,6 +177,33 @@ class Retraining(_Strict):
     gate_margin: float = Field(0.02, ge=0, le=1)
 
 
+class Interactive(_Strict):
+    """The task's click-guided model (`agents.interactive`): served by Triton as
+    `<task>-<interaction>`, trained with simulated clicks, gated on Dice after
+    `gate_clicks` simulated clicks per label."""
+
+    interaction: Interaction = Interaction.DEEPEDIT
+    network: NetworkSpec
+    # The whole volume, windowed, is resized to this (slices, rows, columns) for one pass:
+    # a click must see the organ it is on, and one pass keeps a click under a second on a CPU.
+    spatial_size: tuple[int, int, int]
+    # Gaussian sigma of a click map, in voxels of `spatial_size`.
+    sigma: float = Field(2.0, gt=0)
+    # Clicks per label and request; more are refused with the reason.
+    max_clicks: int = Field(10, ge=1, le=100)
+    gate_clicks: int = Field(3, ge=0)
+    steps: int = Field(200, ge=1)  # batches of `radloop models bootstrap` and of fine-tuning
+    batch_size: int = Field(2, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)
+
+    @field_validator("spatial_size")
+    @classmethod
+    def _positive(cls, value: tuple[int, int, int]) -> tuple[int, int, int]:
+        if any(v <= 0 for v in value):
+            raise ValueError("spatial_size must be positive")
+        return value
+
+
 class ModelSpec(_Strict):
     name: str
     description: str = ""
@@ -181,6 +214,7 @@ class ModelSpec(_Strict):
     inference: Inference
     uncertainty: Uncertainty = Uncertainty()
     retraining: Retraining
+    interactive: Interactive | None = None
 
     @field_validator("name")
     @classmethod
@@ -202,7 +236,29 @@ class ModelSpec(_Strict):
             )
         if self.uncertainty.method != UncertaintyMethod.ENTROPY and self.uncertainty.samples < 2:
             raise ValueError(f"uncertainty.samples must be >= 2 for {self.uncertainty.method}")
+        if self.interactive is not None:
+            args = self.interactive.network.args
+            channels = {
+                "in_channels": 1 + (len(values) + 1) + len(values),
+                "out_channels": len(values) + 1,
+            }
+            for key, wanted in channels.items():
+                if args.get(key, wanted) != wanted:
+                    raise ValueError(
+                        f"interactive.network.args.{key} is {args[key]}; DeepEdit with "
+                        f"{len(values)} labels needs {wanted} (image, a click map for "
+                        "background and each label, the current label one-hot)"
+                        if key == "in_channels"
+                        else f"interactive.network.args.{key} is {args[key]}; needs {wanted}"
+                    )
         return self
+
+    @property
+    def interactive_name(self) -> str | None:
+        """The name Triton, MLflow and the MONAI Label API know the interactive model by."""
+        if self.interactive is None:
+            return None
+        return f"{self.name}-{self.interactive.interaction.value}"
 
 
 class ModelSpecError(Exception):
@@ -239,6 +295,12 @@ def load_specs(folder: Path, *, networks: bool = True) -> dict[str, ModelSpec]:
             errors.append(str(error))
             continue
         specs[spec.name] = spec
+    for spec in specs.values():
+        if spec.interactive_name in specs:
+            errors.append(
+                f"{folder / spec.name}.yaml: interactive: its model would be named "
+                f"{spec.interactive_name!r}, the name of another spec"
+            )
     if errors:
         raise ModelSpecError("\n".join(errors))
     return specs

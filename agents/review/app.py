@@ -19,6 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.templating import Jinja2Templates
 
+from agents.review.assist import Assistant
 from agents.review.auth import Users
 from agents.review.cases import ReviewError
 from agents.review.deps import NotLoggedIn
@@ -29,11 +30,13 @@ from agents.review.routes import (
     dashboard,
     dicomweb,
     login,
+    monailabel,
     users,
     viewer,
     worklist,
 )
 from agents.review.worklist import Worklist
+from model_registry.inference import TritonBackend
 from radloop.db import Store, utcnow
 from radloop.modelspec import ModelSpec
 from radloop.settings import Settings
@@ -79,7 +82,11 @@ def create_app(
     app.add_exception_handler(ReviewError, _review_error)  # type: ignore[arg-type]
     app.add_exception_handler(NotLoggedIn, _not_logged_in)
     # The viewer's catch-all `/{path:path}` goes last: it answers every GET the others did not.
-    for routes in (api, annotations, users, login, worklist, dashboard, dicomweb, viewer):
+    app.state.assistant = Assistant(
+        store, cases, TritonBackend(settings.triton.base_url), settings.drafts_dir, clock
+    )
+    routers = (api, annotations, monailabel, users, login, worklist, dashboard, dicomweb, viewer)
+    for routes in routers:
         app.include_router(routes.router)
     return app
 

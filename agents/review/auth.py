@@ -156,7 +156,9 @@ class Users:
             )
         return cookie, Principal(name, role, csrf)
 
-    def by_session(self, cookie: str) -> Principal | None:
+    def by_session(self, cookie: str, *, bearer: bool = False) -> Principal | None:
+        """The user of a running session; sent as a bearer token (`bearer`), it needs no CSRF
+        token: a cross-site page cannot set that header."""
         with self.store.read() as session:
             row = session.execute(
                 select(User.name, User.role, WebSession.csrf_token)
@@ -167,7 +169,9 @@ class Users:
                     User.disabled_at.is_(None),
                 )
             ).first()
-        return Principal(row[0], Role(row[1]), row[2]) if row else None
+        if row is None:
+            return None
+        return Principal(row[0], Role(row[1]), None if bearer else row[2])
 
     def logout(self, cookie: str) -> None:
         with self.store.transaction() as session:

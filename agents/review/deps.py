@@ -15,6 +15,7 @@ from fastapi import Depends, Form, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.templating import Jinja2Templates
 
+from agents.review.assist import Assistant
 from agents.review.auth import ADMINISTER, CORRECT, READ, VALIDATE, Principal, Users
 from agents.review.proxy import DicomWebProxy, OhifHost
 from agents.review.worklist import Worklist
@@ -60,6 +61,10 @@ async def get_ohif(request: Request) -> OhifHost:
     return cast(OhifHost, request.app.state.ohif)
 
 
+async def get_assistant(request: Request) -> Assistant:
+    return cast(Assistant, request.app.state.assistant)
+
+
 ReviewSettingsDep = Annotated[ReviewSettings, Depends(get_review_settings)]
 StoreDep = Annotated[Store, Depends(get_store)]
 WorklistDep = Annotated[Worklist, Depends(get_worklist)]
@@ -67,15 +72,18 @@ UsersDep = Annotated[Users, Depends(get_users)]
 TemplatesDep = Annotated[Jinja2Templates, Depends(get_templates)]
 ProxyDep = Annotated[DicomWebProxy, Depends(get_proxy)]
 OhifDep = Annotated[OhifHost, Depends(get_ohif)]
+AssistantDep = Annotated[Assistant, Depends(get_assistant)]
 
 # -- who is asking ------------------------------------------------------------------------
 
 
 def principal_of(request: Request, users: Users) -> Principal | None:
-    """The user behind an API token, else behind the session cookie; None when neither."""
+    """The user behind an API token or a session's bearer token (MONAI Label's `/auth/token`),
+    else behind the session cookie; None when none of them."""
     header = request.headers.get("authorization", "")
     if header.lower().startswith("bearer "):
-        return users.by_token(header[7:].strip())
+        token = header[7:].strip()
+        return users.by_token(token) or users.by_session(token, bearer=True)
     cookie = request.cookies.get(SESSION_COOKIE)
     return users.by_session(cookie) if cookie else None
 

@@ -176,6 +176,25 @@ class HoldoutScore(Base):
     created_at: Mapped[datetime]
 
 
+class Interaction(Base):
+    """One click-guided refinement a reader asked for (`agents.review.assist`)."""
+
+    __tablename__ = "interactions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    annotation_id: Mapped[int] = mapped_column(ForeignKey("annotations.id"), index=True)
+    user_name: Mapped[str] = mapped_column(String(64))
+    model_name: Mapped[str] = mapped_column(String(64))
+    model_version: Mapped[str] = mapped_column(String(32))
+    # Every click of the request: [channel, slice, row, column], channel 0 background.
+    clicks: Mapped[list[list[int]]] = mapped_column(JSON)
+    click_count: Mapped[int] = mapped_column(Integer)
+    # The refined label map (NIfTI on the series grid), kept for "Accept refined label".
+    label_path: Mapped[str] = mapped_column(String(256))
+    seconds: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[datetime]
+
+
 class TrainingRun(Base):
     """One retraining of one model: what it trained on, what MLflow holds, what was decided."""
 

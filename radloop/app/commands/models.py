@@ -158,24 +158,33 @@ def _spec(settings: Settings, name: str) -> ModelSpec:
     return specs[name]
 
 
-def _publish(settings: Settings, spec: ModelSpec, network: Any, out: Console = console) -> int:
-    """Export a new repository version and, if Triton is up, load it."""
+def _publish(
+    settings: Settings,
+    spec: ModelSpec,
+    network: Any,
+    out: Console = console,
+    *,
+    interactive: bool = False,
+) -> int:
+    """Export a new repository version (of the spec's interactive model with `interactive`)
+    and, if Triton is up, load it."""
     from model_registry.inference import InferenceUnavailable, TritonBackend
     from model_registry.repository import model_repository
 
+    name = str(spec.interactive_name if interactive else spec.name)
     repository = model_repository(settings)
-    version = repository.export(spec, network)
+    version = repository.export(spec, network, interactive=interactive)
     try:
-        TritonBackend(settings.triton.base_url).load(spec.name)
-        out.print(f"Triton at {settings.triton.base_url} now serves {spec.name} v{version}")
+        TritonBackend(settings.triton.base_url).load(name)
+        out.print(f"Triton at {settings.triton.base_url} now serves {name} v{version}")
     except InferenceUnavailable:
         out.print("Triton is not running: the version is served from the next `radloop up`")
-    with repository.version_folder(spec.name, version) as folder:
-        _adopt(settings, spec, folder, version, out)
+    with repository.version_folder(name, version) as folder:
+        _adopt(settings, name, folder, version, out)
     return version
 
 
-def _adopt(settings: Settings, spec: ModelSpec, folder: Path, version: int, out: Console) -> None:
+def _adopt(settings: Settings, name: str, folder: Path, version: int, out: Console) -> None:
     """Register the version in MLflow as `champion` when MLflow answers (else the first
     retraining does it)."""
     from model_registry.mlflow_registry import Registry, RegistryUnavailable, adopt
@@ -184,11 +193,11 @@ def _adopt(settings: Settings, spec: ModelSpec, folder: Path, version: int, out:
     try:
         if not registry.reachable():
             raise RegistryUnavailable("not answering")
-        mlflow_version = adopt(registry, spec.name, folder, version, "radloop models CLI")
+        mlflow_version = adopt(registry, name, folder, version, "radloop models CLI")
     except RegistryUnavailable:
         out.print("MLflow is not running: the first retraining registers this version")
         return
-    out.print(f"MLflow: {spec.name} version {mlflow_version} (alias champion)")
+    out.print(f"MLflow: {name} version {mlflow_version} (alias champion)")
 
 
 @models_app.command("bootstrap")
@@ -199,6 +208,14 @@ def bootstrap(
     epochs: Annotated[int, typer.Option(min=1)] = 60,
     steps: Annotated[int, typer.Option(min=1, help="Batches per epoch.")] = 8,
     seed: Annotated[int, typer.Option(min=0)] = 0,
+    interactive: Annotated[
+        bool,
+        typer.Option(
+            "--interactive",
+            help="Train the spec's interactive (click-guided) model instead, for "
+            "`interactive.steps` batches with simulated clicks.",
+        ),
+    ] = False,
     as_json: JsonOption = False,
 ) -> None:
     """Train a starter model on generated phantoms (minutes on a CPU) and serve it."""
@@ -210,6 +227,9 @@ def bootstrap(
 
     settings = cli_settings()
     spec = _spec(settings, model)
+    if interactive and spec.interactive is None:
+        err_console.print(f"{model}: its spec declares no interactive model")
+        raise typer.Exit(2)
     phantom_labels = {label.name.lower(): label.value for label in PhantomLabel}
     if {label.name.lower(): label.value for label in spec.labels} != phantom_labels:
         err_console.print(
@@ -226,17 +246,36 @@ def bootstrap(
             phantom = generate(seed * 1000 + index)
             (train_set if index < studies else held).append(phantom)
             progress.advance(task)
-        examples = [prepare(p.hu, p.labels, p.spacing, spec) for p in train_set]
-        task = progress.add_task("training", total=epochs)
+        if interactive:
+            from agents.interactive import InteractiveExample, gate_dice, train_interactive
 
-        def on_epoch(epoch: int, loss: float) -> None:
-            progress.update(task, completed=epoch, description=f"training (loss {loss:.3f})")
+            total = spec.interactive.steps if spec.interactive else 0
+            task = progress.add_task("training with simulated clicks", total=total)
 
-        network, report = train(spec, examples, config, on_epoch=on_epoch)
-        dice = evaluate(network, [(p.hu, p.labels, p.spacing) for p in held], spec)
-    version = _publish(settings, spec, torch.jit.script(network), out)
+            def on_step(step: int, loss: float) -> None:
+                progress.update(task, completed=step, description=f"training (loss {loss:.3f})")
+
+            network, report = train_interactive(
+                spec,
+                [InteractiveExample(p.hu, p.labels) for p in train_set],
+                seed,
+                None,
+                None,
+                on_step,
+            )
+            dice = gate_dice(network, [(p.hu, p.labels, p.spacing) for p in held], spec)
+        else:
+            examples = [prepare(p.hu, p.labels, p.spacing, spec) for p in train_set]
+            task = progress.add_task("training", total=epochs)
+
+            def on_epoch(epoch: int, loss: float) -> None:
+                progress.update(task, completed=epoch, description=f"training (loss {loss:.3f})")
+
+            network, report = train(spec, examples, config, on_epoch=on_epoch)
+            dice = evaluate(network, [(p.hu, p.labels, p.spacing) for p in held], spec)
+    version = _publish(settings, spec, torch.jit.script(network), out, interactive=interactive)
     result = {
-        "name": spec.name,
+        "name": spec.interactive_name if interactive else spec.name,
         "version": version,
         "trained_on": studies,
         "seed": seed,
@@ -248,7 +287,14 @@ def bootstrap(
         print_json(result)
         return
     scores = ", ".join(f"{name} {score:.2f}" for name, score in dice.items())
-    console.print(f"{spec.name} v{version}: Dice on {holdout} held-out phantoms: {scores}")
+    after = (
+        f" after {spec.interactive.gate_clicks} clicks per label"
+        if spec.interactive and interactive
+        else ""
+    )
+    console.print(
+        f"{result['name']} v{version}: Dice on {holdout} held-out phantoms{after}: {scores}"
+    )
 
 
 def _load_weights(spec: ModelSpec, path: Path) -> Any:

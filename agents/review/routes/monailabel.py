@@ -1,0 +1,280 @@
+"""`/monailabel/…`: MONAI Label's server API with radloop's meaning, so 3D Slicer's MONAI Label
+module, OHIF's MONAI Label panel and `MONAILabelClient` work against radloop unchanged (a
+Slicer user types `http://<host>:8080/monailabel/`).
+
+The image id is the SeriesInstanceUID of a drafted series. The next sample is the top of
+radloop's worklist, claimed for the caller; a saved label is the correction of that case
+through the same intake as the review API (same checks, refusals, events); inference with the
+task model answers its draft, with the interactive model a refinement of the reader's clicks
+(`agents.review.assist`). Auth is MONAI Label's token flow on radloop's users: `/auth/token`
+takes a user name and password and answers a bearer token that lasts as long as a browser
+session; every clinical endpoint needs a role. Wire formats follow `monailabel` 0.8.5 (its
+`client/client.py` and `endpoints/`).
+"""
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, File, Form, HTTPException, UploadFile
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import OAuth2PasswordRequestForm
+from numpy.typing import NDArray
+
+from agents.nifti import write_nifti
+from agents.review.auth import CORRECT
+from agents.review.corrections import is_nifti
+from agents.review.deps import (
+    AssistantDep,
+    Corrector,
+    Reader,
+    ReviewSettingsDep,
+    UsersDep,
+    WorklistDep,
+    require,
+)
+from agents.volume import LoadedSeries
+from radloop.domain import AnnotationState
+from radloop.modelspec import ModelSpec
+
+router = APIRouter(prefix="/monailabel", tags=["monailabel"])
+
+# radloop's one strategy: the worklist's order (uncertainty + urgency), claimed for the caller.
+STRATEGIES = {
+    "worklist": "The top of radloop's worklist (most to learn from first), claimed for you",
+}
+
+
+def _models(specs: dict[str, ModelSpec]) -> dict[str, dict[str, Any]]:
+    models: dict[str, dict[str, Any]] = {}
+    for spec in specs.values():
+        labels = {label.name: label.value for label in spec.labels}
+        models[spec.name] = {
+            "type": "segmentation",
+            "labels": labels,
+            "dimension": 3,
+            "description": f"{spec.description} (answers the case's draft)",
+        }
+        if spec.interactive_name is not None and spec.interactive is not None:
+            models[spec.interactive_name] = {
+                "type": spec.interactive.interaction.value,
+                "labels": {**labels, "background": 0},
+                "dimension": 3,
+                "description": f"Click-guided refinement of {spec.name}'s labels",
+            }
+    return models
+
+
+def _model(specs: dict[str, ModelSpec], name: str) -> tuple[ModelSpec, bool]:
+    """The spec serving `name` and whether `name` is its interactive model; 404 otherwise."""
+    for spec in specs.values():
+        if name == spec.name:
+            return spec, False
+        if name == spec.interactive_name:
+            return spec, True
+    raise HTTPException(404, f"unknown model {name!r}; radloop serves {', '.join(_models(specs))}")
+
+
+@router.get("/info/")
+def info(who: Reader, worklist: WorklistDep) -> dict[str, Any]:
+    """What Slicer and OHIF list: models (task models and their interactive models), labels,
+    strategies, trainers and the datastore's counts. No top-level `config`: Slicer refuses a
+    server that sends one."""
+    specs = worklist.specs
+    counts = worklist.counts()
+    labels = sorted({label.name for spec in specs.values() for label in spec.labels})
+    return {
+        "name": "radloop",
+        "description": "radloop: drafts from Triton, corrected by readers, retrained in a loop",
+        "version": "1",
+        "labels": labels,
+        "models": _models(specs),
+        "trainers": {
+            name: {"description": f"radloop train {name}: fine-tune, MLflow, holdout gate"}
+            for name in specs
+        },
+        "strategies": {name: {"description": text} for name, text in STRATEGIES.items()},
+        "scoring": {},
+        "train_stats": {},
+        "datastore": {
+            "total": sum(counts.values()),
+            "completed": counts[AnnotationState.CORRECTED.value]
+            + counts[AnnotationState.VALIDATED.value],
+        },
+    }
+
+
+@router.post("/activelearning/{strategy}")
+def next_sample(
+    strategy: str, who: Corrector, assistant: AssistantDep, params: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The case the caller holds, else the top drafted case of the worklist, claimed for
+    them: `{"id": <SeriesInstanceUID>, ...}`; `{}` when nothing waits."""
+    if strategy not in STRATEGIES:
+        raise HTTPException(
+            404, f"unknown strategy {strategy!r}; radloop offers {', '.join(STRATEGIES)}"
+        )
+    case = assistant.next_case(who.name)
+    if case is None:
+        return {}
+    return {"id": case["series_uid"], "name": case["series_uid"], "strategy": strategy, **case}
+
+
+def _nifti_bytes(array: NDArray[Any], series: LoadedSeries) -> bytes:
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "volume.nii.gz"
+        write_nifti(path, array, series.affine)
+        return path.read_bytes()
+
+
+@router.get("/datastore/")
+def datastore(who: Reader, worklist: WorklistDep, output: str = "stats") -> dict[str, Any]:
+    """The drafted series as MONAI Label's datastore: counts, and with `output=all` one
+    object per series with its case and whether it has a final (corrected) label."""
+    counts = worklist.counts()
+    completed = counts[AnnotationState.CORRECTED.value] + counts[AnnotationState.VALIDATED.value]
+    result: dict[str, Any] = {"total": sum(counts.values()), "completed": completed}
+    if output == "all":
+        objects: dict[str, Any] = {}
+        for item in worklist.items(states=None, limit=5000):
+            series_uid = item.get("series_uid")
+            if not series_uid or series_uid in objects:
+                continue
+            final = item["state"] in (
+                AnnotationState.CORRECTED.value,
+                AnnotationState.VALIDATED.value,
+            )
+            objects[series_uid] = {
+                "image": {"info": {"annotation_id": item["annotation_id"], "state": item["state"]}},
+                "labels": {"final": {"info": {"state": item["state"]}}} if final else {},
+            }
+        result["objects"] = objects
+    return result
+
+
+@router.get("/datastore/image")
+async def datastore_image(image: str, who: Reader, assistant: AssistantDep) -> Response:
+    """The series as NIfTI: the grid clicks are given on ([i, j, k] = column, row, slice)."""
+    annotation_id = await run_in_threadpool(assistant.case_for_image, image)
+    _, series = await run_in_threadpool(assistant.inputs, annotation_id)
+    data = await run_in_threadpool(_nifti_bytes, series.array, series)
+    return Response(
+        data,
+        media_type="application/gzip",
+        headers={"Content-Disposition": f'attachment; filename="{image}.nii.gz"'},
+    )
+
+
+def _multipart(params: dict[str, Any], name: str, data: bytes) -> Response:
+    """MONAI Label's answer to the Python client and Slicer: the result's parameters as a
+    form field, then the label file."""
+    boundary = "radloop-monailabel-result"
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="params"\r\n\r\n'
+        f"{json.dumps(params)}\r\n--{boundary}\r\n"
+        f'Content-Disposition: form-data; name="image"; filename="{name}"\r\n'
+        "Content-Type: application/gzip\r\n\r\n"
+    ).encode()
+    body = head + data + f"\r\n--{boundary}--\r\n".encode()
+    return Response(body, media_type=f"multipart/form-data; boundary={boundary}")
+
+
+@router.post("/infer/{model}")
+async def infer(
+    model: str,
+    image: str,
+    who: Reader,
+    assistant: AssistantDep,
+    worklist: WorklistDep,
+    params: Annotated[str, Form()] = "{}",
+    output: str | None = None,
+    label: Annotated[UploadFile | None, File()] = None,
+) -> Response:
+    """The task model answers the case's draft; the interactive model refines the caller's
+    clicks (`params`: `{<label>: [[i, j, k], …], "background": [[i, j, k], …]}`) on the case,
+    which it claims for them. `output=image` answers the label file alone, `output=json` the
+    parameters alone, anything else both (multipart)."""
+    spec, interactive = _model(worklist.specs, model)
+    try:
+        request = json.loads(params or "{}")
+    except ValueError:
+        raise HTTPException(422, "params is not JSON") from None
+    if not isinstance(request, dict):
+        raise HTTPException(422, "params must be a JSON object")
+    annotation_id = await run_in_threadpool(assistant.case_for_image, image)
+    case_spec, series = await run_in_threadpool(assistant.inputs, annotation_id)
+    if case_spec.name != spec.name:
+        raise HTTPException(
+            422, f"series {image} is drafted by {case_spec.name}, not by {spec.name}"
+        )
+    answer: dict[str, Any] = {"label_names": {lb.name: lb.value for lb in spec.labels}}
+    if interactive:
+        require(who, CORRECT)
+        refinement = await run_in_threadpool(assistant.refine, annotation_id, who.name, request)
+        labels = refinement.labels
+        answer.update(
+            model_version=refinement.model_version,
+            interaction_id=refinement.interaction_id,
+            clicks=refinement.click_count,
+            annotation_id=annotation_id,
+        )
+    else:
+        labels = await run_in_threadpool(assistant.draft, annotation_id)
+        answer.update(annotation_id=annotation_id)
+    if output == "json":
+        return JSONResponse(answer)
+    data = await run_in_threadpool(_nifti_bytes, labels, series)
+    if output == "image":
+        return Response(data, media_type="application/gzip")
+    return _multipart(answer, f"{image}.nii.gz", data)
+
+
+@router.put("/datastore/label")
+async def save_label(
+    image: str,
+    who: Corrector,
+    assistant: AssistantDep,
+    worklist: WorklistDep,
+    label: Annotated[UploadFile, File()],
+    tag: str = "final",
+    params: Annotated[str, Form()] = "{}",
+) -> dict[str, Any]:
+    """A reader's label for the series (NIfTI on its grid) becomes the correction of its
+    case, through the same intake as `PUT /api/annotations/{id}/label`."""
+    data = await label.read()
+    if not is_nifti(data):
+        raise HTTPException(415, "the label is not a NIfTI file (.nii or .nii.gz)")
+    annotation_id = await run_in_threadpool(assistant.case_for_image, image)
+    await run_in_threadpool(assistant.hold, annotation_id, who.name)
+    item = await run_in_threadpool(worklist.correct_with_nifti, annotation_id, who.name, data)
+    return {"image": image, "label": image, "tag": tag, "annotation": item}
+
+
+# -- auth ---------------------------------------------------------------------------------
+
+
+@router.get("/auth/")
+def auth_enabled() -> dict[str, Any]:
+    """Always on: every clinical endpoint needs a radloop user."""
+    return {"enabled": True, "client_id": "radloop", "realm": ""}
+
+
+@router.post("/auth/token")
+def auth_token(
+    form: Annotated[OAuth2PasswordRequestForm, Depends()],
+    users: UsersDep,
+    review: ReviewSettingsDep,
+) -> dict[str, Any]:
+    """A user name and password (or API token) for a bearer token that lasts as long as a
+    browser session (`review.session_hours`) and ends at logout or when the user is disabled."""
+    opened = users.login(form.username, form.password, review.session_hours)
+    if opened is None:
+        raise HTTPException(401, "wrong user name or password", {"WWW-Authenticate": "Bearer"})
+    return {"access_token": opened[0], "token_type": "bearer"}
+
+
+@router.get("/auth/token/valid")
+def auth_valid(who: Reader) -> dict[str, Any]:
+    return {"username": who.name, "roles": [who.role.value]}
