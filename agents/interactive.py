@@ -200,8 +200,13 @@ def train_interactive(
             network.eval()
             previous = refine(network, example.hu, clicks, None, config)
             clicks = np.concatenate([clicks, reader_clicks(previous, truth, values)])
-        x = interactive_input(example.hu, clicks, previous, config, torch.device("cpu"))
-        return x[0], torch.from_numpy(truth.astype(np.float32))[None]
+        x = interactive_input(example.hu, clicks, previous, config, torch.device("cpu"))[0]
+        if len(clicks) and rng.random() < 0.5:
+            # A noisy image makes the clicks and the current label worth reading: on clean
+            # phantoms the image alone fits the training set, and the network would learn to
+            # ignore them (the holdout is where a reader needs them).
+            x[0] += torch.randn_like(x[0]) * float(rng.uniform(0.1, 0.4))
+        return x, torch.from_numpy(truth.astype(np.float32))[None]
 
     def batch(rng: np.random.Generator, network: torch.nn.Module) -> tuple[Any, Any]:
         picks = [small[int(i)] for i in rng.integers(0, len(small), settings.batch_size)]

@@ -231,3 +231,51 @@ def test_monailabel_client_connects_takes_the_next_case_refines_with_clicks_and_
     with site.store.read() as session:
         kinds = session.scalars(select(OutboxEvent.event)).all()
     assert "radloop.annotation.corrected" in kinds
+
+
+def test_monailabel_client_starts_polls_and_stops_training_through_prefect(
+    settings: Settings, store: Store, prefect_server: Child, review_service: Child, tmp_path: Path
+) -> None:
+    from prefect.client.orchestration import get_client
+
+    # Set-up shortcut: the retrain deployment with no worker serving it, so a requested run
+    # waits; the training worker creates and serves it in the product (test_work_pools,
+    # test_up).
+    with get_client(sync_client=True) as prefect:
+        prefect.create_deployment(prefect.create_flow_from_name("retrain-model"), "retrain")
+    users = Users(store)
+    users.add("ann", Role.READER, password=PASSWORD)
+    users.add("rita", Role.REVIEWER, password=PASSWORD)
+    site = Site(
+        review_service.spec.url,
+        load_spec(PACKAGED_MODELS / "phantom-abdomen.yaml"),
+        settings,
+        store,
+        {},
+        {},
+        monailabel_client(),
+    )
+    ml = site.ml
+    ann, rita = site.client("ann", tmp_path), site.client("rita", tmp_path)
+    assert not rita.train_status(check_if_running=True)
+    with pytest.raises(ml.MONAILabelClientException, match="403"):
+        ann.train_start("phantom-abdomen", {})
+    with pytest.raises(ml.MONAILabelClientException, match="409"):
+        rita.train_start("phantom-abdomen-deepedit", {})
+
+    started = rita.train_start("phantom-abdomen", {})
+    assert started["state"] == "requested"
+    with get_client(sync_client=True) as prefect:
+        run = prefect.read_flow_run(started["flow_run_id"])
+    assert run.parameters == {"model": "phantom-abdomen", "trigger": "manual"}
+    assert rita.train_status(check_if_running=True)
+    status = ann.train_status()
+    assert status["status"] == "RUNNING"
+    assert [r["flow_run_id"] for r in status["requested"]] == [started["flow_run_id"]]
+
+    stopped = rita.train_stop()
+    assert [r["flow_run_id"] for r in stopped["stopped"]] == [started["flow_run_id"]]
+    with get_client(sync_client=True) as prefect:
+        state = prefect.read_flow_run(started["flow_run_id"]).state
+    assert state is not None and state.is_cancelled()
+    assert not rita.train_status(check_if_running=True)

@@ -35,6 +35,7 @@ from agents.review.routes import (
     viewer,
     worklist,
 )
+from agents.review.training import TrainingRequests
 from agents.review.worklist import Worklist
 from model_registry.inference import TritonBackend
 from radloop.db import Store, utcnow
@@ -85,6 +86,7 @@ def create_app(
     app.state.assistant = Assistant(
         store, cases, TritonBackend(settings.triton.base_url), settings.drafts_dir, clock
     )
+    app.state.training = TrainingRequests(store, settings.prefect.effective_api_url)
     routers = (api, annotations, monailabel, users, login, worklist, dashboard, dicomweb, viewer)
     for routes in routers:
         app.include_router(routes.router)

@@ -18,6 +18,7 @@ from fastapi.templating import Jinja2Templates
 from agents.review.assist import Assistant
 from agents.review.auth import ADMINISTER, CORRECT, READ, VALIDATE, Principal, Users
 from agents.review.proxy import DicomWebProxy, OhifHost
+from agents.review.training import TrainingRequests
 from agents.review.worklist import Worklist
 from radloop.db import Store
 from radloop.domain import Role
@@ -65,6 +66,10 @@ async def get_assistant(request: Request) -> Assistant:
     return cast(Assistant, request.app.state.assistant)
 
 
+async def get_training(request: Request) -> TrainingRequests:
+    return cast(TrainingRequests, request.app.state.training)
+
+
 ReviewSettingsDep = Annotated[ReviewSettings, Depends(get_review_settings)]
 StoreDep = Annotated[Store, Depends(get_store)]
 WorklistDep = Annotated[Worklist, Depends(get_worklist)]
@@ -73,6 +78,7 @@ TemplatesDep = Annotated[Jinja2Templates, Depends(get_templates)]
 ProxyDep = Annotated[DicomWebProxy, Depends(get_proxy)]
 OhifDep = Annotated[OhifHost, Depends(get_ohif)]
 AssistantDep = Annotated[Assistant, Depends(get_assistant)]
+TrainingDep = Annotated[TrainingRequests, Depends(get_training)]
 
 # -- who is asking ------------------------------------------------------------------------
 

@@ -30,7 +30,9 @@ from agents.review.deps import (
     AssistantDep,
     Corrector,
     Reader,
+    Reviewer,
     ReviewSettingsDep,
+    TrainingDep,
     UsersDep,
     WorklistDep,
     require,
@@ -250,6 +252,40 @@ async def save_label(
     await run_in_threadpool(assistant.hold, annotation_id, who.name)
     item = await run_in_threadpool(worklist.correct_with_nifti, annotation_id, who.name, data)
     return {"image": image, "label": image, "tag": tag, "annotation": item}
+
+
+# -- training ---------------------------------------------------------------------------
+
+
+@router.post("/train/{model}")
+def train_start(
+    model: str, who: Reviewer, worklist: WorklistDep, training: TrainingDep
+) -> dict[str, Any]:
+    """`radloop train MODEL` through Prefect: fine-tune, MLflow run, holdout gate, reload."""
+    spec, interactive = _model(worklist.specs, model)
+    if interactive:
+        raise HTTPException(
+            409,
+            f"{model} is not yet retrained in the loop; "
+            f"`radloop models bootstrap {spec.name} --interactive` trains it",
+        )
+    return training.start(model)
+
+
+@router.get("/train/")
+def train_status(who: Reader, training: TrainingDep, check_if_running: bool = False) -> Any:
+    """The newest training of each model and the requested ones; with `check_if_running`,
+    200 while one runs or waits and 404 otherwise (MONAI Label's fast check)."""
+    status = training.status()
+    if check_if_running and not status["running"]:
+        return JSONResponse({"detail": "no training is running"}, status_code=404)
+    return status
+
+
+@router.delete("/train/")
+def train_stop(who: Reviewer, training: TrainingDep) -> dict[str, Any]:
+    """Cancel the retrain flow runs not yet ended."""
+    return training.stop()
 
 
 # -- auth ---------------------------------------------------------------------------------
