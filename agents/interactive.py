@@ -95,22 +95,29 @@ def dice_after_clicks(
     return scores
 
 
+def after_clicks(
+    network: torch.nn.Module,
+    volume: tuple[NDArray[Any], NDArray[Any], Sequence[float]],
+    spec: ModelSpec,
+) -> dict[str, float]:
+    """Dice per label of one (HU, labels, spacing) volume after `gate_clicks` reader rounds
+    from an empty label: what the interactive model's gate compares."""
+    config = inference_config(spec.as_interactive())
+    hu, truth, _ = volume
+
+    def run(clicks: Clicks, previous: NDArray[Any] | None) -> NDArray[Any]:
+        return refine(network, hu, clicks, previous, config)
+
+    return dice_after_clicks(run, truth, spec, settings_of(spec).gate_clicks)[-1]
+
+
 def gate_dice(
     network: torch.nn.Module,
     volumes: Sequence[tuple[NDArray[Any], NDArray[Any], Sequence[float]]],
     spec: ModelSpec,
 ) -> dict[str, float]:
-    """Mean Dice per label after `gate_clicks` reader rounds from an empty label, over
-    (HU, labels, spacing) volumes: what the interactive model's gate compares."""
-    config = inference_config(spec, interactive=True)
-    rounds = settings_of(spec).gate_clicks
-    finals = []
-    for hu, truth, _ in volumes:
-
-        def run(clicks: Clicks, previous: NDArray[Any] | None, hu: Any = hu) -> NDArray[Any]:
-            return refine(network, hu, clicks, previous, config)
-
-        finals.append(dice_after_clicks(run, truth, spec, rounds)[-1])
+    """Mean over volumes of `after_clicks`, per label name."""
+    finals = [after_clicks(network, volume, spec) for volume in volumes]
     return {label.name: float(np.mean([f[label.name] for f in finals])) for label in spec.labels}
 
 
@@ -180,7 +187,7 @@ def train_interactive(
     """Train (or fine-tune `initial`) the spec's interactive model on labelled volumes with
     simulated clicks; `steps` batches (default: the spec's)."""
     settings = settings_of(spec)
-    config = inference_config(spec, interactive=True)
+    config = inference_config(spec.as_interactive())
     values = [label.value for label in spec.labels]
     small = [_small(example, settings.spatial_size) for example in examples]
 
@@ -213,7 +220,7 @@ def train_interactive(
         pairs = [one(example, rng, network) for example in picks]
         return torch.stack([x for x, _ in pairs]), torch.stack([y for _, y in pairs])
 
-    network = initial if initial is not None else settings.network.build()
+    network = initial if initial is not None else settings.network.build
     total = steps if steps is not None else settings.steps
     training = TrainingConfig(
         epochs=total, steps_per_epoch=1, learning_rate=settings.learning_rate, seed=seed

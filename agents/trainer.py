@@ -92,25 +92,27 @@ def train(
         chosen = [_patch(example, roi, rng) for example in picks]
         return torch.stack([p.image for p in chosen]), torch.stack([p.labels for p in chosen])
 
-    network = initial if initial is not None else spec.network.build()
-    return fit(network, patches, config, on_epoch, device)
+    return fit(
+        initial if initial is not None else spec.network.build, patches, config, on_epoch, device
+    )
 
 
 def fit(
-    network: torch.nn.Module,
+    network: torch.nn.Module | Callable[[], torch.nn.Module],
     batch: Batch,
     config: TrainingConfig,
     on_epoch: Callable[[int, float], None] | None = None,
     device: torch.device | None = None,
 ) -> tuple[torch.nn.Module, TrainingReport]:
     """Adam on Dice + cross-entropy over `config.epochs` × `config.steps_per_epoch` batches of
-    (inputs, labels) that `batch(rng, network)` makes; the network comes back on the CPU in
-    eval mode."""
+    (inputs, labels) that `batch(rng, network)` makes, on `network` or on the one a builder
+    makes after the seed is set (so a new network's initial weights follow the seed too); the
+    network comes back on the CPU in eval mode."""
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     amp = device.type == "cuda"
-    network = network.to(device)
+    network = (network if isinstance(network, torch.nn.Module) else network()).to(device)
     network.train()
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     optimiser = torch.optim.Adam(network.parameters(), lr=config.learning_rate)

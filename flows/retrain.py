@@ -17,10 +17,30 @@ from prefect import flow, get_run_logger
 from agents.retrain import Retrainer
 from flows.ghosts import RETRAIN_FLOW, end_training_rows_on_crash
 from flows.process import mark_this_run
+from model_registry.repository import model_repository
 from radloop.db import Store
 from radloop.domain import TrainingTrigger
-from radloop.modelspec import load_specs
-from radloop.settings import load_settings
+from radloop.modelspec import ModelSpec, load_specs
+from radloop.settings import Settings, load_settings
+
+
+def retrainable(
+    specs: dict[str, ModelSpec], settings: Settings, model: str | None
+) -> list[ModelSpec]:
+    """The models `model` names (None: all): a task's own model, then its interactive model
+    (named by the task's name too) once one serves — a site opts in with `radloop models
+    bootstrap NAME --interactive` or an import; the loop does not train one from nothing."""
+    repository = model_repository(settings)
+    chosen = []
+    for name, spec in specs.items():
+        if model in (None, name):
+            chosen.append(spec)
+        if spec.interactive is None:
+            continue
+        interactive = spec.as_interactive()
+        if model in (None, name, interactive.name) and repository.champion(interactive.name):
+            chosen.append(interactive)
+    return chosen
 
 
 @flow(name=RETRAIN_FLOW, on_crashed=[end_training_rows_on_crash])
@@ -33,9 +53,8 @@ def retrain_model(model: str | None = None, trigger: str = "threshold") -> list[
     store = Store.open(settings.effective_database_url)
     results = []
     try:
-        for name, spec in specs.items():
-            if model is not None and name != model:
-                continue
+        for spec in retrainable(specs, settings, model):
+            name = spec.name
             retrainer = Retrainer.from_settings(store, spec, settings)
 
             def progress(

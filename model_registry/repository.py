@@ -57,18 +57,13 @@ instance_group [ {{ kind: KIND_CPU, count: 1 }} ]
 """
 
 
-def inference_config(spec: ModelSpec, *, interactive: bool = False) -> dict[str, Any]:
-    """What `model.py` needs of the spec, as JSON (it does not import radloop); for the
-    spec's interactive model with `interactive`."""
+def inference_config(spec: ModelSpec) -> dict[str, Any]:
+    """What `model.py` needs of the spec, as JSON (it does not import radloop); an interactive
+    model's (`ModelSpec.as_interactive`) also holds its `interactive` section."""
     fields = {"name", "preprocessing", "inference", "uncertainty", "labels"}
-    if not interactive:
-        return spec.model_dump(mode="json", include=fields)
-    if spec.interactive is None:
-        raise ValueError(f"{spec.name} declares no interactive model")
-    return {
-        **spec.model_dump(mode="json", include=fields | {"interactive"}),
-        "name": spec.interactive_name,
-    }
+    if spec.is_interactive:
+        fields.add("interactive")
+    return spec.model_dump(mode="json", include=fields)
 
 
 SERVING_FILE = "serving.json"
@@ -192,15 +187,13 @@ class TritonRepository:
         version: int | None = None,
         *,
         serve: bool = True,
-        interactive: bool = False,
     ) -> int:
-        """Write `model` as a new version of `spec.name` (next free number unless given), or
-        of its interactive model with `interactive`.
+        """Write `model` as a new version of `spec.name` (next free number unless given).
 
         With `serve`, the new version is also the one Triton loads and drafting uses (starter
         and imported models); the retraining flow passes False and hot-reloads it itself."""
-        config = json.dumps(inference_config(spec, interactive=interactive), indent=2)
-        name = str(json.loads(config)["name"])
+        config = json.dumps(inference_config(spec), indent=2)
+        name = spec.name
         existing = self.versions(name)
         version = version if version is not None else (existing[-1] + 1 if existing else 1)
         if version in existing:

@@ -279,10 +279,35 @@ def refine(
     `previous` (None: an empty label)."""
     device = next(iter(model.parameters())).device
     x = interactive_input(image, clicks, previous, config, device)
+    size = config["interactive"]["spatial_size"]
     with torch.inference_mode():
         labels = model(x).argmax(dim=1, keepdim=True).float()
         labels = _resample(labels, image.shape, "nearest")
-    return labels[0, 0].to(torch.uint8).cpu().numpy()
+        answer = labels[0, 0].to(torch.uint8).cpu().numpy()
+        if previous is None or not len(clicks):
+            return answer
+        near = _near(clicks, image.shape, size, float(config["interactive"]["radius"]))
+    return np.where(near, answer, np.asarray(previous, dtype=np.uint8))
+
+
+def _near(
+    clicks: NDArray[Any], shape: Sequence[int], size: Sequence[int], radius: float
+) -> NDArray[Any]:
+    """Voxels of the image grid within `radius` voxels of `size`'s grid of any click: where a
+    refinement may change the label it starts from (a click does not move a far organ, and
+    the label elsewhere is not resampled on every click)."""
+    axes = [
+        (torch.arange(n, dtype=torch.float32) + 0.5) * s / n - 0.5
+        for n, s in zip(shape, size, strict=True)
+    ]
+    grid = torch.stack(torch.meshgrid(*axes, indexing="ij"))
+    near = torch.zeros(tuple(shape), dtype=torch.bool)
+    for _, *index in np.asarray(clicks, dtype=np.int64).reshape(-1, 4).tolist():
+        at = torch.tensor(
+            [(i + 0.5) * s / n - 0.5 for i, n, s in zip(index, shape, size, strict=True)]
+        )
+        near |= ((grid - at[:, None, None, None]) ** 2).sum(dim=0) <= radius**2
+    return near.numpy()
 
 
 def _answer(model: Any, config: dict[str, Any], request: Any, pb_utils: Any) -> tuple[Any, float]:

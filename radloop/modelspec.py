@@ -19,6 +19,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -189,6 +190,9 @@ class Interactive(_Strict):
     spatial_size: tuple[int, int, int]
     # Gaussian sigma of a click map, in voxels of `spatial_size`.
     sigma: float = Field(2.0, gt=0)
+    # A refinement changes the label it starts from within this distance of a click (voxels
+    # of `spatial_size`) and nowhere else; from an empty label it answers everywhere.
+    radius: float = Field(6.0, gt=0)
     # Clicks per label and request; more are refused with the reason.
     max_clicks: int = Field(10, ge=1, le=100)
     gate_clicks: int = Field(3, ge=0)
@@ -253,12 +257,42 @@ class ModelSpec(_Strict):
                     )
         return self
 
+    # Set on the spec `as_interactive` derives: the task it belongs to.
+    _task: str | None = PrivateAttr(None)
+
     @property
     def interactive_name(self) -> str | None:
         """The name Triton, MLflow and the MONAI Label API know the interactive model by."""
         if self.interactive is None:
             return None
+        if self._task is not None:
+            return self.name
         return f"{self.name}-{self.interactive.interaction.value}"
+
+    @property
+    def is_interactive(self) -> bool:
+        """Whether this is the spec of a task's interactive model (`as_interactive`)."""
+        return self._task is not None
+
+    @property
+    def task(self) -> str:
+        """The task whose validated labels this model learns from: its own name, or for an
+        interactive model its task's."""
+        return self._task or self.name
+
+    def as_interactive(self) -> ModelSpec:
+        """The spec of this task's interactive model: its name and network, the task's labels,
+        preprocessing and retraining. Everything that serves, tracks, retrains and gates a
+        model by its spec handles it as a model of its own."""
+        if self._task is not None:
+            return self
+        if self.interactive is None:
+            raise ValueError(f"model {self.name} declares no interactive model")
+        derived = self.model_copy(
+            update={"name": self.interactive_name, "network": self.interactive.network}
+        )
+        derived._task = self.name
+        return derived
 
 
 class ModelSpecError(Exception):

@@ -43,4 +43,4 @@ def export_interactive(settings: Settings, spec: ModelSpec, steps: int = 40) -> 
     examples = [InteractiveExample(p.hu, p.labels) for p in map(generate, range(700, 704))]
     network, _ = train_interactive(small, examples, seed=0, steps=steps)
     scripted = torch.jit.script(network.eval())
-    return model_repository(settings).export(small, scripted, interactive=True)
+    return model_repository(settings).export(small.as_interactive(), scripted)

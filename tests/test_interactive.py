@@ -74,7 +74,7 @@ def test_a_click_map_peaks_at_the_clicked_voxel_of_the_resized_grid() -> None:
     peak = np.unravel_index(int(maps[2].argmax()), (5, 20, 20))
     assert tuple(int(i) for i in peak) == (4, 10, 19)
     assert float(maps[[0, 1, 3]].abs().sum()) == 0.0
-    config = inference_config(SPEC, interactive=True)
+    config = inference_config(SPEC.as_interactive())
     previous = np.zeros((10, 40, 40), dtype=np.uint8)
     previous[:, :20] = 3
     x = interactive_input(np.zeros((10, 40, 40)), np.zeros((0, 4)), previous, config, maps.device)

@@ -22,6 +22,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import httpx
 import nibabel as nib
 import numpy as np
 import pytest
@@ -221,6 +222,21 @@ def test_monailabel_client_connects_takes_the_next_case_refines_with_clicks_and_
         site.annotation(other).state,
     ) == before
 
+    # Bob refines his case and accepts the refinement without a file (what the worklist's
+    # "Accept refined label" does for OHIF's panel, which cannot save).
+    bob_click = _click_that_changes(site, other)
+    bob_path, _ = bob.infer("phantom-abdomen-deepedit", other, {bob_click[0]: [bob_click[1]]})
+    case = site.cases[other]
+    token = {"authorization": f"Bearer {bob._headers['Authorization'].split()[1]}"}
+    with httpx.Client(base_url=site.url, headers=token, timeout=60) as api:
+        unrefined = api.post(f"/api/annotations/{site.cases[image]}/accept-refined")
+        assert unrefined.status_code == 409 and "not refined" in unrefined.json()["detail"]
+        accepted = api.post(f"/api/annotations/{case}/accept-refined")
+    assert accepted.status_code == 200, accepted.text
+    assert accepted.json()["state"] == AnnotationState.CORRECTED.value
+    stored = read_label_map(Path(str(site.annotation(other).correction_path)))
+    assert np.array_equal(stored, read_label_map(Path(bob_path)))
+
     # Saving the refined label: the case's correction, with Dice and its event.
     saved = ann.save_label(image, path, tag="final")
     assert saved["image"] == image
@@ -260,8 +276,8 @@ def test_monailabel_client_starts_polls_and_stops_training_through_prefect(
     assert not rita.train_status(check_if_running=True)
     with pytest.raises(ml.MONAILabelClientException, match="403"):
         ann.train_start("phantom-abdomen", {})
-    with pytest.raises(ml.MONAILabelClientException, match="409"):
-        rita.train_start("phantom-abdomen-deepedit", {})
+    with pytest.raises(ml.MONAILabelClientException, match="404"):
+        rita.train_start("no-such-model", {})
 
     started = rita.train_start("phantom-abdomen", {})
     assert started["state"] == "requested"

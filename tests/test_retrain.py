@@ -39,6 +39,7 @@ from radloop.wait import wait_until
 from tests.conftest import bucket
 from tests.conftest_marks import ONCE
 from tests.drafted import annotator, received_phantom, worklist
+from tests.models import export_interactive, small_interactive
 from tests.servers import S3Server, radloop_json
 
 # Trains and serves models.
@@ -260,6 +261,31 @@ def test_a_good_challenger_is_promoted_registered_as_champion_and_hot_reloaded(
     image = np.zeros(spec.inference.roi_size, dtype=np.float32)
     assert backend.infer(spec.name, image, spec.preprocessing.spacing, 1).model_version == "1"
     assert [e["triton_version"] for e in events(store, "radloop.model.rolled_back")] == [1]
+
+    # The task's interactive model learns from the same validated labels, under its own name,
+    # gated on holdout Dice after `gate_clicks` simulated clicks per label.
+    export_interactive(settings, spec)
+    interactive = small_interactive(spec).as_interactive()
+    backend.load(interactive.name)
+    clicks = Retrainer(store, interactive, registry, repository, backend)
+    assert clicks.due(TrainingTrigger.THRESHOLD) is not None  # none used by it yet
+    result = clicks.run(TrainingTrigger.MANUAL)
+    assert result["model"] == "phantom-abdomen-deepedit"
+    assert result["state"] in (TrainingState.PROMOTED, TrainingState.REJECTED), result
+    assert (
+        set(result["challenger_dice"])
+        == set(result["champion_dice"])
+        == {
+            "Liver",
+            "Spleen",
+            "Kidney",
+        }
+    )
+    assert [v.triton_version for v in registry.versions(interactive.name)][:1] == [1]
+    served = repository.champion(interactive.name)
+    assert served == (2 if result["state"] == TrainingState.PROMOTED else 1)
+    assert str(served) in backend.served_versions(interactive.name)
+    assert repository.champion(spec.name) == 1  # the task model is untouched
 
 
 def test_two_runs_of_one_model_never_overlap_and_a_killed_run_does_not_block(

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from agents.interactive import after_clicks
 from agents.retrain.dataset import Volume
 from agents.trainer import dice_per_volume, mean_dice
 from radloop.modelspec import ModelSpec
@@ -37,9 +38,13 @@ class HoldoutScores:
 
 
 def score_volumes(network: torch.nn.Module, volumes: list[Volume], spec: ModelSpec) -> PerVolume:
-    """Dice per label name of `network` on each volume, by label id."""
+    """Dice per label name of `network` on each volume, by label id; for an interactive model
+    after `gate_clicks` simulated clicks per label from an empty label."""
     triples = [(v.hu, v.labels, v.spacing) for v in volumes]
-    scores = dice_per_volume(network, triples, spec)
+    if spec.is_interactive:
+        scores = [after_clicks(network, triple, spec) for triple in triples]
+    else:
+        scores = dice_per_volume(network, triples, spec)
     return {v.label_id: score for v, score in zip(volumes, scores, strict=True)}
 
 

@@ -15,13 +15,14 @@ from typing import Any
 
 import torch
 
+from agents.interactive import InteractiveExample, train_interactive
 from agents.retrain import tracking
 from agents.retrain.card import model_card
 from agents.retrain.dataset import Volume, load_volumes, manifest, train_labels_since
 from agents.retrain.gate import HoldoutScores, decide, judge
 from agents.retrain.runs import RunBook, sigterm_cancels, training_record
 from agents.retrain.scores import HoldoutScoreBook
-from agents.trainer import Example, TrainingConfig, prepare, train
+from agents.trainer import TrainingConfig, prepare, train
 from model_registry.deploy import StagedVersion, hot_reload
 from model_registry.inference import TritonBackend
 from model_registry.mlflow_registry import CHAMPION, Registry, adopt
@@ -92,7 +93,7 @@ class Retrainer:
 
     def new_train_labels(self) -> int:
         """Validated train labels since the start of the last run that trained."""
-        return train_labels_since(self.store, self.spec.name, self.book.last_training_start())
+        return train_labels_since(self.store, self.spec.task, self.book.last_training_start())
 
     def due(self, trigger: TrainingTrigger | str) -> str | None:
         """Why a run should start now, or None."""
@@ -149,7 +150,11 @@ class Retrainer:
             holdout_label_ids=[v.label_id for v in holdout],
             parent_version=parent,
         )
-        examples = [prepare(v.hu, v.labels, v.spacing, self.spec) for v in train_set]
+        examples: list[Any] = (
+            [InteractiveExample(v.hu, v.labels) for v in train_set]
+            if self.spec.is_interactive
+            else [prepare(v.hu, v.labels, v.spacing, self.spec) for v in train_set]
+        )
         run.timings["prepare_s"] = time.monotonic() - run.started
         params = self._open_mlflow_run(run, train_set, holdout, parent)
         with _timed(run, "train_s"):
@@ -191,8 +196,9 @@ class Retrainer:
 
     def _dataset(self) -> tuple[list[Volume], list[Volume]]:
         """The validated train and holdout volumes; training needs at least one train label."""
-        train_set = load_volumes(self.store, self.datasets, self.spec.name, LabelSplit.TRAIN)
-        holdout = load_volumes(self.store, self.datasets, self.spec.name, LabelSplit.HOLDOUT)
+        task = self.spec.task  # an interactive model learns from its task's labels
+        train_set = load_volumes(self.store, self.datasets, task, LabelSplit.TRAIN)
+        holdout = load_volumes(self.store, self.datasets, task, LabelSplit.HOLDOUT)
         if not train_set:
             raise RuntimeError("no validated train labels")
         return train_set, holdout
@@ -221,14 +227,14 @@ class Retrainer:
         run.mlflow_run_id = tracking.create_run(self.registry, self.spec, run.id, run.reason)
         self.book.update(run.id, mlflow_run_id=run.mlflow_run_id)
         params = tracking.training_params(self.spec, len(train_set), len(holdout), parent)
-        dataset = manifest(self.store, self.spec.name, train_set, holdout)
+        dataset = manifest(self.store, self.spec.task, train_set, holdout)
         tracking.log_inputs(self.registry, run.mlflow_run_id, params, dataset)
         return params
 
     def _train(
         self,
         run: _Run,
-        examples: list[Example],
+        examples: list[Any],
         champion: torch.nn.Module | None,
         on_epoch: EpochHook | None,
     ) -> tuple[torch.nn.Module, list[float]]:
@@ -250,6 +256,20 @@ class Retrainer:
                 on_epoch(epoch, loss)
 
         initial = _trainable(self.spec, champion)
+        if self.spec.is_interactive:  # epochs × steps_per_epoch batches with simulated clicks
+            steps = retraining.steps_per_epoch
+
+            def step_done(step: int, loss: float) -> None:
+                if step % steps == 0:
+                    epoch_done(step // steps, loss)
+
+            challenger, report = train_interactive(
+                self.spec, examples, retraining.seed, config.epochs * steps, initial, step_done
+            )
+            losses = report.epoch_losses
+            return challenger, [
+                sum(losses[i : i + steps]) / steps for i in range(0, len(losses), steps)
+            ]
         challenger, report = train(self.spec, examples, config, initial, on_epoch=epoch_done)
         return challenger, report.epoch_losses
 

@@ -8,7 +8,7 @@ from pydantic import BaseModel
 
 from agents.review.auth import VALIDATE
 from agents.review.corrections import is_dicom, is_nifti
-from agents.review.deps import Corrector, Reader, Reviewer, WorklistDep
+from agents.review.deps import AssistantDep, Corrector, Reader, Reviewer, WorklistDep
 
 router = APIRouter(prefix="/api/annotations", tags=["annotations"])
 
@@ -37,6 +37,15 @@ def api_release(annotation_id: int, who: Corrector, worklist: WorklistDep) -> di
 def api_accept(annotation_id: int, who: Corrector, worklist: WorklistDep) -> dict[str, Any]:
     """The claimed draft needs no change: it becomes the correction (Dice 1)."""
     return worklist.accept_draft(annotation_id, who.name)
+
+
+@router.post("/{annotation_id}/accept-refined")
+def api_accept_refined(
+    annotation_id: int, who: Corrector, assistant: AssistantDep
+) -> dict[str, Any]:
+    """The caller's latest click-guided refinement of the claimed case becomes its correction
+    (OHIF's MONAI Label panel refines but cannot save)."""
+    return assistant.accept_refined(annotation_id, who.name)
 
 
 @router.put("/{annotation_id}/label")

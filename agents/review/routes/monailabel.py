@@ -262,13 +262,7 @@ def train_start(
     model: str, who: Reviewer, worklist: WorklistDep, training: TrainingDep
 ) -> dict[str, Any]:
     """`radloop train MODEL` through Prefect: fine-tune, MLflow run, holdout gate, reload."""
-    spec, interactive = _model(worklist.specs, model)
-    if interactive:
-        raise HTTPException(
-            409,
-            f"{model} is not yet retrained in the loop; "
-            f"`radloop models bootstrap {spec.name} --interactive` trains it",
-        )
+    _model(worklist.specs, model)  # 404 for a model radloop does not serve
     return training.start(model)
 
 

@@ -171,9 +171,11 @@ def _publish(
     from model_registry.inference import InferenceUnavailable, TritonBackend
     from model_registry.repository import model_repository
 
-    name = str(spec.interactive_name if interactive else spec.name)
+    if interactive:
+        spec = spec.as_interactive()
+    name = spec.name
     repository = model_repository(settings)
-    version = repository.export(spec, network, interactive=interactive)
+    version = repository.export(spec, network)
     try:
         TritonBackend(settings.triton.base_url).load(name)
         out.print(f"Triton at {settings.triton.base_url} now serves {name} v{version}")

@@ -52,12 +52,17 @@ def train(
     """Retrain MODEL on its validated labels now: fine-tune, MLflow run, holdout gate, deploy."""
     settings = cli_settings()
     specs = cli_model_specs(settings)
-    if model not in specs:
-        err_console.print(f"no model spec named {model!r} (known: {', '.join(specs)})")
+    # Task models, and their interactive models by their own names.
+    models = {
+        **specs,
+        **{s.as_interactive().name: s.as_interactive() for s in specs.values() if s.interactive},
+    }
+    if model not in models:
+        err_console.print(f"no model named {model!r} (known: {', '.join(models)})")
         raise typer.Exit(2)
     store = open_store(settings)
     if local:
-        result: dict[str, Any] | None = _train_here(settings, store, specs[model], as_json)
+        result: dict[str, Any] | None = _train_here(settings, store, models[model], as_json)
     else:
         result = _through_prefect(settings, store, model, wait, timeout, as_json)
     if result is None:
