@@ -265,7 +265,9 @@ def test_a_good_challenger_is_promoted_registered_as_champion_and_hot_reloaded(
     # The task's interactive model learns from the same validated labels, under its own name,
     # gated on holdout Dice after `gate_clicks` simulated clicks per label.
     export_interactive(settings, spec)
-    interactive = small_interactive(spec).as_interactive()
+    small = small_interactive(spec)
+    shorter = small.retraining.model_copy(update={"epochs": 2})  # 16 batches with clicks
+    interactive = small.model_copy(update={"retraining": shorter}).as_interactive()
     backend.load(interactive.name)
     clicks = Retrainer(store, interactive, registry, repository, backend)
     assert clicks.due(TrainingTrigger.THRESHOLD) is not None  # none used by it yet
