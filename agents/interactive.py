@@ -226,3 +226,27 @@ def train_interactive(
         epochs=total, steps_per_epoch=1, learning_rate=settings.learning_rate, seed=seed
     )
     return fit(network, batch, training, on_step, device)
+
+
+def fine_tune(
+    spec: ModelSpec,
+    examples: Sequence[InteractiveExample],
+    config: TrainingConfig,
+    initial: torch.nn.Module | None,
+    on_epoch: Callable[[int, float], None] | None = None,
+) -> tuple[torch.nn.Module, list[float]]:
+    """`config.epochs` × `config.steps_per_epoch` batches with simulated clicks, reported per
+    epoch (mean loss) as the automatic model's fine-tune is; returns the network and the
+    loss per epoch."""
+    steps = config.steps_per_epoch
+    losses: list[float] = []
+
+    def step_done(step: int, loss: float) -> None:
+        losses.append(loss)
+        if step % steps == 0 and on_epoch is not None:
+            on_epoch(step // steps, sum(losses[-steps:]) / steps)
+
+    network, _ = train_interactive(
+        spec, examples, config.seed, config.epochs * steps, initial, step_done
+    )
+    return network, [sum(losses[i : i + steps]) / steps for i in range(0, len(losses), steps)]

@@ -138,6 +138,15 @@ def fit(
     return network.cpu(), report
 
 
+def trainable(spec: ModelSpec, champion: torch.nn.Module | None) -> torch.nn.Module | None:
+    """The champion's weights in a fresh (trainable, non-scripted) network of the spec."""
+    if champion is None:
+        return None
+    network: torch.nn.Module = spec.network.build()
+    network.load_state_dict(champion.state_dict())
+    return network
+
+
 def dice_per_volume(
     network: torch.nn.Module,
     volumes: Sequence[tuple[NDArray[Any], NDArray[Any], Sequence[float]]],

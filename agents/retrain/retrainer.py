@@ -15,14 +15,14 @@ from typing import Any
 
 import torch
 
-from agents.interactive import InteractiveExample, train_interactive
+from agents.interactive import InteractiveExample, fine_tune
 from agents.retrain import tracking
 from agents.retrain.card import model_card
 from agents.retrain.dataset import Volume, load_volumes, manifest, train_labels_since
 from agents.retrain.gate import HoldoutScores, decide, judge
 from agents.retrain.runs import RunBook, sigterm_cancels, training_record
 from agents.retrain.scores import HoldoutScoreBook
-from agents.trainer import TrainingConfig, prepare, train
+from agents.trainer import TrainingConfig, prepare, train, trainable
 from model_registry.deploy import StagedVersion, hot_reload
 from model_registry.inference import TritonBackend
 from model_registry.mlflow_registry import CHAMPION, Registry, adopt
@@ -255,21 +255,9 @@ class Retrainer:
             if on_epoch is not None:
                 on_epoch(epoch, loss)
 
-        initial = _trainable(self.spec, champion)
-        if self.spec.is_interactive:  # epochs × steps_per_epoch batches with simulated clicks
-            steps = retraining.steps_per_epoch
-
-            def step_done(step: int, loss: float) -> None:
-                if step % steps == 0:
-                    epoch_done(step // steps, loss)
-
-            challenger, report = train_interactive(
-                self.spec, examples, retraining.seed, config.epochs * steps, initial, step_done
-            )
-            losses = report.epoch_losses
-            return challenger, [
-                sum(losses[i : i + steps]) / steps for i in range(0, len(losses), steps)
-            ]
+        initial = trainable(self.spec, champion)
+        if self.spec.is_interactive:  # the same budget, in batches with simulated clicks
+            return fine_tune(self.spec, examples, config, initial, epoch_done)
         challenger, report = train(self.spec, examples, config, initial, on_epoch=epoch_done)
         return challenger, report.epoch_losses
 
@@ -409,12 +397,3 @@ def _withdraw_quietly(staged: StagedVersion) -> None:
         staged.withdraw()
     except Exception:
         log.exception("%s: could not withdraw candidate v%d", staged.spec.name, staged.version)
-
-
-def _trainable(spec: ModelSpec, champion: torch.nn.Module | None) -> torch.nn.Module | None:
-    """The champion's weights in a fresh (trainable, non-scripted) network of the spec."""
-    if champion is None:
-        return None
-    network: torch.nn.Module = spec.network.build()
-    network.load_state_dict(champion.state_dict())
-    return network

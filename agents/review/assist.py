@@ -260,12 +260,3 @@ class Assistant:
         return self.worklist.correct_with_nifti(
             annotation_id, user, Path(latest.label_path).read_bytes()
         )
-
-    def clicks_on(self, annotation_id: int) -> int:
-        """Distinct clicks readers placed on the case (clients resend earlier clicks with each
-        new one): its correction effort besides 1 − Dice."""
-        with self.store.read() as session:
-            sent = session.scalars(
-                select(Interaction.clicks).where(Interaction.annotation_id == annotation_id)
-            ).all()
-        return len({tuple(click) for clicks in sent for click in clicks})
