@@ -210,8 +210,7 @@ class Assistant:
         except InferenceUnavailable as error:
             raise ServiceUnavailable(f"the interactive model is not available: {error}") from None
         seconds = time.monotonic() - started
-        case_ = load_case(self.store, annotation_id)
-        path = self.drafts_dir / case_.study_uid / "refinements" / f"{uuid.uuid4().hex}.nii.gz"
+        path = self.drafts_dir / series.study_uid / "refinements" / f"{uuid.uuid4().hex}.nii.gz"
         write_nifti(path, result.labels, series.affine)
         with self.store.transaction() as session:
             row = Interaction(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from agents.retrain import training_record
 from agents.review.cases import ReviewError
@@ -53,11 +53,13 @@ class TrainingRequests:
         """The newest training run of each model, the retrain flow runs not yet ended, and
         whether anything is running or waiting to."""
         with self.store.read() as session:
-            ids = session.scalars(select(TrainingRun.id).order_by(TrainingRun.id.desc())).all()
-            names = dict(session.execute(select(TrainingRun.id, TrainingRun.model_name)).all())
-        newest: dict[str, int] = {}
-        for run_id in ids:
-            newest.setdefault(names[run_id], run_id)
+            newest = dict(
+                session.execute(
+                    select(TrainingRun.model_name, func.max(TrainingRun.id)).group_by(
+                        TrainingRun.model_name
+                    )
+                ).all()
+            )
         runs = [training_record(self.store, run_id) for run_id in newest.values()]
         requested = self.requested()
         running = bool(requested) or any(r["state"] == TrainingState.RUNNING.value for r in runs)

@@ -37,6 +37,7 @@ from agents.review.deps import (
     WorklistDep,
     require,
 )
+from agents.review.worklist import Worklist
 from agents.volume import LoadedSeries
 from radloop.domain import AnnotationState
 from radloop.modelspec import ModelSpec
@@ -79,13 +80,19 @@ def _model(specs: dict[str, ModelSpec], name: str) -> tuple[ModelSpec, bool]:
     raise HTTPException(404, f"unknown model {name!r}; radloop serves {', '.join(_models(specs))}")
 
 
+def _totals(worklist: Worklist) -> dict[str, Any]:
+    """MONAI Label's datastore counts: every case, and those with a reader's label."""
+    counts = worklist.counts()
+    done = (AnnotationState.CORRECTED, AnnotationState.VALIDATED)
+    return {"total": sum(counts.values()), "completed": sum(counts[s.value] for s in done)}
+
+
 @router.get("/info/")
 def info(who: Reader, worklist: WorklistDep) -> dict[str, Any]:
     """What Slicer and OHIF list: models (task models and their interactive models), labels,
     strategies, trainers and the datastore's counts. No top-level `config`: Slicer refuses a
     server that sends one."""
     specs = worklist.specs
-    counts = worklist.counts()
     labels = sorted({label.name for spec in specs.values() for label in spec.labels})
     return {
         "name": "radloop",
@@ -100,11 +107,7 @@ def info(who: Reader, worklist: WorklistDep) -> dict[str, Any]:
         "strategies": {name: {"description": text} for name, text in STRATEGIES.items()},
         "scoring": {},
         "train_stats": {},
-        "datastore": {
-            "total": sum(counts.values()),
-            "completed": counts[AnnotationState.CORRECTED.value]
-            + counts[AnnotationState.VALIDATED.value],
-        },
+        "datastore": _totals(worklist),
     }
 
 
@@ -135,9 +138,7 @@ def _nifti_bytes(array: NDArray[Any], series: LoadedSeries) -> bytes:
 def datastore(who: Reader, worklist: WorklistDep, output: str = "stats") -> dict[str, Any]:
     """The drafted series as MONAI Label's datastore: counts, and with `output=all` one
     object per series with its case and whether it has a final (corrected) label."""
-    counts = worklist.counts()
-    completed = counts[AnnotationState.CORRECTED.value] + counts[AnnotationState.VALIDATED.value]
-    result: dict[str, Any] = {"total": sum(counts.values()), "completed": completed}
+    result = _totals(worklist)
     if output == "all":
         objects: dict[str, Any] = {}
         for item in worklist.items(states=None, limit=5000):

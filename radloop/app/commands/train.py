@@ -9,6 +9,7 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from sqlalchemy import select
 
+from agents.review.training import RETRAIN_DEPLOYMENT
 from radloop.app.commands.common import (
     JsonOption,
     cli_model_specs,
@@ -25,8 +26,6 @@ from radloop.wait import WaitTimeout, wait_until
 if TYPE_CHECKING:
     from radloop.modelspec import ModelSpec
     from radloop.settings import Settings
-
-RETRAIN_DEPLOYMENT = "retrain-model/retrain"
 
 
 def train(
