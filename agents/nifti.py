@@ -1,4 +1,5 @@
-"""NIfTI in radloop: the one reader, the one writer and the one LPS→RAS affine.
+"""NIfTI in radloop: the one reader, the one writer and the one LPS→RAS affine; and the NRRD
+label file OHIF's MONAI Label panel reads.
 
 Today it writes draft label maps (`agents.drafts`), corrected label maps and the image/label
 training pairs of validated corrections (`agents.review`); it reads uploaded NIfTI corrections
@@ -13,17 +14,20 @@ Two conventions meet here, and only here:
   LPS negated), as nibabel, 3D Slicer and ITK-SNAP read it.
 
 `write_nifti` and `read_nifti` take and give radloop's convention, so no caller transposes an
-array or flips an affine. Files are written durably (`radloop.durable`), with the s-form and
-q-form both the scanner's space (code 1) and millimetre units.
+array or flips an affine; so does `nrrd_label_bytes` (NRRD keeps LPS, column fastest). Files
+are written durably (`radloop.durable`), with the s-form and q-form both the scanner's space
+(code 1) and millimetre units.
 """
 
 from __future__ import annotations
 
 import gzip
+import io
 from pathlib import Path
 from typing import Any
 
 import nibabel as nib
+import nrrd
 import numpy as np
 from numpy.typing import DTypeLike, NDArray
 
@@ -102,3 +106,23 @@ def read_label_map(path: Path) -> NDArray[np.uint8]:
     """A label map NIfTI (radloop's drafts, corrections and training labels, the phantoms'
     truth) as uint8 (slice, row, column)."""
     return read_nifti(path, dtype=np.uint8)[0]
+
+
+def nrrd_label_bytes(labels: NDArray[Any], affine: NDArray[Any]) -> bytes:
+    """A label map ((slice, row, column), on the grid of the radloop `affine`) as an
+    uncompressed uint8 NRRD: column fastest, then row, then slice, which is the order of the
+    voxels of the series' volume in OHIF (its MONAI Label panel copies them in unread)."""
+    if labels.ndim != 3:
+        raise NotAVolume(f"a {labels.ndim}-D array is not a volume")
+    grid = np.asarray(affine, dtype=np.float64)
+    header = {
+        "encoding": "raw",
+        "space": "left-posterior-superior",
+        # NRRD's axes go fastest first: column, row, slice.
+        "space directions": np.stack([grid[:3, 2], grid[:3, 1], grid[:3, 0]]),
+        "space origin": grid[:3, 3],
+        "kinds": ["domain", "domain", "domain"],
+    }
+    out = io.BytesIO()
+    nrrd.write(out, np.ascontiguousarray(labels, dtype=np.uint8), header, index_order="C")
+    return out.getvalue()

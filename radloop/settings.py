@@ -43,6 +43,9 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PACKAGED_CONFIG = PROJECT_ROOT / "configs" / "radloop.yaml"
 # The @ohif/app release scripts/bootstrap fetches (pinned there with its integrity).
 OHIF_VERSION = "3.13.2"
+# The monailabel wheel whose prebuilt OHIF (with the MONAI Label panel) scripts/bootstrap
+# unpacks (pinned there with its hash).
+MONAILABEL_VERSION = "0.8.5"
 
 
 class OrthancSettings(Section):
@@ -139,6 +142,9 @@ class ReviewSettings(Section):
     secure_cookies: bool = False
     # Unset: the viewer `make install` fetched (`.cache/ohif-<version>/dist`).
     ohif_dir: Path | None = None
+    # Unset: the OHIF build with MONAI Label's panel from the monailabel wheel `make install`
+    # fetched, served at /ohif/ ("Open with AI tools").
+    ohif_ai_dir: Path | None = None
 
     @property
     def base_url(self) -> str:
@@ -318,6 +324,11 @@ class Settings(BaseSettings):
     @property
     def ohif_dir(self) -> Path:
         return self.review.ohif_dir or PROJECT_ROOT / ".cache" / f"ohif-{OHIF_VERSION}" / "dist"
+
+    @property
+    def ohif_ai_dir(self) -> Path:
+        wheel = PROJECT_ROOT / ".cache" / f"monailabel-{MONAILABEL_VERSION}" / "ohif-build"
+        return self.review.ohif_ai_dir or wheel / "monailabel" / "endpoints" / "static" / "ohif"
 
     @property
     def drafts_dir(self) -> Path:

@@ -1,11 +1,16 @@
 """A reader in a real browser (Debian's Chromium, driven by Playwright) on `radloop up`, with
 studies that came the product's way: one pushed with dcmtk's storescu (its files without the
 Type 2 patient attributes de-identified exports omit), one dropped into the watch folder. The
-product drafts both; the reader logs in, sees the worklist in priority order, opens each case in
-OHIF's segmentation mode and sees its CT, loads the draft SEG, paints on it and saves with OHIF's
-own Export → DICOM SEG → Save; the case becomes a correction. A study whose draft cannot be
-made (Triton lost the model) is on the worklist with its reason. The test never talks to
-Orthanc. Screenshots of each step are kept under `test-artifacts/browser-<database>/`."""
+product drafts both; the reader logs in and sees the worklist in priority order.
+- The pushed case opens in OHIF's segmentation mode: its CT renders, the draft SEG loads, a
+  brush stroke saved with OHIF's own Export → DICOM SEG → Save makes it a correction.
+- The dropped case opens with "Open with AI tools" in the OHIF build with MONAI Label's panel:
+  its CT renders, the panel connects to radloop's `/monailabel/` by itself, its auto
+  segmentation shows the draft and a Liver click with its point prompts is refined by the
+  interactive model on Triton; the worklist's "Accept refined label" makes it a correction.
+A study whose draft cannot be made (Triton lost the model) is on the worklist with its reason.
+The test never talks to Orthanc. Screenshots of each step are kept under
+`test-artifacts/browser-<database>/`."""
 
 from __future__ import annotations
 
@@ -32,7 +37,7 @@ from radloop.settings import PROJECT_ROOT, Settings
 from radloop.wait import wait_until
 from tests.conftest_marks import ONCE
 from tests.drafted import strip_attributes
-from tests.models import export_version
+from tests.models import export_interactive, export_version
 from tests.servers import RadloopProcess, radloop_json
 from tests.test_scp import storescu
 from tests.test_viewer_store import TYPE2_REMOVED
@@ -46,7 +51,7 @@ pytestmark = [
     ),
     # One `radloop up` with every part: the database-specific paths run in test_review/test_up.
     ONCE,
-    # Start-up, three drafts, two viewers and a failed draft's retries take 4-6 minutes.
+    # Start-up, three drafts, three viewers and a failed draft's retries take 5-7 minutes.
     pytest.mark.timeout(900),
 ]
 
@@ -67,6 +72,7 @@ def test_studies_pushed_and_dropped_open_in_ohif_with_their_ct_and_draft_and_a_s
     shots.mkdir(parents=True)
     spec = load_spec(PACKAGED_MODELS / "phantom-abdomen.yaml")
     export_version(settings, spec)
+    export_interactive(settings, spec)  # `radloop up` loads it into Triton beside the task's
     # Outages give up fast here, so the failed draft below is queued within seconds.
     env = {
         **radloop_env,
@@ -127,11 +133,20 @@ def test_studies_pushed_and_dropped_open_in_ohif_with_their_ct_and_draft_and_a_s
             assert page.locator(f"#corrected tr[data-annotation='{correction['annotation_id']}']")
             page.screenshot(path=shots / "7-worklist-after.png")
 
-            # The study dropped into the watch folder renders too.
-            open_from_worklist(page, base, dropped_case["annotation_id"])
+            # The study dropped into the watch folder, with AI tools: MONAI Label's panel.
+            refine_with_ai_tools(page, base, dropped_case["annotation_id"], shots, console)
             assert dropped.study_uid in page.url
-            wait_for_image(page)
-            page.screenshot(path=shots / "8-ohif-ct-dropped.png")
+            page.goto(f"{base}/worklist")
+            row = page.locator(f"#worklist tr[data-annotation='{dropped_case['annotation_id']}']")
+            row.get_by_role("button", name="Accept refined label").click()
+            page.locator("#corrected").wait_for()
+            page.screenshot(path=shots / "11-accepted-refinement.png")
+            refined = next(
+                r
+                for r in radloop_json(env, "queue", "list", "--all")
+                if r["annotation_id"] == dropped_case["annotation_id"]
+            )
+            assert (refined["state"], refined["corrected_by"]) == ("corrected", "ann")
 
             # Triton loses the model for good (its file is damaged, so no reload brings it
             # back): the next study's draft fails, and the study waits on the worklist with
@@ -153,10 +168,10 @@ def test_studies_pushed_and_dropped_open_in_ohif_with_their_ct_and_draft_and_a_s
             page.goto(f"{base}/worklist")
             row = page.locator(f"#worklist tr[data-annotation='{failed['annotation_id']}']")
             assert "draft failed (infer)" in row.inner_text()
-            page.screenshot(path=shots / "9-worklist-failed-draft.png")
+            page.screenshot(path=shots / "12-worklist-failed-draft.png")
             open_from_worklist(page, base, failed["annotation_id"])
             wait_for_image(page)  # readers label it from scratch on its images
-            page.screenshot(path=shots / "10-ohif-ct-without-draft.png")
+            page.screenshot(path=shots / "13-ohif-ct-without-draft.png")
     finally:
         code = up.stop(sig=signal.SIGINT, timeout=60)
     assert code == 0, up.output()
@@ -185,3 +200,56 @@ def save_a_brush_stroke(page: Any, shots: Path, console: list[str]) -> None:
         page.get_by_role("button", name="Save", exact=True).click()
     page.screenshot(path=shots / "6-saved.png")
     assert stow.value.status == 200, "\n".join(console[-20:])
+
+
+def refine_with_ai_tools(
+    page: Any, base: str, annotation_id: int, shots: Path, console: list[str]
+) -> None:
+    """Open the case with AI tools, connect MONAI Label's panel, run its auto segmentation
+    (the draft) and refine with one Liver click; each answered 200 by radloop."""
+    page.goto(f"{base}/worklist")
+    row = page.locator(f"#worklist tr[data-annotation='{annotation_id}']")
+    row.get_by_role("button", name="Open with AI tools").click()
+    page.wait_for_url("**/ohif/monai-label?StudyInstanceUIDs=*")
+    lit = wait_for_image(page)
+    assert lit > 0.05, "\n".join(console[-20:])
+    banner = page.get_by_role("button", name="Confirm and Hide")
+    if banner.count():
+        banner.click()
+    panel = page.locator(".monaiLabelPanel")
+    # The server field holds radloop's /monailabel/ from the page's cookie: connect.
+    assert panel.locator("input").first.input_value().endswith("/monailabel/")
+    with page.expect_response(lambda r: r.url.endswith("/monailabel/info/")) as info:
+        panel.locator("button").first.click()
+    assert info.value.status == 200
+    page.screenshot(path=shots / "8-ohif-ai-connected.png")
+
+    def inference(model: str) -> Any:
+        return page.expect_response(
+            lambda r: r.request.method == "POST" and f"/monailabel/infer/{model}?" in r.url,
+            timeout=120_000,
+        )
+
+    panel.get_by_text("Experience fully automated").wait_for()
+    with inference("phantom-abdomen") as auto:
+        panel.get_by_text("Run", exact=True).first.click()
+    assert auto.value.status == 200, "\n".join(console[-20:])
+    page.wait_for_timeout(1500)  # the labelmap is drawn after the answer is parsed
+    page.screenshot(path=shots / "9-ohif-ai-auto-segmentation.png")
+
+    # The panel switches OHIF's tool to its click probe when an organ is picked; a click
+    # before that, or a Run before the click is kept, sends nothing.
+    panel.get_by_text("Point Prompts", exact=True).click()
+    page.wait_for_timeout(1000)
+    panel.locator("tr.clickable-row", has_text="Liver").click()
+    page.wait_for_timeout(1000)
+    viewport = page.locator("[data-cy=viewport-pane]").first.bounding_box()
+    assert viewport is not None
+    x, y = viewport["x"] + viewport["width"] * 0.4, viewport["y"] + viewport["height"] / 2
+    page.mouse.click(x, y)
+    page.wait_for_timeout(1000)
+    with inference("phantom-abdomen-deepedit") as refined:
+        panel.get_by_text("Run", exact=True).nth(1).click()
+    assert refined.value.status == 200, "\n".join(console[-20:])
+    page.wait_for_timeout(1500)
+    page.screenshot(path=shots / "10-ohif-ai-liver-click.png")

@@ -24,6 +24,7 @@ from typing import Any
 
 import httpx
 import nibabel as nib
+import nrrd
 import numpy as np
 import pytest
 import torch
@@ -166,6 +167,11 @@ def test_monailabel_client_connects_takes_the_next_case_refines_with_clicks_and_
     draft = read_label_map(Path(str(site.annotation(image).nifti_path)))
     assert np.array_equal(read_label_map(Path(path)), draft)
     assert params["label_names"]["Liver"] == 1
+    # As OHIF's panel asks: uint8 NRRD, column fastest, on the series' grid (LPS).
+    path, _ = ann.infer("phantom-abdomen", image, {"result_extension": ".nrrd"})
+    voxels, header = nrrd.read(path, index_order="C")
+    assert path.endswith(".nrrd") and header["type"] == "uint8"
+    assert np.array_equal(voxels, draft) and header["space"] == "left-posterior-superior"
 
     # A Liver click: Triton's interactive model turns the clicked voxel into Liver.
     label, (i, j, k) = _click_that_changes(site, image)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import unquote
 
 import httpx
 import pytest
@@ -149,3 +150,40 @@ def test_the_viewer_is_served_with_a_config_pointing_at_the_proxy(
     assert proxied.client().get(f"/{bundle}").status_code == 200
     escape = proxied.client().get("/%2e%2e/%2e%2e/%2e%2e/etc/passwd")
     assert escape.status_code in (303, 404) and "root:" not in escape.text
+
+
+def test_the_ai_viewer_is_served_behind_login_with_the_monailabel_cookies_and_its_dicomweb(
+    proxied: Proxied, settings: Settings
+) -> None:
+    """OHIF with MONAI Label's panel at /ohif/: its config reads DICOMweb from /proxy/dicom/,
+    which needs a role like /dicom-web; its page needs a login and sets the cookies the
+    panel reads (radloop's /monailabel/ and the CSRF token axios sends back)."""
+    anonymous = proxied.client()
+    config = anonymous.get("/ohif/app-config.js")
+    assert config.status_code == 200 and 'routerBasename": "/ohif/"' in config.text
+    assert "window.location.origin + '/proxy/dicom/qido'" in config.text
+    bundle = next(p.name for p in settings.ohif_ai_dir.glob("app.bundle.*.js"))
+    assert anonymous.get(f"/ohif/{bundle}").status_code == 200
+    page = f"/ohif/monai-label?StudyInstanceUIDs={proxied.study.study_uid}"
+    redirected = anonymous.get(page, follow_redirects=False)
+    assert redirected.status_code == 303 and redirected.headers["location"].startswith("/login")
+    assert anonymous.get("/proxy/dicom/qido/studies").status_code == 401
+
+    with httpx.Client(base_url=proxied.url, timeout=60, follow_redirects=True) as browser:
+        login = {"username": "ann", "password": proxied.tokens["ann"], "next": page}
+        assert browser.post("/login", data=login).status_code == 200  # followed to the page
+        cookies = browser.cookies
+        assert unquote(cookies["MONAILABEL_SERVER_URL"]) == f"{proxied.url}/monailabel/"
+        assert cookies["XSRF-TOKEN"]
+        studies = browser.get("/proxy/dicom/qido/studies")
+        assert [s["0020000D"]["Value"][0] for s in studies.json()] == [proxied.study.study_uid]
+        frames = browser.get(
+            f"/proxy/dicom/wado/studies/{proxied.study.study_uid}/series/"
+            f"{proxied.study.series_uid}/metadata"
+        )
+        assert frames.status_code == 200 and len(frames.json()) == proxied.study.slices
+        # A state change on the session cookie needs the CSRF token back (axios's header).
+        claim = f"/api/annotations/{proxied.annotation_id}/claim"
+        assert browser.post(claim).status_code == 403
+        held = browser.post(claim, headers={"x-xsrf-token": cookies["XSRF-TOKEN"]})
+        assert held.status_code == 200 and held.json()["claimed_by"] == "ann"

@@ -1,4 +1,6 @@
-"""The review service: worklist pages, REST API, the OHIF viewer and its DICOMweb proxy.
+"""The review service: worklist pages, REST API, MONAI Label's API, the OHIF viewers (OHIF's
+segmentation mode at the root, the build with MONAI Label's panel at `/ohif/`) and their
+DICOMweb proxy.
 
 One FastAPI app. `create_app` builds the service's objects, puts them on `app.state` (routes
 reach them through `agents.review.deps`) and includes the routers of `agents.review.routes`.
@@ -9,6 +11,7 @@ SameSite=Strict, and the proxy's STOW accepts only multipart/related bodies, whi
 HTML form cannot send.
 """
 
+import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import datetime
@@ -25,6 +28,7 @@ from agents.review.cases import ReviewError
 from agents.review.deps import NotLoggedIn
 from agents.review.proxy import DicomWebProxy, OhifHost
 from agents.review.routes import (
+    ai_viewer,
     annotations,
     api,
     dashboard,
@@ -41,6 +45,8 @@ from model_registry.inference import TritonBackend
 from radloop.db import Store, utcnow
 from radloop.modelspec import ModelSpec
 from radloop.settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 def create_app(
@@ -79,6 +85,13 @@ def create_app(
     app.state.templates = Jinja2Templates(directory=Path(__file__).with_name("templates"))
     app.state.proxy = DicomWebProxy(settings.orthanc, cases)
     app.state.ohif = OhifHost(settings.ohif_dir)
+    app.state.ohif_ai = OhifHost(
+        settings.ohif_ai_dir,
+        base=ai_viewer.BASE,
+        qido=ai_viewer.QIDO,
+        wado=ai_viewer.WADO,
+        useSharedArrayBuffer="FALSE",  # as the build ships: no cross-origin isolation here
+    )
 
     app.add_exception_handler(ReviewError, _review_error)  # type: ignore[arg-type]
     app.add_exception_handler(NotLoggedIn, _not_logged_in)
@@ -87,13 +100,26 @@ def create_app(
         store, cases, TritonBackend(settings.triton.base_url), settings.drafts_dir, clock
     )
     app.state.training = TrainingRequests(store, settings.prefect.effective_api_url)
-    routers = (api, annotations, monailabel, users, login, worklist, dashboard, dicomweb, viewer)
+    routers = (
+        api,
+        annotations,
+        monailabel,
+        users,
+        login,
+        worklist,
+        dashboard,
+        dicomweb,
+        ai_viewer,
+        viewer,
+    )
     for routes in routers:
         app.include_router(routes.router)
     return app
 
 
 async def _review_error(request: Request, error: ReviewError) -> JSONResponse:
+    # The reason names internal ids and UIDs only; the operator sees what clients were told.
+    log.info("%s %s refused (%d): %s", request.method, request.url.path, error.status, error)
     return JSONResponse({"detail": str(error)}, status_code=error.status)
 
 

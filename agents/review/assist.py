@@ -251,6 +251,22 @@ class Assistant:
         except Conflict:
             return None
 
+    def refined_cases(self, user: str) -> set[int]:
+        """The cases `user` holds and has refined with clicks: "Accept refined label"."""
+        with self.store.read() as session:
+            return set(
+                session.scalars(
+                    select(Interaction.annotation_id)
+                    .join(Annotation, Annotation.id == Interaction.annotation_id)
+                    .where(
+                        Interaction.user_name == user,
+                        Annotation.claimed_by == user,
+                        Annotation.state == AnnotationState.CLAIMED.value,
+                    )
+                    .distinct()
+                )
+            )
+
     def accept_refined(self, annotation_id: int, user: str) -> dict[str, Any]:
         """The reader's latest refinement of the case becomes its correction."""
         latest = self._latest(annotation_id, user)

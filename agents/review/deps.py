@@ -5,7 +5,9 @@ The objects `create_app` builds live on `app.state` and are reached only through
 asking is a `Principal` with a role: an API caller (`Authorization: Bearer` token, or the
 session cookie plus the session's `X-CSRF-Token` for a call that changes state), a page
 viewer (session cookie; without one the page answers with a redirect to the login page), or a
-form sender (session cookie and the form's CSRF token).
+form sender (session cookie and the form's CSRF token). Script on our pages sends the CSRF token
+as `X-CSRF-Token`, or as `X-XSRF-TOKEN` from the `XSRF-TOKEN` cookie the AI viewer's page sets
+(the double-submit header axios sends by itself, so MONAI Label's OHIF panel can POST).
 """
 
 from collections.abc import Awaitable, Callable
@@ -25,6 +27,9 @@ from radloop.domain import Role
 from radloop.settings import ReviewSettings
 
 SESSION_COOKIE = "radloop_session"
+# The double-submit pair axios (in OHIF's MONAI Label panel) reads and sends by default.
+XSRF_COOKIE = "XSRF-TOKEN"
+XSRF_HEADER = "x-xsrf-token"
 
 
 class NotLoggedIn(Exception):
@@ -62,6 +67,10 @@ async def get_ohif(request: Request) -> OhifHost:
     return cast(OhifHost, request.app.state.ohif)
 
 
+async def get_ohif_ai(request: Request) -> OhifHost:
+    return cast(OhifHost, request.app.state.ohif_ai)
+
+
 async def get_assistant(request: Request) -> Assistant:
     return cast(Assistant, request.app.state.assistant)
 
@@ -77,6 +86,7 @@ UsersDep = Annotated[Users, Depends(get_users)]
 TemplatesDep = Annotated[Jinja2Templates, Depends(get_templates)]
 ProxyDep = Annotated[DicomWebProxy, Depends(get_proxy)]
 OhifDep = Annotated[OhifHost, Depends(get_ohif)]
+OhifAiDep = Annotated[OhifHost, Depends(get_ohif_ai)]
 AssistantDep = Annotated[Assistant, Depends(get_assistant)]
 TrainingDep = Annotated[TrainingRequests, Depends(get_training)]
 
@@ -118,7 +128,7 @@ def api_user(roles: frozenset[Role]) -> Callable[..., Awaitable[Principal]]:
         # A cookie-authenticated API call that changes state must prove it came from our
         # pages (the token a session's pages carry); token calls cannot be forged cross-site.
         if who.csrf_token and request.method not in ("GET", "HEAD", "OPTIONS"):
-            sent = request.headers.get("x-csrf-token")
+            sent = request.headers.get("x-csrf-token") or request.headers.get(XSRF_HEADER)
             if sent != who.csrf_token and not _is_multipart_related(request):
                 raise HTTPException(403, "missing or wrong X-CSRF-Token header")
         return who

@@ -147,11 +147,15 @@ class Services:
 
 
 def load_served_models(settings: Settings, specs: dict[str, ModelSpec]) -> None:
-    """Ask Triton (explicit model control) to load every spec'd model that has a version."""
+    """Ask Triton (explicit model control) to load every spec'd model that has a version, and
+    each task's interactive model that has one."""
     repository = model_repository(settings)
     backend = TritonBackend(settings.triton.base_url, settings.triton.timeout_seconds)
-    for name in specs:
+    names = [*specs, *(s.interactive_name for s in specs.values() if s.interactive_name)]
+    for name in names:
         versions = repository.versions(name)
+        if not versions and name not in specs:
+            continue  # a site opts into the interactive model by bootstrapping one
         if not versions:
             log.info("model %s has no version yet: studies will be queued without a draft", name)
             continue

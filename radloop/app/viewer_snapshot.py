@@ -68,7 +68,7 @@ def open_from_worklist(page: Page, base_url: str, annotation_id: int) -> None:
     """Press the case's Open button on the worklist (claims it) and wait for OHIF."""
     page.goto(f"{base_url}/worklist")
     row = page.locator(f"#worklist tr[data-annotation='{annotation_id}']")
-    row.get_by_role("button", name="Open").click()
+    row.get_by_role("button", name="Open", exact=True).click()
     page.wait_for_url("**/segmentation?StudyInstanceUIDs=*")
 
 

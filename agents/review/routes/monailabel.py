@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.security import OAuth2PasswordRequestForm
 from numpy.typing import NDArray
 
-from agents.nifti import write_nifti
+from agents.nifti import nrrd_label_bytes, write_nifti
 from agents.review.auth import CORRECT
 from agents.review.corrections import is_nifti
 from agents.review.deps import (
@@ -124,7 +124,16 @@ def next_sample(
     case = assistant.next_case(who.name)
     if case is None:
         return {}
-    return {"id": case["series_uid"], "name": case["series_uid"], "strategy": strategy, **case}
+    return {
+        "id": case["series_uid"],
+        "name": case["series_uid"],
+        "strategy": strategy,
+        # What OHIF's panel shows and opens (it reloads the page on StudyInstanceUID).
+        "StudyInstanceUID": case["study_uid"],
+        "SeriesInstanceUID": case["series_uid"],
+        "StudyDate": case.get("study_date") or "",
+        **case,
+    }
 
 
 def _nifti_bytes(array: NDArray[Any], series: LoadedSeries) -> bytes:
@@ -170,6 +179,16 @@ async def datastore_image(image: str, who: Reader, assistant: AssistantDep) -> R
     )
 
 
+def _label_file(
+    labels: NDArray[Any], series: LoadedSeries, request: dict[str, Any]
+) -> tuple[bytes, str]:
+    """The result file and its extension: an uncompressed uint8 NRRD when the client asks
+    for `.nrrd` (OHIF's panel), else NIfTI (Slicer, the Python client)."""
+    if str(request.get("result_extension", "")).lower() == ".nrrd":
+        return nrrd_label_bytes(labels, series.affine), ".nrrd"
+    return _nifti_bytes(labels, series), ".nii.gz"
+
+
 def _multipart(params: dict[str, Any], name: str, data: bytes) -> Response:
     """MONAI Label's answer to the Python client and Slicer: the result's parameters as a
     form field, then the label file."""
@@ -178,7 +197,7 @@ def _multipart(params: dict[str, Any], name: str, data: bytes) -> Response:
         f'--{boundary}\r\nContent-Disposition: form-data; name="params"\r\n\r\n'
         f"{json.dumps(params)}\r\n--{boundary}\r\n"
         f'Content-Disposition: form-data; name="image"; filename="{name}"\r\n'
-        "Content-Type: application/gzip\r\n\r\n"
+        "Content-Type: application/octet-stream\r\n\r\n"
     ).encode()
     body = head + data + f"\r\n--{boundary}--\r\n".encode()
     return Response(body, media_type=f"multipart/form-data; boundary={boundary}")
@@ -198,7 +217,8 @@ async def infer(
     """The task model answers the case's draft; the interactive model refines the caller's
     clicks (`params`: `{<label>: [[i, j, k], …], "background": [[i, j, k], …]}`) on the case,
     which it claims for them. `output=image` answers the label file alone, `output=json` the
-    parameters alone, anything else both (multipart)."""
+    parameters alone, anything else both (multipart). The file is NIfTI, or uint8 NRRD on the
+    series grid with `"result_extension": ".nrrd"` in `params`."""
     spec, interactive = _model(worklist.specs, model)
     try:
         request = json.loads(params or "{}")
@@ -228,10 +248,10 @@ async def infer(
         answer.update(annotation_id=annotation_id)
     if output == "json":
         return JSONResponse(answer)
-    data = await run_in_threadpool(_nifti_bytes, labels, series)
+    data, extension = await run_in_threadpool(_label_file, labels, series, request)
     if output == "image":
-        return Response(data, media_type="application/gzip")
-    return _multipart(answer, f"{image}.nii.gz", data)
+        return Response(data, media_type="application/octet-stream")
+    return _multipart(answer, f"{image}{extension}", data)
 
 
 @router.put("/datastore/label")
@@ -265,6 +285,12 @@ def train_start(
     """`radloop train MODEL` through Prefect: fine-tune, MLflow run, holdout gate, reload."""
     _model(worklist.specs, model)  # 404 for a model radloop does not serve
     return training.start(model)
+
+
+@router.post("/train/")
+def train_all(who: Reviewer, worklist: WorklistDep, training: TrainingDep) -> dict[str, Any]:
+    """Every task model's training, as MONAI Label's "run all trainers" (OHIF's button)."""
+    return {name: training.start(name) for name in sorted(worklist.specs)}
 
 
 @router.get("/train/")

@@ -28,7 +28,7 @@ async def static(path: str, request: Request, ohif: OhifDep, users: UsersDep) ->
     found = ohif.file(path)
     if found is not None:
         return FileResponse(found)
-    if path.startswith(("api/", "dicom-web/")) or "." in Path(path).name:
+    if path.startswith(("api/", "dicom-web/", "monailabel/", "proxy/")) or "." in Path(path).name:
         raise HTTPException(404, f"no such file: /{path}")
     await page_principal(request, users, READ)
     return FileResponse(ohif.index, headers={"cache-control": "no-store"})
