@@ -21,8 +21,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import torch
-from monai.metrics.meandice import compute_dice
 from numpy.typing import NDArray
 
 from radloop.modelspec import ModelSpec
@@ -33,6 +31,11 @@ def dice_per_label(
 ) -> dict[str, float]:
     """Dice(predicted, reference) for every label of `spec`, by label name (same-shaped maps;
     empty labels as the module says)."""
+    # Imported here: the CLI's queue commands reach this module through the review intake,
+    # and torch with MONAI take seconds to import that a listing never needs.
+    import torch
+    from monai.metrics.meandice import compute_dice
+
     if predicted.shape != reference.shape:
         raise ValueError(f"label maps differ in shape: {predicted.shape} != {reference.shape}")
     # Spec values -> class indices 1..n, so MONAI's one call scores each label as a class.

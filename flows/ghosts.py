@@ -44,7 +44,7 @@ from sqlalchemy import select
 
 from flows.process import START_LABEL, process_alive, this_host
 from radloop.db import Store, TrainingRun, utcnow
-from radloop.domain import TrainingState
+from radloop.domain import RETRAIN_FLOW, TrainingState
 from radloop.settings import load_settings
 
 if TYPE_CHECKING:
@@ -60,7 +60,6 @@ UNMARKED_GRACE = timedelta(minutes=5)
 SWEEP_SECONDS = 60.0
 # Rows are stamped by radloop's clock, runs by the Prefect server's.
 CLOCK_SLACK = timedelta(minutes=1)
-RETRAIN_FLOW = "retrain-model"
 _ACTIVE = [StateType.PENDING, StateType.RUNNING, StateType.CANCELLING]
 
 

@@ -15,11 +15,11 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from agents.retrain import Retrainer
-from flows.ghosts import RETRAIN_FLOW, end_training_rows_on_crash
+from flows.ghosts import end_training_rows_on_crash
 from flows.process import mark_this_run
 from model_registry.repository import model_repository
 from radloop.db import Store
-from radloop.domain import TrainingTrigger
+from radloop.domain import RETRAIN_FLOW, TrainingTrigger
 from radloop.modelspec import ModelSpec, load_specs
 from radloop.settings import Settings, load_settings
 

@@ -59,6 +59,12 @@ class Role(StrEnum):
     ADMIN = "admin"
 
 
+# The retrain flow and its deployment in Prefect: what `radloop train`, the review service's
+# `/monailabel/train/` and the ghost sweep name (here, so the CLI imports no training code).
+RETRAIN_FLOW = "retrain-model"
+RETRAIN_DEPLOYMENT = f"{RETRAIN_FLOW}/retrain"
+
+
 class TrainingTrigger(StrEnum):
     """What started a retraining: enough new train labels, the cron schedule, a person."""
 

@@ -15,10 +15,7 @@ from sqlalchemy import func, select
 from agents.retrain import training_record
 from agents.review.cases import ReviewError
 from radloop.db import Store, TrainingRun
-from radloop.domain import TrainingState, TrainingTrigger
-
-RETRAIN_FLOW = "retrain-model"
-RETRAIN_DEPLOYMENT = f"{RETRAIN_FLOW}/retrain"
+from radloop.domain import RETRAIN_DEPLOYMENT, TrainingState, TrainingTrigger
 
 
 class PrefectUnavailable(ReviewError):

@@ -9,7 +9,6 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from sqlalchemy import select
 
-from agents.review.training import RETRAIN_DEPLOYMENT
 from radloop.app.commands.common import (
     JsonOption,
     cli_model_specs,
@@ -20,7 +19,7 @@ from radloop.app.commands.common import (
 )
 from radloop.app.commands.output import print_json
 from radloop.db import Store, TrainingRun, utcnow
-from radloop.domain import TrainingState, TrainingTrigger
+from radloop.domain import RETRAIN_DEPLOYMENT, TrainingState, TrainingTrigger
 from radloop.wait import WaitTimeout, wait_until
 
 if TYPE_CHECKING:
