@@ -147,6 +147,7 @@ def test_studies_pushed_and_dropped_open_in_ohif_with_their_ct_and_draft_and_a_s
                 if r["annotation_id"] == dropped_case["annotation_id"]
             )
             assert (refined["state"], refined["corrected_by"]) == ("corrected", "ann")
+            assert refined["correction_dice"] < 1.0  # the click changed the draft near it
 
             # Triton loses the model for good (its file is damaged, so no reload brings it
             # back): the next study's draft fails, and the study waits on the worklist with

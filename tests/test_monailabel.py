@@ -254,6 +254,12 @@ def test_monailabel_client_connects_takes_the_next_case_refines_with_clicks_and_
         kinds = session.scalars(select(OutboxEvent.event)).all()
     assert "radloop.annotation.corrected" in kinds
 
+    # The dashboard draws both refined cases' Dice to the saved label by clicks.
+    with httpx.Client(base_url=site.url, timeout=60, follow_redirects=True) as browser:
+        browser.post("/login", data={"username": "mo", "password": PASSWORD})
+        curves = browser.get("/dashboard/clicks.svg")
+    assert curves.status_code == 200 and "median" in curves.text
+
 
 def test_monailabel_client_starts_polls_and_stops_training_through_prefect(
     settings: Settings, store: Store, prefect_server: Child, review_service: Child, tmp_path: Path

@@ -4,20 +4,32 @@ from __future__ import annotations
 
 import io
 from collections import defaultdict
+from collections.abc import Callable, Mapping
 from datetime import datetime
+from pathlib import Path
 
+import matplotlib
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from numpy.typing import NDArray
 from sqlalchemy import select
 
-from radloop.db import Annotation, Store
+from agents.metrics import dice_per_label, mean_dice
+from agents.nifti import read_label_map
+from radloop.db import Annotation, Interaction, Store
+from radloop.modelspec import ModelSpec
+
+Specs = Mapping[str, ModelSpec]
+# Cases the click curves read label files of: the newest corrected ones with refinements.
+CLICK_CASES = 30
 
 
 def _svg(figure: Figure) -> str:
     buffer = io.StringIO()
-    figure.savefig(buffer, format="svg", bbox_inches="tight")
+    # Text stays text: smaller, selectable, and readable by a screen reader or a test.
+    with matplotlib.rc_context({"svg.fonttype": "none"}):
+        figure.savefig(buffer, format="svg", bbox_inches="tight")
     return buffer.getvalue()
 
 
@@ -38,7 +50,7 @@ def _empty(axes: Axes, text: str) -> None:
     axes.text(0.5, 0.5, text, ha="center", va="center", transform=axes.transAxes)
 
 
-def validated_over_time(store: Store) -> str:
+def validated_over_time(store: Store, specs: Specs) -> str:
     """Cumulative validated labels per model."""
     with store.read() as session:
         rows = session.execute(
@@ -62,7 +74,7 @@ def validated_over_time(store: Store) -> str:
     return _svg(figure)
 
 
-def queue_depth(store: Store) -> str:
+def queue_depth(store: Store, specs: Specs) -> str:
     """Cases waiting for a reader over time: +1 when drafted or queued, -1 when corrected."""
     with store.read() as session:
         rows = session.execute(
@@ -92,7 +104,7 @@ def queue_depth(store: Store) -> str:
     return _svg(figure)
 
 
-def correction_effort(store: Store) -> str:
+def correction_effort(store: Store, specs: Specs) -> str:
     """1 - Dice(draft, correction) per model version: lower means the model needed less fixing."""
     with store.read() as session:
         rows = session.execute(
@@ -115,8 +127,71 @@ def correction_effort(store: Store) -> str:
     return _svg(figure)
 
 
-PLOTS = {
+def click_curves(store: Store, specs: Specs) -> str:
+    """Dice of each click-guided refinement to the label the reader saved, by the clicks it
+    took (0: the draft): the readers' own version of bench/interactive.py's curve, over the
+    newest `CLICK_CASES` corrected cases that were refined."""
+    with store.read() as session:
+        cases = session.execute(
+            select(
+                Annotation.id,
+                Annotation.model_name,
+                Annotation.correction_path,
+                Annotation.correction_dice,
+            )
+            .where(
+                Annotation.correction_path.is_not(None),
+                Annotation.id.in_(select(Interaction.annotation_id)),
+            )
+            .order_by(Annotation.corrected_at.desc())
+            .limit(CLICK_CASES)
+        ).all()
+        refinements = session.execute(
+            select(Interaction.annotation_id, Interaction.click_count, Interaction.label_path)
+            .where(Interaction.annotation_id.in_([case.id for case in cases]))
+            .order_by(Interaction.id)
+        ).all()
+    figure, axes = _figure("Dice to the saved label after n clicks (readers' refinements)")
+    per_clicks: dict[int, list[float]] = defaultdict(list)
+    for case in cases:
+        spec = specs.get(case.model_name)
+        try:
+            final = read_label_map(Path(case.correction_path))
+        except OSError:  # a label file removed by hand: the case is left out
+            continue
+        # 0 clicks: the draft, whose Dice to the saved label the intake recorded.
+        points: list[tuple[int, float]] = []
+        if case.correction_dice is not None:
+            points.append((0, float(case.correction_dice)))
+        for annotation_id, clicks, path in refinements:
+            if annotation_id != case.id or spec is None:
+                continue
+            try:
+                refined = read_label_map(Path(path))
+            except OSError:
+                continue
+            points.append((clicks, mean_dice(dice_per_label(refined, final, spec))))
+        if len(points) > 1:
+            clicks_, dice = zip(*sorted(points), strict=True)
+            axes.plot(clicks_, dice, color="0.7", linewidth=0.8, marker=".")
+            for n, value in points:
+                per_clicks[n].append(value)
+    if per_clicks:
+        counts = sorted(per_clicks)
+        medians = [float(np.median(per_clicks[n])) for n in counts]
+        axes.plot(counts, medians, color="tab:blue", linewidth=2, label="median")
+        axes.legend(fontsize=8)
+        axes.set_ylim(0, 1.02)
+    else:
+        _empty(axes, "no refined corrections yet")
+    axes.set_xlabel("clicks (all labels)")
+    axes.set_ylabel("mean Dice to the saved label")
+    return _svg(figure)
+
+
+PLOTS: dict[str, Callable[[Store, Specs], str]] = {
     "validated": validated_over_time,
     "queue": queue_depth,
     "effort": correction_effort,
+    "clicks": click_curves,
 }

@@ -31,8 +31,8 @@ def dashboard(
 
 
 @router.get("/dashboard/{name}.svg")
-def dashboard_plot(name: str, who: PageReader, store: StoreDep) -> Response:
+def dashboard_plot(name: str, who: PageReader, store: StoreDep, worklist: WorklistDep) -> Response:
     draw = plots.PLOTS.get(name)
     if draw is None:
         raise HTTPException(404, f"no plot {name!r}")
-    return Response(draw(store), media_type="image/svg+xml")
+    return Response(draw(store, worklist.specs), media_type="image/svg+xml")
