@@ -59,7 +59,7 @@ async def ohif_ai(
         raise HTTPException(404, f"no such file: {BASE}{path}")
     who = await page_principal(request, users, READ)
     page = FileResponse(ohif.index, headers={"cache-control": "no-store"})
-    server = f"{review.public_url or str(request.base_url)}".rstrip("/") + "/monailabel/"
+    server = (review.public_url or str(request.base_url)).rstrip("/") + "/monailabel/"
     # The panel unescape()s the cookie: escaped, the URL needs no quoting in the header.
     for name, value in ((SERVER_COOKIE, quote(server, safe="")), (XSRF_COOKIE, who.csrf_token)):
         page.set_cookie(
