@@ -25,6 +25,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from agents.drafts import write_draft
+from agents.selection import embedding_bytes
 from agents.viewer_store import ViewerStore, ViewerStoreUnavailable
 from agents.volume import LoadedSeries, SeriesRejected, load_series, series_files
 from model_registry.inference import InferenceBackend
@@ -150,8 +151,10 @@ class Annotator:
                     model_name=spec.name,
                     model_version=result.model_version,
                     state=AnnotationState.DRAFTED.value,
-                    priority=result.uncertainty,
                     uncertainty=result.uncertainty,
+                    scores=dict(result.scores)
+                    or {spec.uncertainty.method.value: result.uncertainty},
+                    embedding=embedding_bytes(result.embedding),
                     seg_sop_instance_uid=files.seg_sop_instance_uid,
                     seg_series_uid=files.seg_series_uid,
                     seg_path=str(files.seg_path),

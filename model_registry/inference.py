@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -25,8 +25,12 @@ class InferenceUnavailable(RuntimeError):
 @dataclass(frozen=True)
 class InferenceResult:
     labels: NDArray[Any]  # uint8, the input's shape
-    uncertainty: float
+    uncertainty: float  # the spec's uncertainty method
     model_version: str
+    # Every uncertainty score the model computed (entropy always), and the study's embedding
+    # (empty for an interactive model): what the active-learning strategies rank on.
+    scores: dict[str, float] = field(default_factory=dict)
+    embedding: NDArray[Any] = field(default_factory=lambda: np.zeros(0, np.float32))
 
 
 class InferenceBackend(Protocol):
@@ -40,6 +44,22 @@ class InferenceBackend(Protocol):
 
 def _host_port(url: str) -> str:
     return url.split("://", 1)[-1].rstrip("/")
+
+
+# The order of Triton's SCORES output: `triton_model.SCORE_NAMES`, repeated here because that
+# module imports torch and this one is imported by processes that need none.
+SCORE_NAMES = ("entropy", "mc_dropout", "flip_tta")
+
+
+def _named_scores(values: NDArray[Any] | None) -> dict[str, float]:
+    """SCORES (NaN: not computed) by name."""
+    if values is None:
+        return {}
+    return {
+        name: float(value)
+        for name, value in zip(SCORE_NAMES, values.tolist(), strict=False)
+        if not np.isnan(value)
+    }
 
 
 class TritonBackend:
@@ -65,7 +85,7 @@ class TritonBackend:
     def infer(
         self, model: str, image: NDArray[Any], spacing: Sequence[float], version: int | None = None
     ) -> InferenceResult:
-        return self._infer(model, image, spacing, version, {})
+        return self._infer(model, image, spacing, version, {}, ("SCORES", "EMBEDDING"))
 
     def refine(
         self,
@@ -81,7 +101,7 @@ class TritonBackend:
         extra = {"CLICKS": np.asarray(clicks, dtype=np.int32).reshape(-1, 4)}
         if previous is not None:
             extra["PREVIOUS"] = np.ascontiguousarray(previous, dtype=np.uint8)
-        return self._infer(model, image, spacing, version, extra)
+        return self._infer(model, image, spacing, version, extra, ())
 
     def _infer(
         self,
@@ -90,6 +110,7 @@ class TritonBackend:
         spacing: Sequence[float],
         version: int | None,
         extra: dict[str, NDArray[Any]],
+        selection: tuple[str, ...],
     ) -> InferenceResult:
         volume = np.ascontiguousarray(image, dtype=np.float32)
         arrays = {"IMAGE": volume, "SPACING": np.asarray(spacing, dtype=np.float32), **extra}
@@ -101,7 +122,7 @@ class TritonBackend:
             inputs.append(tensor)
         outputs = [
             triton_http.InferRequestedOutput(name, binary_data=True)
-            for name in ("LABELS", "UNCERTAINTY", "MODEL_VERSION")
+            for name in ("LABELS", "UNCERTAINTY", "MODEL_VERSION", *selection)
         ]
         try:
             result = self.client.infer(
@@ -120,10 +141,14 @@ class TritonBackend:
                 f"Triton's answer for {model} lacks LABELS, UNCERTAINTY or MODEL_VERSION"
             )
         raw = answered[0]
+        scores = result.as_numpy("SCORES") if "SCORES" in selection else None
+        embedding = result.as_numpy("EMBEDDING") if "EMBEDDING" in selection else None
         return InferenceResult(
             labels=labels,
             uncertainty=float(score[0]),
             model_version=raw.decode() if isinstance(raw, bytes) else str(raw),
+            scores=_named_scores(scores),
+            embedding=np.zeros(0, np.float32) if embedding is None else embedding,
         )
 
     def load(self, model: str) -> None:
@@ -165,11 +190,17 @@ class InProcessBackend:
     def infer(
         self, model: str, image: NDArray[Any], spacing: Sequence[float], version: int | None = None
     ) -> InferenceResult:
-        from model_registry.triton_model import segment
+        from model_registry.triton_model import analyse
 
         served, network, config = self._network(model, version)
-        labels, score = segment(network, image, spacing, config)
-        return InferenceResult(labels=labels, uncertainty=score, model_version=served)
+        answer = analyse(network, image, spacing, config)
+        return InferenceResult(
+            labels=answer.labels,
+            uncertainty=answer.score,
+            model_version=served,
+            scores=answer.scores,
+            embedding=answer.embedding,
+        )
 
     def refine(
         self,

@@ -46,6 +46,10 @@ input [
 output [
   {{ name: "LABELS", data_type: TYPE_UINT8, dims: [ -1, -1, -1 ] }},
   {{ name: "UNCERTAINTY", data_type: TYPE_FP32, dims: [ 1 ] }},
+  # Uncertainty by method (entropy, mc_dropout, flip_tta; NaN: not computed) and the study's
+  # embedding, for the active-learning strategies (agents.selection).
+  {{ name: "SCORES", data_type: TYPE_FP32, dims: [ 3 ] }},
+  {{ name: "EMBEDDING", data_type: TYPE_FP32, dims: [ -1 ] }},
   {{ name: "MODEL_VERSION", data_type: TYPE_STRING, dims: [ 1 ] }}
 ]
 # Which versions Triton keeps loaded (model_registry.deploy): normally the two newest, so a

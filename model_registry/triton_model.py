@@ -9,7 +9,9 @@ it to MONAI's output). It also serves as the in-process backend of the unit test
 holdout gate (`segment`), so all of them run the same code.
 
 One request: IMAGE (float32, slices × rows × columns, HU), SPACING (float32 [3], mm);
-response: LABELS (uint8, same shape), UNCERTAINTY (float32 [1]), MODEL_VERSION (bytes [1]).
+response: LABELS (uint8, same shape), UNCERTAINTY (float32 [1], the spec's method), SCORES
+(float32 [3]: entropy, mc_dropout, flip_tta, NaN where not computed), EMBEDDING (float32 [d],
+the study's embedding for diversity-aware selection), MODEL_VERSION (bytes [1]).
 An interactive (DeepEdit) version also takes CLICKS (int32, n × 4: channel, slice, row,
 column; channel 0 is background, n is the label value) and PREVIOUS (uint8, IMAGE's shape: the
 label being refined); both are optional inputs, absent meaning no clicks and an empty label.
@@ -22,7 +24,7 @@ import json
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -168,25 +170,46 @@ def _region(mean: torch.Tensor) -> torch.Tensor:
     return region if bool(region.any()) else torch.ones_like(region)
 
 
+class Analysis(NamedTuple):
+    """What drafting learns of one volume: the label map (uint8, the image's shape), the
+    uncertainty scores in [0, 1] by method (`entropy` always, plus the spec's variance method),
+    the score of the spec's own method, and a per-study embedding (float32) for diversity."""
+
+    labels: NDArray[Any]
+    scores: dict[str, float]
+    score: float
+    embedding: NDArray[Any]
+
+
 def segment(
     model: Any, image: NDArray[Any], spacing: Sequence[float], config: dict[str, Any]
 ) -> tuple[NDArray[Any], float]:
-    """Label map (uint8, the image's shape) and an uncertainty score in [0, 1].
+    """Label map (uint8, the image's shape) and the uncertainty score of the spec's method."""
+    analysis = analyse(model, image, spacing, config, embed=False)
+    return analysis.labels, analysis.score
 
-    The score follows `config["uncertainty"]["method"]`: mean normalised softmax entropy,
-    or the mean predictive variance over MC-dropout samples or flipped inputs, both taken over
-    the voxels where any foreground class is plausible.
+
+def analyse(
+    model: Any,
+    image: NDArray[Any],
+    spacing: Sequence[float],
+    config: dict[str, Any],
+    embed: bool = True,
+) -> Analysis:
+    """Label map, uncertainty scores and embedding of one volume.
+
+    Scores are taken over the voxels where any foreground class is plausible: the mean
+    normalised entropy of the (mean) softmax, and for `mc_dropout` or `flip_tta` the mean
+    predictive variance over dropout samples or flipped inputs.
     """
     device = next(iter(model.parameters())).device
     x = preprocess(image, spacing, config, device)
     method = config["uncertainty"]["method"]
     samples = int(config["uncertainty"].get("samples", 4))
+    scores: dict[str, float] = {}
     with torch.inference_mode():
         if method == "entropy":
             mean = _probabilities(model, x, config)
-            classes = mean.shape[1]
-            entropy = -(mean * torch.log(mean.clamp_min(1e-8))).sum(dim=1) / math.log(classes)
-            score = float(entropy[_region(mean)].mean())
         else:
             runs = []
             if method == "mc_dropout":
@@ -206,10 +229,60 @@ def segment(
             stacked = torch.stack(runs)
             mean = stacked.mean(dim=0)
             variance = stacked.var(dim=0, unbiased=False).sum(dim=1)
-            score = float(variance[_region(mean)].mean()) * 4.0  # max variance sum is 0.25·2
+            region = _region(mean)
+            scores[method] = _unit(float(variance[region].mean()) * 4.0)  # max sum is 0.25·2
+        classes = mean.shape[1]
+        entropy = -(mean * torch.log(mean.clamp_min(1e-8))).sum(dim=1) / math.log(classes)
+        scores["entropy"] = _unit(float(entropy[_region(mean)].mean()))
+        embedding = embed_volume(model, x, mean, config) if embed else np.zeros(0, np.float32)
         labels = mean.argmax(dim=1, keepdim=True).float()
         labels = _resample(labels, image.shape, "nearest")
-    return labels[0, 0].to(torch.uint8).cpu().numpy(), min(1.0, max(0.0, score))
+    return Analysis(
+        labels=labels[0, 0].to(torch.uint8).cpu().numpy(),
+        scores=scores,
+        score=scores[method],
+        embedding=embedding,
+    )
+
+
+def _unit(value: float) -> float:
+    return min(1.0, max(0.0, value))
+
+
+def _name(module: Any) -> str:
+    return str(getattr(module, "original_name", type(module).__name__))
+
+
+def _bottleneck(model: Any, x: torch.Tensor) -> torch.Tensor | None:
+    """The deepest features of a MONAI `UNet` (nested Sequential(down, SkipConnection, up)
+    levels), run down its encoder only; None for a network of another shape."""
+    layer = getattr(model, "model", None)
+    if _name(model) != "UNet" or layer is None:
+        return None
+    while _name(layer) == "Sequential":
+        down, skip, _ = list(layer.children())
+        x = down(x)
+        if _name(skip) != "SkipConnection":
+            return None
+        layer = skip.submodule
+    return layer(x)  # type: ignore[no-any-return]
+
+
+def embed_volume(
+    model: Any, x: torch.Tensor, probabilities: torch.Tensor, config: dict[str, Any]
+) -> NDArray[Any]:
+    """A per-study embedding, L2-normalised: the network's bottleneck on the whole volume
+    resized to one window, average- and max-pooled per channel; for a network whose bottleneck
+    this cannot find, the foreground probabilities pooled to a 4×4×4 grid."""
+    whole = _resample(x, config["inference"]["roi_size"], "trilinear")
+    features = _bottleneck(model, whole)
+    if features is None:
+        vector = F.adaptive_avg_pool3d(probabilities[:, 1:], 4).flatten()
+    else:
+        vector = torch.cat([features.mean(dim=(2, 3, 4)), features.amax(dim=(2, 3, 4))], 1)[0]
+    vector = vector.float().cpu()
+    norm = float(vector.norm())
+    return (vector / norm if norm > 0 else vector).numpy().astype(np.float32)
 
 
 def click_maps(
@@ -310,23 +383,25 @@ def _near(
     return near.numpy()
 
 
-def _answer(model: Any, config: dict[str, Any], request: Any, pb_utils: Any) -> tuple[Any, float]:
+# The SCORES output: one value per method, NaN where the spec's method did not compute it.
+SCORE_NAMES = ("entropy", "mc_dropout", "flip_tta")
+
+
+def _answer(model: Any, config: dict[str, Any], request: Any, pb_utils: Any) -> Analysis:
     image = pb_utils.get_input_tensor_by_name(request, "IMAGE").as_numpy()
     spacing = pb_utils.get_input_tensor_by_name(request, "SPACING").as_numpy()
     if "interactive" not in config:
-        return segment(model, image, spacing.tolist(), config)
+        return analyse(model, image, spacing.tolist(), config)
     clicks = pb_utils.get_input_tensor_by_name(request, "CLICKS")
     previous = pb_utils.get_input_tensor_by_name(request, "PREVIOUS")
-    return (
-        refine(
-            model,
-            image,
-            np.zeros((0, 4), np.int32) if clicks is None else clicks.as_numpy(),
-            None if previous is None else previous.as_numpy(),
-            config,
-        ),
-        0.0,
+    labels = refine(
+        model,
+        image,
+        np.zeros((0, 4), np.int32) if clicks is None else clicks.as_numpy(),
+        None if previous is None else previous.as_numpy(),
+        config,
     )
+    return Analysis(labels, {}, 0.0, np.zeros(0, np.float32))
 
 
 def load(version_dir: Path, device: torch.device) -> tuple[Any, dict[str, Any]]:
@@ -354,16 +429,18 @@ class TritonPythonModel:
         responses = []
         for request in requests:
             try:
-                labels, score = _answer(self.model, self.config, request, pb_utils)
+                answer = _answer(self.model, self.config, request, pb_utils)
+                scores = [answer.scores.get(name, math.nan) for name in SCORE_NAMES]
+                outputs = {
+                    "LABELS": answer.labels,
+                    "UNCERTAINTY": np.array([answer.score], dtype=np.float32),
+                    "SCORES": np.array(scores, dtype=np.float32),
+                    "EMBEDDING": answer.embedding,
+                    "MODEL_VERSION": np.array([self.version.encode()], dtype=object),
+                }
                 responses.append(
                     pb_utils.InferenceResponse(
-                        output_tensors=[
-                            pb_utils.Tensor("LABELS", labels),
-                            pb_utils.Tensor("UNCERTAINTY", np.array([score], dtype=np.float32)),
-                            pb_utils.Tensor(
-                                "MODEL_VERSION", np.array([self.version.encode()], dtype=object)
-                            ),
-                        ]
+                        output_tensors=[pb_utils.Tensor(k, v) for k, v in outputs.items()]
                     )
                 )
             except Exception as error:  # one bad request must not take the model down

@@ -41,6 +41,17 @@ class UncertaintyMethod(StrEnum):
     FLIP_TTA = "flip_tta"
 
 
+class SelectionStrategy(StrEnum):
+    """Active-learning strategies (`agents.selection.STRATEGIES` implements each)."""
+
+    RANDOM = "random"
+    ENTROPY = "entropy"
+    MC_DROPOUT = "mc_dropout"
+    FLIP_TTA = "flip_tta"
+    DIVERSITY = "diversity"
+    HYBRID = "hybrid"
+
+
 class Interaction(StrEnum):
     # DeepEdit: image + one click map per label (background first) + the current label, one
     # hot; one network segments with no clicks and refines with them.
@@ -164,6 +175,14 @@ class Uncertainty(_Strict):
     samples: int = Field(4, ge=1)
 
 
+class ActiveLearning(_Strict):
+    """How the model's open cases are ordered for readers, until an admin sets another
+    strategy (`radloop models strategy`, kept in the database)."""
+
+    strategy: SelectionStrategy = SelectionStrategy.ENTROPY
+    seed: int = Field(0, ge=0)
+
+
 class Retraining(_Strict):
     """When and how `flows/retrain.py` fine-tunes this model."""
 
@@ -217,6 +236,7 @@ class ModelSpec(_Strict):
     labels: list[Label] = Field(min_length=1)
     inference: Inference
     uncertainty: Uncertainty = Uncertainty()
+    active_learning: ActiveLearning = ActiveLearning()
     retraining: Retraining
     interactive: Interactive | None = None
 
@@ -240,6 +260,7 @@ class ModelSpec(_Strict):
             )
         if self.uncertainty.method != UncertaintyMethod.ENTROPY and self.uncertainty.samples < 2:
             raise ValueError(f"uncertainty.samples must be >= 2 for {self.uncertainty.method}")
+        self.check_strategy(self.active_learning.strategy)
         if self.interactive is not None:
             args = self.interactive.network.args
             channels = {
@@ -256,6 +277,16 @@ class ModelSpec(_Strict):
                         else f"interactive.network.args.{key} is {args[key]}; needs {wanted}"
                     )
         return self
+
+    def check_strategy(self, strategy: SelectionStrategy) -> None:
+        """Refuse a strategy whose score this model's drafts do not carry."""
+        needs_variance = (SelectionStrategy.MC_DROPOUT, SelectionStrategy.FLIP_TTA)
+        if strategy in needs_variance and strategy.value != self.uncertainty.method.value:
+            raise ValueError(
+                f"strategy {strategy.value} ranks on the {strategy.value} score, which "
+                f"{self.name}'s drafts compute only with uncertainty.method: {strategy.value} "
+                f"(it is {self.uncertainty.method.value})"
+            )
 
     # Set on the spec `as_interactive` derives: the task it belongs to.
     _task: str | None = PrivateAttr(None)

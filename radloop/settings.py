@@ -131,8 +131,6 @@ class ReviewSettings(Section):
     public_url: str | None = None
     # A claim returns the case to the worklist after this long without a save.
     lease_minutes: float = Field(30.0, gt=0)
-    # Added to a draft's uncertainty when a reviewer marks the case urgent.
-    urgency_boost: float = Field(1.0, ge=0)
     # True: a reader's save validates the label; false: a second person (reviewer) validates.
     single_reader: bool = False
     # Fraction of validated labels that go to the frozen holdout, decided once per study.

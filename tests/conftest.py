@@ -21,6 +21,7 @@ from radloop.app.supervisor import (
 )
 from radloop.db import Store
 from radloop.settings import Settings, load_settings
+from tests.review_cases import review  # noqa: F401  (the review tests' fixture)
 from tests.servers import PostgresServer, RadloopProcess, S3Server, free_port
 
 BACKEND = os.environ.get("RADLOOP_TEST_DATABASE", "sqlite")

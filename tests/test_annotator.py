@@ -57,11 +57,17 @@ def test_completed_study_gets_one_draft_whose_seg_is_in_orthanc_and_reads_back(
         ).all()
         state = session.scalar(select(Study.state))
     assert len(events) == 1 and state == "drafted"
-    assert row.model_version == "1" and row.priority is not None and 0 <= row.priority <= 1
+    assert row.model_version == "1" and row.scores is not None
+    assert 0 <= row.scores["entropy"] <= 1 and row.uncertainty == row.scores["entropy"]
+    # The study's embedding (the UNet bottleneck, mean- and max-pooled): for diversity.
+    embedding = np.frombuffer(row.embedding or b"", dtype="<f4")
+    assert embedding.shape == (256,) and np.linalg.norm(embedding) == pytest.approx(1, abs=1e-5)
     assert row.series_uid == study.series_uid
     (queued,) = radloop_json(radloop_env, "queue", "list")
     assert queued["annotation_id"] == row.id and queued["state"] == "drafted"
-    assert queued["priority"] == pytest.approx(row.priority)
+    assert queued["rank"] == 1 and queued["scores"] == row.scores
+    assert queued["selection"]["strategy"] == "entropy"
+    assert queued["selection"]["value"] == pytest.approx(row.scores["entropy"])
     assert (queued["model"], queued["model_version"]) == ("phantom-abdomen", "1")
     assert queued["seg_sop_instance_uid"] == row.seg_sop_instance_uid
     found = httpx.post(f"{orthanc.spec.url}/tools/lookup", content=row.seg_sop_instance_uid)

@@ -1,7 +1,7 @@
 """A reader in a real browser (Debian's Chromium, driven by Playwright) on `radloop up`, with
 studies that came the product's way: one pushed with dcmtk's storescu (its files without the
 Type 2 patient attributes de-identified exports omit), one dropped into the watch folder. The
-product drafts both; the reader logs in and sees the worklist in priority order.
+product drafts both; the reader logs in and sees the worklist in the strategy's order.
 - The pushed case opens in OHIF's segmentation mode: its CT renders, the draft SEG loads, a
   brush stroke saved with OHIF's own Export → DICOM SEG → Save makes it a correction.
 - The dropped case opens with "Open with AI tools" in the OHIF build with MONAI Label's panel:
@@ -104,10 +104,8 @@ def test_studies_pushed_and_dropped_open_in_ohif_with_their_ct_and_draft_and_a_s
             log_in(page, base, "ann", reader["token"])
             rows = page.locator("#worklist tbody tr")
             order = [int(a) for a in rows.evaluate_all("rs => rs.map(r => r.dataset.annotation)")]
-            by_priority = sorted(
-                (pushed_case, dropped_case), key=lambda c: c["priority"], reverse=True
-            )
-            assert order == [c["annotation_id"] for c in by_priority]
+            by_rank = sorted((pushed_case, dropped_case), key=lambda c: c["rank"])
+            assert order == [c["annotation_id"] for c in by_rank]
             page.screenshot(path=shots / "1-worklist.png")
 
             # The study pushed over C-STORE: its CT renders, its draft loads, an edit saves.

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -19,65 +18,17 @@ from sqlalchemy import select
 
 import agents.review.training_set as training_set
 from agents.nifti import read_label_map, write_nifti
-from agents.review.app import create_app
 from agents.review.auth import Users
 from dicom_listener import Ingestor, InstanceHeader
 from radloop.app.phantoms import WrittenStudy
-from radloop.db import Annotation, Label, OutboxEvent, Store, utcnow
+from radloop.db import Annotation, Label, OutboxEvent, Store
 from radloop.domain import IngestSource, Role
-from radloop.modelspec import PACKAGED_MODELS, ModelSpec, load_spec
-from radloop.settings import Settings
 from tests.dicom_files import generated_ct
-from tests.drafted import annotator, correction_seg, received_phantom, reference_dice
-from tests.models import export_version
+from tests.drafted import correction_seg, reference_dice
+from tests.review_cases import Review
 
 # Every case is drafted by in-process inference first (minutes in all).
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def spec() -> ModelSpec:
-    return load_spec(PACKAGED_MODELS / "phantom-abdomen.yaml")
-
-
-@dataclass
-class Review:
-    settings: Settings
-    store: Store
-    spec: ModelSpec
-    tokens: dict[str, str]
-    tmp_path: Path
-    # Added to the wall clock the service measures leases against: tests move time forward.
-    skew: timedelta = timedelta(0)
-
-    def now(self) -> datetime:
-        return utcnow() + self.skew
-
-    def client(self, user: str | None = None) -> TestClient:
-        app = create_app(self.settings, self.store, {self.spec.name: self.spec}, self.now)
-        client = TestClient(app, follow_redirects=False)
-        if user is not None:
-            client.headers["authorization"] = f"Bearer {self.tokens[user]}"
-        return client
-
-    def drafted(self, seed: int) -> tuple[int, WrittenStudy]:
-        """A phantom study with a draft from the model: (annotation id, study)."""
-        study = received_phantom(self.store, self.settings, self.tmp_path, seed=seed)
-        outcome = annotator(self.store, self.settings, None).annotate(study.study_uid, 1, self.spec)
-        return outcome.annotation_id, study
-
-
-@pytest.fixture
-def review(settings: Settings, store: Store, spec: ModelSpec, tmp_path: Path) -> Review:
-    export_version(settings, spec)
-    users = Users(store)
-    tokens = {
-        "ann": users.add("ann", Role.READER),
-        "bob": users.add("bob", Role.READER),
-        "rita": users.add("rita", Role.REVIEWER),
-        "mo": users.add("mo", Role.ML_ENGINEER),
-    }
-    return Review(settings, store, spec, tokens, tmp_path)
 
 
 def truth_nifti(study: WrittenStudy) -> bytes:
@@ -117,16 +68,19 @@ def test_worklist_is_ordered_by_uncertainty_and_an_urgent_case_jumps_ahead(
     first, _ = review.drafted(31)
     second, _ = review.drafted(32)
     with review.store.transaction() as session:
-        session.get_one(Annotation, first).priority = 0.2
-        session.get_one(Annotation, second).priority = 0.5
+        session.get_one(Annotation, first).scores = {"entropy": 0.2}
+        session.get_one(Annotation, second).scores = {"entropy": 0.5}
     ann, rita = review.client("ann"), review.client("rita")
-    order = [item["annotation_id"] for item in ann.get("/api/worklist").json()]
-    assert order == [second, first]
+    listed = ann.get("/api/worklist").json()
+    assert [item["annotation_id"] for item in listed] == [second, first]
+    assert [item["rank"] for item in listed] == [1, 2]
+    assert listed[0]["selection"] == {"rank": 1, "strategy": "entropy", "seed": 0, "value": 0.5}
 
     assert ann.put(f"/api/annotations/{first}/urgent", json={"urgent": True}).status_code == 403
     marked = rita.put(f"/api/annotations/{first}/urgent", json={"urgent": True})
     assert marked.status_code == 200
-    assert marked.json()["priority"] == pytest.approx(0.2 + review.settings.review.urgency_boost)
+    # Shown first, but not as the strategy's choice: urgency stays outside the learning order.
+    assert marked.json()["rank"] == 1 and marked.json()["selection"]["strategy"] == "urgent"
     listed = ann.get("/api/worklist").json()
     assert [item["annotation_id"] for item in listed] == [first, second]
     assert listed[0]["study_date"] and listed[0]["model_version"] == "1"

@@ -50,6 +50,11 @@ def test_triton_serves_the_model_as_in_process_and_swaps_to_a_newer_version(
     assert 0.0 <= remote.uncertainty <= 1.0
     assert np.mean(remote.labels == local.labels) > 0.999
     assert remote.uncertainty == pytest.approx(local.uncertainty, abs=1e-4)
+    # What the active-learning strategies rank on comes through Triton as computed here.
+    assert set(remote.scores) == {"entropy"}
+    assert remote.scores["entropy"] == pytest.approx(local.scores["entropy"], abs=1e-4)
+    assert remote.embedding.shape == local.embedding.shape == (256,)
+    assert np.allclose(remote.embedding, local.embedding, atol=1e-4)
 
     assert repository.export(spec, scripted_network(spec, seed=2)) == 2
     served.load(spec.name)

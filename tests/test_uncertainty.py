@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from model_registry.repository import inference_config
-from model_registry.triton_model import segment
+from model_registry.triton_model import analyse, segment
 from radloop.modelspec import PACKAGED_MODELS, load_spec
 
 
@@ -40,6 +40,12 @@ def test_each_uncertainty_method_scores_in_range(method: str) -> None:
     labels, score = segment(Constant(0.5).eval(), image, (3.0, 3.0, 3.0), config)
     assert labels.shape == image.shape and labels.dtype == np.uint8
     assert 0.0 <= score <= 1.0
+    # Entropy always comes too, so the entropy and hybrid strategies work under any method;
+    # a network that is not a MONAI UNet is embedded by its pooled foreground probabilities.
+    analysis = analyse(Constant(0.5).eval(), image, (3.0, 3.0, 3.0), config)
+    assert set(analysis.scores) == {"entropy", method} and 0 <= analysis.score <= 1
+    assert analysis.embedding.shape == (3 * 4**3,)
+    assert np.linalg.norm(analysis.embedding) == pytest.approx(1, abs=1e-5)
 
 
 def test_confident_model_is_less_uncertain_than_a_confused_one() -> None:

@@ -156,21 +156,16 @@ class Assistant:
         open_states = {s.value for s in (AnnotationState.DRAFTED, AnnotationState.CLAIMED)}
         return next((int(i) for i, state in rows if state in open_states), int(rows[0][0]))
 
-    def next_case(self, user: str) -> dict[str, Any] | None:
-        """The drafted case `user` holds (its lease renewed), else the top drafted case of the
-        worklist, claimed for them; None when none waits."""
+    def next_case(self, user: str, strategy: str | None = None) -> dict[str, Any] | None:
+        """The drafted case `user` holds (its lease renewed), else the next case the model's
+        active-learning strategy (or `strategy`) picks, claimed for them; None when none
+        waits."""
         held = self.worklist.items(states=(AnnotationState.CLAIMED,), limit=5000)
         for item in held:
             if item["claimed_by"] == user and item["seg_sop_instance_uid"]:
                 return self.worklist.claim(int(item["annotation_id"]), user)
-        for item in self.worklist.items(states=(AnnotationState.DRAFTED,), limit=50):
-            if not item["series_uid"] or not item["seg_sop_instance_uid"]:
-                continue
-            try:
-                return self.worklist.claim(int(item["annotation_id"]), user)
-            except Conflict:  # another reader took it a moment ago
-                continue
-        return None
+        given = self.worklist.next_cases([user], strategy=strategy)
+        return given[0] if given else None
 
     def inputs(self, annotation_id: int) -> tuple[ModelSpec, LoadedSeries]:
         case_ = load_case(self.store, annotation_id)

@@ -117,6 +117,14 @@ class Users:
                 for user in session.scalars(select(User).order_by(User.name))
             ]
 
+    def find(self, name: str) -> Principal | None:
+        """The enabled user called `name`, or None."""
+        with self.store.read() as session:
+            user = session.scalars(
+                select(User).where(User.name == name, User.disabled_at.is_(None))
+            ).first()
+            return Principal(user.name, Role(user.role)) if user else None
+
     def by_token(self, token: str) -> Principal | None:
         with self.store.read() as session:
             user = session.scalars(

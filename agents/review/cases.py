@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from agents.volume import LoadedSeries, SeriesRejected, load_series, series_files
-from radloop.db import Annotation, Store, Study
+from radloop.db import Annotation, Selection, Store, Study
 from radloop.domain import AnnotationState
 from radloop.modelspec import ModelSpec
 
@@ -102,11 +103,32 @@ def iso(value: datetime | None) -> str | None:
     return value.isoformat() if value is not None else None
 
 
+def latest_selections(session: Session, annotation_ids: list[int]) -> dict[int, dict[str, Any]]:
+    """The last recorded selection of each case (`selections`), as `item_row` shows it."""
+    if not annotation_ids:
+        return {}
+    rows = session.scalars(
+        select(Selection).where(Selection.annotation_id.in_(annotation_ids)).order_by(Selection.id)
+    )
+    return {
+        row.annotation_id: {
+            "rank": row.rank,
+            "strategy": row.strategy,
+            "seed": row.seed,
+            "value": row.value,
+            "user": row.user_name,
+            "batch": row.batch,
+            "selected_at": iso(row.created_at),
+        }
+        for row in rows
+    }
+
+
 def item_row(
     annotation: Annotation,
     study_uid: str,
     study_date: str | None,
-    effective: float | None,
+    selection: dict[str, Any] | None,
     completed_at: datetime | None = None,
 ) -> dict[str, Any]:
     return {
@@ -116,8 +138,13 @@ def item_row(
         "revision": annotation.study_revision,
         "series_uid": annotation.series_uid,
         "state": annotation.state,
-        "priority": effective if annotation.priority is not None or annotation.urgent else None,
+        # Place in the worklist (1 first) while open; otherwise the rank it was picked at.
+        "rank": selection.get("rank") if selection else None,
+        # The strategy (or "urgent"), seed and value that placed the case, and the draft's
+        # uncertainty scores by method.
+        "selection": selection,
         "uncertainty": annotation.uncertainty,
+        "scores": annotation.scores,
         "urgent": annotation.urgent,
         "model": annotation.model_name,
         "model_version": annotation.model_version,

@@ -10,6 +10,7 @@ before its work and again inside its transaction.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from datetime import datetime, timedelta
 
 from sqlalchemy import case, func, select, update
@@ -55,12 +56,25 @@ def expire_leases(store: Store, now: datetime) -> int:
         return int(result.rowcount or 0)  # type: ignore[attr-defined]
 
 
-def claim(store: Store, annotation_id: int, user: str, lease_minutes: float, now: datetime) -> None:
+def claim(
+    store: Store,
+    annotation_id: int,
+    user: str,
+    lease_minutes: float,
+    now: datetime,
+    on_claim: Callable[[Session, Annotation], None] | None = None,
+) -> None:
     """Give `user` the case for `lease_minutes` from `now`; the holder claiming again renews
-    the lease. Raises `NotFound` or `Conflict` (saying why) when the case cannot be claimed."""
+    the lease. `on_claim` runs in the claim's transaction when the case changes hands (not on a
+    renewal): the selection is recorded with the claim or not at all. Raises `NotFound` or
+    `Conflict` (saying why) when the case cannot be claimed."""
     expire_leases(store, now)
     lease = now + timedelta(minutes=lease_minutes)
     with store.transaction() as session:
+        before = session.execute(
+            select(Annotation.state, Annotation.claimed_by).where(Annotation.id == annotation_id)
+        ).first()
+        renewal = before is not None and tuple(before) == (AnnotationState.CLAIMED.value, user)
         result = session.execute(
             update(Annotation)
             .where(
@@ -86,6 +100,8 @@ def claim(store: Store, annotation_id: int, user: str, lease_minutes: float, now
         study = session.get_one(Study, annotation.study_id)
         if study.state in (StudyState.DRAFTED.value, StudyState.COMPLETE.value):
             study.state = StudyState.IN_REVIEW.value
+        if on_claim is not None and not renewal:
+            on_claim(session, annotation)
     log.info("annotation %d claimed by %s until %s", annotation_id, user, lease.isoformat())
 
 

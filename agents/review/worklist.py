@@ -1,7 +1,8 @@
-"""The review worklist: the queue of cases by priority, and the actions readers take on it.
+"""The review worklist: the queue of cases in active-learning order, and what readers do on it.
 
 `Worklist` is what the review app, the `radloop queue` CLI and tests hold. It reads the queue
-itself (priority order, one case, counts per state), marks cases urgent and validates
+(in `agents.review.order`'s order, one case, counts per state), hands k readers k cases chosen
+together, sets a model's strategy, marks cases urgent and validates
 corrections into the training set; claims and leases are `agents.review.leases`, taking in
 corrections is `agents.review.intake`, and it delegates to them. Every state change is one
 database transaction guarded by the state it expects, so two readers racing for one case end
@@ -10,12 +11,14 @@ with exactly one winner and a clear refusal for the other.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Sequence
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import case, func, select
+from sqlalchemy import func, select
 
 from agents.review import leases
 from agents.review.cases import (
@@ -25,10 +28,12 @@ from agents.review.cases import (
     ReviewError,
     Unprocessable,
     item_row,
+    latest_selections,
     load_case,
     load_inputs,
 )
 from agents.review.intake import CorrectionIntake
+from agents.review.order import QueueOrder
 from agents.review.training_set import add_label, stage_pair
 from radloop.db import Annotation, AnnotationJob, Store, Study, utcnow
 from radloop.domain import AnnotationState
@@ -57,15 +62,12 @@ class Worklist:
         self.specs = specs
         self.spool_dir = spool_dir
         self.datasets = datasets
+        self.order = QueueOrder(store, specs)
         self.intake = CorrectionIntake(
             store, settings, specs, spool_dir, drafts_dir, datasets, clock
         )
 
     # -- reading -------------------------------------------------------------------------
-
-    def priority_expression(self) -> Any:
-        boost = case((Annotation.urgent, self.settings.urgency_boost), else_=0.0)
-        return func.coalesce(Annotation.priority, 0.0) + boost
 
     def items(
         self,
@@ -73,37 +75,39 @@ class Worklist:
         limit: int = 500,
         annotation_id: int | None = None,
     ) -> list[dict[str, Any]]:
-        """Cases by priority (uncertainty + urgency boost), highest first; draftless last."""
+        """Cases in the worklist's order (`agents.review.order`: urgent first, then each
+        model's strategy, draftless last), then those in readers' hands, then the rest, newest
+        first. Each carries its `selection`: the strategy's ranking, or the last recorded one."""
         self.expire_leases()
-        priority = self.priority_expression()
         query = (
-            select(
-                Annotation,
-                Study.study_uid,
-                Study.study_date,
-                priority.label("effective"),
-                AnnotationJob.completed_at,
-            )
+            select(Annotation, Study.study_uid, Study.study_date, AnnotationJob.completed_at)
             .join(Study, Study.id == Annotation.study_id)
             .outerjoin(AnnotationJob, AnnotationJob.annotation_id == Annotation.id)
-            .order_by(
-                Annotation.seg_sop_instance_uid.is_(None),
-                priority.desc(),
-                Annotation.created_at,
-            )
-            .limit(limit)
         )
         if states is not None:
             query = query.where(Annotation.state.in_([s.value for s in states]))
         if annotation_id is not None:
             query = query.where(Annotation.id == annotation_id)
         with self.store.read() as session:
-            return [
-                item_row(annotation, study_uid, study_date, effective, completed_at)
-                for annotation, study_uid, study_date, effective, completed_at in session.execute(
-                    query
-                )
-            ]
+            ranking = self.order.rank(session)
+            rows = list(session.execute(query))
+            last = latest_selections(
+                session, [row[0].id for row in rows if row[0].id not in ranking]
+            )
+
+        def place(row: Any) -> tuple[int, int, float, int]:
+            annotation = row[0]
+            if annotation.id in ranking:
+                return (0, ranking[annotation.id].position, 0.0, annotation.id)
+            held = annotation.state == AnnotationState.CLAIMED.value
+            return (1 if held else 2, 0, -annotation.updated_at.timestamp(), annotation.id)
+
+        listed = []
+        for annotation, study_uid, study_date, completed_at in sorted(rows, key=place)[:limit]:
+            ranked = ranking.get(annotation.id)
+            selection = ranked.as_dict() if ranked else last.get(annotation.id)
+            listed.append(item_row(annotation, study_uid, study_date, selection, completed_at))
+        return listed
 
     def item(self, annotation_id: int) -> dict[str, Any]:
         found = self.items(states=None, annotation_id=annotation_id)
@@ -128,14 +132,87 @@ class Worklist:
         return leases.expire_leases(self.store, self.clock())
 
     def claim(self, annotation_id: int, user: str) -> dict[str, Any]:
-        """Take the case for `lease_minutes`; the holder claiming again renews the lease."""
-        leases.claim(self.store, annotation_id, user, self.settings.lease_minutes, self.clock())
+        """Take the case for `lease_minutes`; the holder claiming again renews the lease. The
+        pick is recorded as a selection with the case's place in the worklist."""
+        with self.store.read() as session:
+            ranked = self.order.rank(session).get(annotation_id)
+        batch = uuid.uuid4().hex
+        now = self.clock()
+        leases.claim(
+            self.store,
+            annotation_id,
+            user,
+            self.settings.lease_minutes,
+            now,
+            partial(QueueOrder.record, user=user, ranked=ranked, batch=batch, now=now),
+        )
         return self.item(annotation_id)
+
+    def next_cases(
+        self, users: Sequence[str], model: str | None = None, strategy: str | None = None
+    ) -> list[dict[str, Any]]:
+        """One case for each of `users` (k readers asking at once), chosen together from one
+        ranking, so a diversity-aware strategy never hands two of them near-duplicates; each
+        is claimed with its lease and recorded as a selection of one batch. A case taken by
+        someone else meanwhile makes the rest be ranked again, with that case covered. Fewer
+        cases than readers: the last readers get none. `strategy` ranks by another strategy
+        than the models' own this once (it is recorded as such)."""
+        self.expire_leases()
+        batch = uuid.uuid4().hex
+        given: list[dict[str, Any]] = []
+        waiting = list(users)
+        for _ in range(len(users) + 8):  # each retry follows a case lost to another reader
+            if not waiting:
+                break
+            with self.store.read() as session:
+                ranking = self.order.rank(session, viewable_only=True, override=strategy)
+                if model is not None:
+                    models = dict(
+                        session.execute(
+                            select(Annotation.id, Annotation.model_name).where(
+                                Annotation.id.in_(list(ranking))
+                            )
+                        ).all()
+                    )
+                    ranking = {k: v for k, v in ranking.items() if models.get(k) == model}
+            order = sorted(ranking.items(), key=lambda item: item[1].position)
+            if not order:
+                break
+            lost = False
+            for annotation_id, ranked in order:
+                if not waiting:
+                    break
+                user, now = waiting[0], self.clock()
+                try:
+                    leases.claim(
+                        self.store,
+                        annotation_id,
+                        user,
+                        self.settings.lease_minutes,
+                        now,
+                        partial(QueueOrder.record, user=user, ranked=ranked, batch=batch, now=now),
+                    )
+                except Conflict:
+                    lost = True
+                    break
+                waiting.pop(0)
+                given.append(self.item(annotation_id))
+            if not lost:
+                break
+        return given
 
     def release(self, annotation_id: int, user: str, *, force: bool = False) -> dict[str, Any]:
         """Give the case back. Only its holder may, unless `force` (reviewers, admins)."""
         leases.release(self.store, annotation_id, user, self.clock(), force=force)
         return self.item(annotation_id)
+
+    def set_strategy(
+        self, model: str, strategy: str, seed: int | None, user: str
+    ) -> dict[str, Any]:
+        """Make `strategy` the model's active-learning strategy: the open queue is ranked by it
+        from the next read on."""
+        chosen = self.order.set_strategy(model, strategy, seed, user, self.clock())
+        return {"model": model, "strategy": chosen.strategy, "seed": chosen.seed}
 
     def set_urgent(self, annotation_id: int, urgent: bool) -> dict[str, Any]:
         with self.store.transaction() as session:

@@ -255,7 +255,8 @@ class Demo:
             validated = reviewer.call("POST", f"/api/annotations/{case}/validate")
             effort = 1.0 - corrected["correction_dice"]
             self.say(
-                f"case {case} (v{item['model_version']}, priority {item['priority']:.3f}): "
+                f"case {case} (v{item['model_version']}, rank {item['rank']} by "
+                f"{item['selection']['strategy']}): "
                 f"corrected, effort 1−Dice {effort:.3f}, validated"
                 + (" → holdout" if self._split_of(case) == "holdout" else "")
             )

@@ -14,6 +14,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     String,
     Text,
     TypeDecorator,
@@ -113,8 +114,12 @@ class Annotation(Base):
     model_name: Mapped[str] = mapped_column(String(64))
     model_version: Mapped[str | None] = mapped_column(String(32))
     state: Mapped[str] = mapped_column(String(16), index=True)
-    priority: Mapped[float | None] = mapped_column(Float, index=True)
+    # The spec's uncertainty method's score; `scores` has every method the draft computed
+    # (entropy always) and `embedding` the study's float32 embedding: what the model's
+    # active-learning strategy ranks the open cases on (`agents.selection`).
     uncertainty: Mapped[float | None] = mapped_column(Float)
+    scores: Mapped[dict[str, float] | None] = mapped_column(JSON)
+    embedding: Mapped[bytes | None] = mapped_column(LargeBinary)
     seg_sop_instance_uid: Mapped[str | None] = mapped_column(UID, unique=True)
     seg_series_uid: Mapped[str | None] = mapped_column(UID)
     seg_path: Mapped[str | None] = mapped_column(String(256))
@@ -128,7 +133,7 @@ class Annotation(Base):
     viewer_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime]
     updated_at: Mapped[datetime]
-    # Review. A reviewer's "urgent" adds the configured boost to the priority.
+    # Review. A reviewer's "urgent" puts the case ahead of the learning order.
     urgent: Mapped[bool] = mapped_column(Boolean, default=False)
     # The last claim: who and until when (kept after it lapses, to say so on a late save).
     claimed_by: Mapped[str | None] = mapped_column(String(64))
@@ -218,12 +223,48 @@ class TrainingRun(Base):
     champion_dice: Mapped[dict[str, float] | None] = mapped_column(JSON)
     challenger_dice: Mapped[dict[str, float] | None] = mapped_column(JSON)
     decision: Mapped[str | None] = mapped_column(Text)
+    # How the labels it trained on were selected: {strategy: count} ("urgent" included).
+    strategies: Mapped[dict[str, int] | None] = mapped_column(JSON)
     # Seconds per phase (prepare, train, evaluate, register, deploy) for operators and bench.
     timings: Mapped[dict[str, float] | None] = mapped_column(JSON)
     started_at: Mapped[datetime] = mapped_column(index=True)
     # Bumped every epoch: a running row without a heartbeat for long was killed, not running.
     heartbeat_at: Mapped[datetime]
     finished_at: Mapped[datetime | None]
+
+
+class ModelSetting(Base):
+    """A model's active-learning strategy and seed, as an admin last set them (the spec's
+    `active_learning` section until then)."""
+
+    __tablename__ = "model_settings"
+
+    model_name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    strategy: Mapped[str] = mapped_column(String(32))
+    seed: Mapped[int] = mapped_column(Integer)
+    changed_by: Mapped[str | None] = mapped_column(String(64))
+    changed_at: Mapped[datetime]
+
+
+class Selection(Base):
+    """One case handed to a reader: by which strategy (or "urgent"), seed, the strategy's value
+    and the draft's scores, its rank, and the batch it was chosen with (STYLE rule 11)."""
+
+    __tablename__ = "selections"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    annotation_id: Mapped[int] = mapped_column(ForeignKey("annotations.id"), index=True)
+    model_name: Mapped[str] = mapped_column(String(64))
+    model_version: Mapped[str | None] = mapped_column(String(32))
+    user_name: Mapped[str] = mapped_column(String(64))
+    strategy: Mapped[str] = mapped_column(String(32))
+    seed: Mapped[int] = mapped_column(Integer)
+    value: Mapped[float | None] = mapped_column(Float)
+    scores: Mapped[dict[str, float] | None] = mapped_column(JSON)
+    rank: Mapped[int] = mapped_column(Integer)
+    # Cases chosen together (one request for k readers, or k cases) share it.
+    batch: Mapped[str] = mapped_column(String(32))
+    created_at: Mapped[datetime]
 
 
 class User(Base):

@@ -38,15 +38,21 @@ from agents.review.deps import (
     require,
 )
 from agents.review.worklist import Worklist
+from agents.selection import STRATEGIES as SELECTION_STRATEGIES
 from agents.volume import LoadedSeries
 from radloop.domain import AnnotationState
 from radloop.modelspec import ModelSpec
 
 router = APIRouter(prefix="/monailabel", tags=["monailabel"])
 
-# radloop's one strategy: the worklist's order (uncertainty + urgency), claimed for the caller.
+# MONAI Label's strategies: the worklist's order (each model's own strategy, urgent cases
+# first), or one of radloop's strategies for this pick; the case is claimed for the caller.
 STRATEGIES = {
-    "worklist": "The top of radloop's worklist (most to learn from first), claimed for you",
+    "worklist": "The top of radloop's worklist (each model's strategy), claimed for you",
+    **{
+        name: f"The next case by radloop's {name} strategy, claimed for you"
+        for name in SELECTION_STRATEGIES
+    },
 }
 
 
@@ -121,7 +127,7 @@ def next_sample(
         raise HTTPException(
             404, f"unknown strategy {strategy!r}; radloop offers {', '.join(STRATEGIES)}"
         )
-    case = assistant.next_case(who.name)
+    case = assistant.next_case(who.name, None if strategy == "worklist" else strategy)
     if case is None:
         return {}
     return {

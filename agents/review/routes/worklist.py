@@ -48,7 +48,7 @@ class WorklistPage:
                 "items": worklist.items(),
                 "corrected": worklist.items(states=(AnnotationState.CORRECTED,)),
                 "counts": worklist.counts(),
-                "boost": self.review.urgency_boost,
+                "strategies": worklist.order.settings(),
                 "lease_minutes": self.review.lease_minutes,
                 "can_correct": who.may(CORRECT),
                 "can_validate": who.may(VALIDATE),
@@ -141,6 +141,19 @@ for _name, (_roles, _act) in _ACTIONS.items():
     router.add_api_route(
         f"/worklist/{{annotation_id}}/{_name}", _form_action(_roles, _act), methods=["POST"]
     )
+
+
+@router.post("/worklist/next")
+def next_case_form(
+    request: Request,
+    who: Annotated[Principal, Depends(form_user(CORRECT))],
+    page: PageDep,
+) -> Response:
+    """Open the case the caller holds, else claim the one the strategy picks next, in OHIF."""
+    case = page.assistant.next_case(who.name)
+    if case is None:
+        return page.render(request, who, "no case is waiting that you could open")
+    return RedirectResponse(f"/segmentation?StudyInstanceUIDs={case['study_uid']}", status_code=303)
 
 
 @router.post("/worklist/{annotation_id}/urgent")

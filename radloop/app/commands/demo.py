@@ -52,6 +52,15 @@ def demo_data(
         Path | None, typer.Option(help="Where to write (default <data_dir>/demo/phantoms).")
     ] = None,
     seed: Annotated[int, typer.Option(min=0, help="Seed of the first study; then +1 each.")] = 0,
+    pool: Annotated[
+        bool,
+        typer.Option(
+            "--pool",
+            help="A heterogeneous pool: common studies plus rarer sub-populations (contrast "
+            "phase, enlarged or displaced organs, lesions, noise, field of view), each "
+            "study's in its truth.json.",
+        ),
+    ] = False,
     as_json: JsonOption = False,
 ) -> None:
     """Write CT phantom studies (DICOM) with their ground-truth masks (NIfTI + truth.json)."""
@@ -64,7 +73,7 @@ def demo_data(
     with Progress(console=err_console if as_json else console, transient=as_json) as progress:
         task = progress.add_task("writing phantom studies", total=studies)
         for index in range(studies):
-            written.append(write_study(root, index, seed=seed + index))
+            written.append(write_study(root, index, seed=seed + index, pool=pool))
             progress.advance(task)
     if as_json:
         print_json([study.summary() for study in written])
@@ -73,3 +82,10 @@ def demo_data(
     console.print(f"{studies} phantom studies ({slices} CT slices) in {root}")
     labels = ", ".join(f"{label.value} {label.name.lower()}" for label in PhantomLabel)
     console.print(f"each: dicom/*.dcm, truth.nii.gz (labels {labels}), truth.json")
+    if pool:
+        from collections import Counter
+
+        from radloop.app.phantoms.pool import subpopulation_of
+
+        mix = Counter(subpopulation_of(seed + index) for index in range(studies))
+        console.print("sub-populations: " + ", ".join(f"{k} {n}" for k, n in mix.most_common()))

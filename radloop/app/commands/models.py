@@ -76,6 +76,53 @@ def models_list(as_json: JsonOption = False) -> None:
     print_rows(console, rows, columns, f"{len(rows)} model versions", as_json)
 
 
+@models_app.command("strategy")
+def strategy(
+    model: Annotated[
+        str | None, typer.Argument(help="The model; omitted: list every model's.")
+    ] = None,
+    name: Annotated[
+        str | None,
+        typer.Argument(
+            help="random | entropy | mc_dropout | flip_tta | diversity | hybrid; omitted: show."
+        ),
+    ] = None,
+    seed: Annotated[int | None, typer.Option(min=0, help="The seed it draws with.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Show or set a model's active-learning strategy: setting it re-ranks the model's open
+    cases at once (the review service reads it on every worklist read)."""
+    import getpass
+
+    from agents.review.cases import ReviewError
+    from agents.review.order import QueueOrder
+    from radloop.db import utcnow
+
+    settings = cli_settings()
+    order = QueueOrder(open_store(settings), cli_model_specs(settings))
+    if model is not None and name is not None:
+        try:
+            order.set_strategy(model, name, seed, f"cli:{getpass.getuser()}", utcnow())
+        except ReviewError as refused:
+            err_console.print(f"[red]refused:[/red] {refused}")
+            raise typer.Exit(1) from None
+    rows = [
+        {
+            "model": key,
+            "strategy": chosen.strategy,
+            "seed": chosen.seed,
+            "changed_by": chosen.changed_by,
+            "changed_at": chosen.changed_at.isoformat() if chosen.changed_at else None,
+        }
+        for key, chosen in order.settings().items()
+        if model is None or key == model
+    ]
+    if model is not None and not rows:
+        err_console.print(f"[red]no model {model!r}[/red]")
+        raise typer.Exit(2)
+    print_rows(console, rows, ["model", "strategy", "seed", "changed_by"], "strategies", as_json)
+
+
 @models_app.command("rollback")
 def rollback(
     model: str,

@@ -1,5 +1,6 @@
-"""`radloop queue …`: the review queue — drafts (and draftless studies) by priority — and the
-reader's actions on it, acting as a named user with that user's role."""
+"""`radloop queue …`: the review queue — urgent cases, then each model's active-learning order,
+draftless studies last — and the reader's actions on it, acting as a named user with that
+user's role."""
 
 from __future__ import annotations
 
@@ -107,6 +108,48 @@ def validate(annotation_id: int, user: UserOption, as_json: JsonOption = False) 
     _act("validate", annotation_id, user, as_json)
 
 
+@queue_app.command("next")
+def next_cases(
+    users: Annotated[
+        list[str],
+        typer.Option(
+            "--user",
+            envvar="RADLOOP_USER",
+            help="A reader asking for work; give it once per reader to hand out a batch.",
+        ),
+    ],
+    model: Annotated[str | None, typer.Option(help="Only this model's cases.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Claim the next case for each reader, chosen together (a diversity-aware strategy gives
+    no two of them near-duplicates) and recorded as one batch of selections."""
+    from agents.review.auth import CORRECT
+
+    worklist = _worklist()
+    readers = [_acting(worklist, name, CORRECT).name for name in users]
+    if len(set(readers)) != len(readers):
+        err_console.print("[red]each reader once[/red]")
+        raise typer.Exit(2)
+    given = worklist.next_cases(readers, model=model)
+    columns: list[Column | str] = [
+        "annotation_id",
+        "study_uid",
+        Column("reader", lambda row: row["claimed_by"] or ""),
+        Column("selected by", _selected_by),
+        Column("model", lambda row: f"{row['model']} v{row['model_version'] or '—'}"),
+    ]
+    print_rows(console, given, columns, f"{len(given)} of {len(readers)} readers served", as_json)
+    if len(given) < len(readers):
+        raise typer.Exit(1)
+
+
+def _selected_by(row: Row) -> str:
+    selection = row.get("selection") or {}
+    value = selection.get("value")
+    shown = f" {value:.3f}" if isinstance(value, float) else ""
+    return f"{selection.get('strategy', '—')}{shown} (rank {selection.get('rank', '—')})"
+
+
 @queue_app.command("list")
 def queue_list(
     as_json: JsonOption = False,
@@ -115,7 +158,8 @@ def queue_list(
     ] = False,
     limit: Annotated[int, typer.Option(min=1, help="At most this many rows.")] = 500,
 ) -> None:
-    """Open annotations by priority (uncertainty + urgency boost); draftless ones last."""
+    """Open annotations in the worklist's order: urgent ones, then each model's active-learning
+    strategy, draftless ones last; `--json` adds each one's selection and scores."""
     from agents.review.worklist import OPEN_STATES
 
     rows = _worklist().items(states=None if all_states else OPEN_STATES, limit=limit)
@@ -123,7 +167,8 @@ def queue_list(
         "annotation_id",
         "study_uid",
         "state",
-        "priority",
+        "rank",
+        Column("selected by", _selected_by),
         Column("model", lambda row: f"{row['model']} v{row['model_version'] or '—'}"),
         Column("held by", lambda row: row["claimed_by"] or ""),
         Column("why", _why),

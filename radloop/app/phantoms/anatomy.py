@@ -63,6 +63,10 @@ class PhantomParameters:
     hu: dict[str, float]
     noise_sigma: float
     texture_seed: int
+    # Hypodense lesions inside the liver (still labelled liver), and which sub-population of
+    # a heterogeneous pool the phantom belongs to (`radloop.app.phantoms.pool`).
+    lesions: tuple[Ellipsoid, ...] = ()
+    subpopulation: str = "common"
 
 
 @dataclass(frozen=True)

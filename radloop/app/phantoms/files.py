@@ -48,17 +48,23 @@ class WrittenStudy:
 
 
 def write_study(
-    root: Path, index: int, seed: int | None = None, acquired: datetime | None = None
+    root: Path,
+    index: int,
+    seed: int | None = None,
+    acquired: datetime | None = None,
+    *,
+    pool: bool = False,
 ) -> WrittenStudy:
     """Generate phantom `seed` (default: `index`) and write it under `root/<index:04d>/`.
 
     Writes `dicom/slice0000.dcm ...` (one CT slice per file, in position order),
     `truth.nii.gz` (uint8 labels, axes column/row/slice, RAS affine of the phantom's grid) and
-    `truth.json`. UIDs are new on every call; `.dcm` files left by an earlier run are removed
-    so the folder only ever holds one series.
+    `truth.json` (with `subpopulation`: "common" unless `pool` drew another; `pool` makes
+    the study a member of the heterogeneous pool). UIDs are new on every call; `.dcm` files
+    left by an earlier run are removed so the folder only ever holds one series.
     """
     seed = index if seed is None else seed
-    phantom = generate(seed)
+    phantom = generate(seed, pool=pool)
     folder = root / f"{index:04d}"
     dicom_dir = folder / "dicom"
     dicom_dir.mkdir(parents=True, exist_ok=True)
@@ -110,6 +116,7 @@ def _truth_record(phantom: Phantom, header: CtSeriesHeader, index: int) -> dict[
         "frame_of_reference_uid": header.frame_of_reference_uid,
         "index": index,
         "seed": phantom.seed,
+        "subpopulation": phantom.parameters.subpopulation,
         "labels": {label.name.lower(): label.value for label in PhantomLabel},
         "volumes_ml": {
             label.name.lower(): round(float((phantom.labels == label).sum()) * voxel_ml, 1)

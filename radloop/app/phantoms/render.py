@@ -140,6 +140,9 @@ def render(p: PhantomParameters) -> Phantom:
             (0.45 * ax, 0.35 * ay, 0.45 * az),
         )
         paint((labels == PhantomLabel.KIDNEY) & (grid.radius(hilum) <= 1), p.hu["fat"] + 30)
+    liver = labels == PhantomLabel.LIVER
+    for lesion in p.lesions:
+        paint(liver & (grid.radius(lesion) <= 1), p.hu.get("lesion", 20.0), PhantomLabel.LIVER)
 
     aorta = Ellipsoid((*p.aorta_center, 0), (p.aorta_radius, p.aorta_radius, 1e6))
     paint(grid.radius(aorta) <= 1, p.hu["aorta"])
@@ -163,6 +166,11 @@ def render(p: PhantomParameters) -> Phantom:
     return Phantom(volume, labels, grid.spacing, grid.origin, p)
 
 
-def generate(seed: int, size: int = 128) -> Phantom:
-    """The phantom for `seed`: the same seed always gives the same volumes."""
+def generate(seed: int, size: int = 128, *, pool: bool = False) -> Phantom:
+    """The phantom for `seed`: the same seed always gives the same volumes. With `pool`, the
+    heterogeneous pool's study `seed` (`radloop.app.phantoms.pool`)."""
+    if pool:
+        from radloop.app.phantoms.pool import pool_parameters
+
+        return render(pool_parameters(seed, size))
     return render(sample_parameters(seed, size))
