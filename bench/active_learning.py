@@ -205,7 +205,9 @@ def starting_point(
         batch_size=spec.retraining.batch_size,
         seed=seed,
     )
+    began = time.perf_counter()
     model, _ = train(spec, [pool[k].example for k in keys], config)
+    print(f"  trained in {time.perf_counter() - began:.0f} s; drafting the pool", flush=True)
     entropy = score_config(spec, "entropy")
     drafts = {k: analyse(model, s.hu, s.spacing, entropy) for k, s in enumerate(pool)}
     return model, keys, drafts, evaluate(model, holdout, spec)
@@ -313,8 +315,8 @@ def main() -> None:
     parser.add_argument(
         "--strategies", nargs="+", default=["random", "entropy", "diversity", "hybrid"]
     )
-    parser.add_argument("--pool", type=int, default=30)
-    parser.add_argument("--holdout", type=int, default=14)
+    parser.add_argument("--pool", type=int, default=24)
+    parser.add_argument("--holdout", type=int, default=7)
     parser.add_argument("--initial", type=int, default=4)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=3)

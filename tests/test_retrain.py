@@ -25,6 +25,7 @@ from sqlalchemy import select
 from agents.nifti import read_label_map
 from agents.retrain import Retrainer
 from agents.retrain.scores import score_ahead
+from agents.review.plots import holdout_by_labels
 from agents.trainer import TrainingConfig, prepare, train
 from model_registry.inference import TritonBackend
 from model_registry.mlflow_registry import CHALLENGER, CHAMPION, Registry
@@ -167,6 +168,10 @@ def test_the_gate_refuses_a_challenger_trained_on_corrupted_labels(
     run = registry.client.get_run(result["mlflow_run_id"])
     assert run.data.tags["radloop.decision"] == result["decision"]
     assert run.data.params["train_labels"] == "4"
+    # The readers took the cases from the worklist's order: the run says which strategy chose.
+    assert run.data.params["selected_by"] == "entropy:4" and result["selected_by"] == {"entropy": 4}
+    # The dashboard's "what the order bought" point for this run names the strategy.
+    assert "entropy 4" in holdout_by_labels(store, {spec.name: spec})
     assert "holdout_dice_Liver" in run.data.metrics
     assert len(registry.client.get_metric_history(run.info.run_id, "train_loss")) == 6
     manifest = json.loads(

@@ -383,10 +383,11 @@ def test_pages_need_a_login_and_forms_need_the_csrf_token(
 
     dashboard = browser.get("/dashboard")
     assert dashboard.status_code == 200
-    for plot in ("validated", "queue", "effort", "clicks"):
+    for plot in ("validated", "queue", "effort", "clicks", "labels"):
         svg = browser.get(f"/dashboard/{plot}.svg")
         assert svg.status_code == 200 and svg.text.lstrip().startswith("<?xml")
     assert "no refined corrections yet" in browser.get("/dashboard/clicks.svg").text
+    assert "no training run judged yet" in browser.get("/dashboard/labels.svg").text
     assert review.client().get("/dashboard/queue.svg").status_code == 303
     assert review.client().get("/api/worklist").status_code == 401
 

@@ -20,7 +20,7 @@ from agents.retrain import tracking
 from agents.retrain.card import model_card
 from agents.retrain.dataset import Volume, load_volumes, manifest, train_labels_since
 from agents.retrain.gate import HoldoutScores, decide, judge
-from agents.retrain.runs import RunBook, sigterm_cancels, training_record
+from agents.retrain.runs import RunBook, selected_by, sigterm_cancels, training_record
 from agents.retrain.scores import HoldoutScoreBook
 from agents.trainer import TrainingConfig, prepare, train, trainable
 from model_registry.deploy import StagedVersion, hot_reload
@@ -223,10 +223,14 @@ class Retrainer:
     def _open_mlflow_run(
         self, run: _Run, train_set: list[Volume], holdout: list[Volume], parent: int | None
     ) -> dict[str, Any]:
-        """The MLflow run, its parameters and dataset manifest; returns the parameters."""
+        """The MLflow run, its parameters (with the strategies that picked the labels) and
+        dataset manifest; returns the parameters."""
         run.mlflow_run_id = tracking.create_run(self.registry, self.spec, run.id, run.reason)
-        self.book.update(run.id, mlflow_run_id=run.mlflow_run_id)
-        params = tracking.training_params(self.spec, len(train_set), len(holdout), parent)
+        strategies = selected_by(self.store, [v.label_id for v in train_set])
+        self.book.update(run.id, mlflow_run_id=run.mlflow_run_id, strategies=strategies)
+        params = tracking.training_params(
+            self.spec, len(train_set), len(holdout), parent, strategies
+        )
         dataset = manifest(self.store, self.spec.task, train_set, holdout)
         tracking.log_inputs(self.registry, run.mlflow_run_id, params, dataset)
         return params

@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import threading
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
@@ -24,7 +25,7 @@ from typing import Any
 from sqlalchemy import func, select
 
 from model_registry.mlflow_registry import Registry
-from radloop.db import Store, TrainingRun, utcnow
+from radloop.db import Label, Selection, Store, TrainingRun, utcnow
 from radloop.domain import TrainingState, TrainingTrigger
 from radloop.events import EventType, ModelEvent, record_event
 
@@ -171,6 +172,21 @@ def _describe(error: BaseException) -> str:
     )
 
 
+def selected_by(store: Store, label_ids: list[int]) -> dict[str, int]:
+    """How the labels were picked for their readers: the strategy of each label's last recorded
+    selection ("urgent" for a case a reviewer marked; "unrecorded" for one claimed before
+    selections were recorded), counted."""
+    with store.read() as session:
+        rows = session.execute(
+            select(Label.id, Selection.strategy)
+            .join(Selection, Selection.annotation_id == Label.annotation_id, isouter=True)
+            .where(Label.id.in_(label_ids))
+            .order_by(Selection.id)
+        ).all()
+    last = {label_id: strategy or "unrecorded" for label_id, strategy in rows}
+    return dict(sorted(Counter(last.values()).items()))
+
+
 def training_record(store: Store, run_id: int) -> dict[str, Any]:
     """A training run as the CLI and the flow report it."""
     with store.read() as session:
@@ -186,6 +202,7 @@ def training_record(store: Store, run_id: int) -> dict[str, Any]:
             "loss": row.loss,
             "train_labels": len(row.label_ids or []),
             "holdout_labels": len(row.holdout_label_ids or []),
+            "selected_by": row.strategies,
             "parent_version": row.parent_version,
             "mlflow_run_id": row.mlflow_run_id,
             "mlflow_version": row.mlflow_version,

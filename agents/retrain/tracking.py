@@ -14,9 +14,14 @@ from radloop.modelspec import ModelSpec
 
 
 def training_params(
-    spec: ModelSpec, train_labels: int, holdout_labels: int, parent: int | None
+    spec: ModelSpec,
+    train_labels: int,
+    holdout_labels: int,
+    parent: int | None,
+    strategies: dict[str, int],
 ) -> dict[str, Any]:
-    """What the run trained with, as MLflow parameters (and the model card's)."""
+    """What the run trained with, as MLflow parameters (and the model card's): among them the
+    active-learning strategies that selected its labels, with counts."""
     retraining = spec.retraining
     return {
         "model": spec.name,
@@ -31,6 +36,8 @@ def training_params(
         "parent_triton_version": parent if parent is not None else "none",
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "gate_margin": retraining.gate_margin,
+        # e.g. "entropy:4,urgent:1": how the train labels were picked for their readers.
+        "selected_by": ",".join(f"{k}:{n}" for k, n in strategies.items()) or "none",
     }
 
 

@@ -17,7 +17,7 @@ from sqlalchemy import select
 
 from agents.metrics import dice_per_label, mean_dice
 from agents.nifti import read_label_map
-from radloop.db import Annotation, Interaction, Store
+from radloop.db import Annotation, Interaction, Store, TrainingRun
 from radloop.modelspec import ModelSpec
 
 Specs = Mapping[str, ModelSpec]
@@ -189,9 +189,51 @@ def click_curves(store: Store, specs: Specs) -> str:
     return _svg(figure)
 
 
+def holdout_by_labels(store: Store, specs: Specs) -> str:
+    """What the order bought: each judged training run's holdout Dice (mean of labels) against
+    the validated train labels it had, per model, promoted versions filled; each point names
+    the strategies that picked its labels."""
+    with store.read() as session:
+        rows = session.execute(
+            select(
+                TrainingRun.model_name,
+                TrainingRun.label_ids,
+                TrainingRun.challenger_dice,
+                TrainingRun.state,
+                TrainingRun.strategies,
+            )
+            .where(TrainingRun.challenger_dice.is_not(None))
+            .order_by(TrainingRun.id)
+        ).all()
+    figure, axes = _figure("What the order bought: holdout Dice by validated labels")
+    per_model: dict[str, list[tuple[int, float, bool, str]]] = defaultdict(list)
+    for model, label_ids, dice, state, strategies in rows:
+        picked = ", ".join(f"{k} {n}" for k, n in (strategies or {}).items())
+        mean = float(np.mean(list(dice.values()))) if dice else 0.0
+        per_model[model].append((len(label_ids or []), mean, state == "promoted", picked))
+    for model, points in per_model.items():
+        labels = [p[0] for p in points]
+        line = axes.plot(labels, [p[1] for p in points], alpha=0.5, label=model)[0]
+        for count, mean, promoted, picked in points:
+            face = line.get_color() if promoted else "white"
+            axes.plot(count, mean, "o", color=line.get_color(), markerfacecolor=face)
+            if picked:
+                axes.annotate(
+                    picked, (count, mean), fontsize=6, xytext=(3, 3), textcoords="offset points"
+                )
+    if per_model:
+        axes.legend(fontsize=8, title="filled: promoted", title_fontsize=7)
+    else:
+        _empty(axes, "no training run judged yet")
+    axes.set_xlabel("validated train labels")
+    axes.set_ylabel("holdout Dice")
+    return _svg(figure)
+
+
 PLOTS: dict[str, Callable[[Store, Specs], str]] = {
     "validated": validated_over_time,
     "queue": queue_depth,
     "effort": correction_effort,
     "clicks": click_curves,
+    "labels": holdout_by_labels,
 }
