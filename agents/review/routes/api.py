@@ -29,7 +29,8 @@ def me(who: Reader) -> dict[str, str]:
 def api_worklist(
     who: Reader, worklist: WorklistDep, state: AnnotationState | None = None, limit: int = 500
 ) -> list[dict[str, Any]]:
-    """Open cases by priority (or those in `state`), highest first."""
+    """Open cases in the worklist's order (urgent, then each model's strategy), or those in
+    `state`; each with its rank and selection."""
     states = (state,) if state else OPEN_STATES
     return worklist.items(states=states, limit=max(1, min(limit, 5000)))
 
