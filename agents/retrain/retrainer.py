@@ -223,14 +223,11 @@ class Retrainer:
     def _open_mlflow_run(
         self, run: _Run, train_set: list[Volume], holdout: list[Volume], parent: int | None
     ) -> dict[str, Any]:
-        """The MLflow run, its parameters (with the strategies that picked the labels) and
-        dataset manifest; returns the parameters."""
+        """The MLflow run, its parameters and dataset manifest; returns the parameters."""
         run.mlflow_run_id = tracking.create_run(self.registry, self.spec, run.id, run.reason)
-        strategies = selected_by(self.store, [v.label_id for v in train_set])
-        self.book.update(run.id, mlflow_run_id=run.mlflow_run_id, strategies=strategies)
-        params = tracking.training_params(
-            self.spec, len(train_set), len(holdout), parent, strategies
-        )
+        picked = selected_by(self.store, [v.label_id for v in train_set])
+        self.book.update(run.id, mlflow_run_id=run.mlflow_run_id, strategies=picked)
+        params = tracking.training_params(self.spec, len(train_set), len(holdout), parent, picked)
         dataset = manifest(self.store, self.spec.task, train_set, holdout)
         tracking.log_inputs(self.registry, run.mlflow_run_id, params, dataset)
         return params
