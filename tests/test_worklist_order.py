@@ -5,6 +5,7 @@ seed, scores and model version."""
 
 from __future__ import annotations
 
+import subprocess
 import threading
 from typing import Any
 
@@ -17,6 +18,7 @@ from agents.selection import near_distance
 from radloop.db import Annotation, Selection
 from radloop.domain import Role
 from tests.review_cases import Review
+from tests.servers import RADLOOP, radloop_json
 
 # Every case is drafted by in-process inference first.
 pytestmark = pytest.mark.slow
@@ -164,3 +166,27 @@ def test_changing_the_strategy_reranks_the_open_queue_and_a_missing_score_is_ref
     shown = review.client("mo").get("/api/models/strategies").json()
     assert shown["models"][MODEL]["strategy"] == "random"
     assert shown["models"][MODEL]["changed_by"] == "ada"
+
+
+def test_the_cli_sets_a_strategy_and_hands_a_batch_to_two_readers(
+    review: Review, radloop_env: dict[str, str]
+) -> None:
+    first, _ = review.drafted(60)
+    second, _ = review.drafted(61)
+
+    (shown,) = radloop_json(radloop_env, "models", "strategy", MODEL, "diversity", "--seed", "2")
+    assert (shown["strategy"], shown["seed"], shown["changed_by"][:4]) == ("diversity", 2, "cli:")
+    refused = subprocess.run(
+        [RADLOOP, "models", "strategy", MODEL, "flip_tta"],
+        env=radloop_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode == 1 and "uncertainty.method: flip_tta" in refused.stderr
+    handed = radloop_json(radloop_env, "queue", "next", "--user", "ann", "--user", "bob")
+
+    assert [row["claimed_by"] for row in handed] == ["ann", "bob"]
+    assert {row["annotation_id"] for row in handed} == {first, second}
+    assert {row["selection"]["strategy"] for row in handed} == {"diversity"}
+    assert {row["selection"]["batch"] for row in handed} == {handed[0]["selection"]["batch"]}
