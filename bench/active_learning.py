@@ -302,7 +302,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
     axis.set_xlabel("validated labels")
     axis.set_ylabel("holdout Dice (mean of labels)")
     seeds = len(result["seeds"])
-    axis.set_title(f"Label efficiency on the heterogeneous pool ({seeds} seeds, ±1 sd)")
+    plural = "s" if seeds != 1 else ""
+    axis.set_title(f"Label efficiency on the heterogeneous pool ({seeds} seed{plural}, ±1 sd)")
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
     figure.tight_layout()
