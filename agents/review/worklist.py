@@ -33,7 +33,7 @@ from agents.review.cases import (
     load_inputs,
 )
 from agents.review.intake import CorrectionIntake
-from agents.review.order import QueueOrder
+from agents.review.order import QueueOrder, Ranked
 from agents.review.training_set import add_label, stage_pair
 from radloop.db import Annotation, AnnotationJob, Store, Study, utcnow
 from radloop.domain import AnnotationState
@@ -136,17 +136,16 @@ class Worklist:
         pick is recorded as a selection with the case's place in the worklist."""
         with self.store.read() as session:
             ranked = self.order.rank(session).get(annotation_id)
-        batch = uuid.uuid4().hex
-        now = self.clock()
-        leases.claim(
-            self.store,
-            annotation_id,
-            user,
-            self.settings.lease_minutes,
-            now,
-            partial(QueueOrder.record, user=user, ranked=ranked, batch=batch, now=now),
-        )
+        self._claim_recorded(annotation_id, user, ranked, uuid.uuid4().hex)
         return self.item(annotation_id)
+
+    def _claim_recorded(
+        self, annotation_id: int, user: str, ranked: Ranked | None, batch: str
+    ) -> None:
+        """`leases.claim`, recording the selection in the claim's transaction."""
+        now = self.clock()
+        record = partial(QueueOrder.record, user=user, ranked=ranked, batch=batch, now=now)
+        leases.claim(self.store, annotation_id, user, self.settings.lease_minutes, now, record)
 
     def next_cases(
         self, users: Sequence[str], model: str | None = None, strategy: str | None = None
@@ -182,16 +181,8 @@ class Worklist:
             for annotation_id, ranked in order:
                 if not waiting:
                     break
-                user, now = waiting[0], self.clock()
                 try:
-                    leases.claim(
-                        self.store,
-                        annotation_id,
-                        user,
-                        self.settings.lease_minutes,
-                        now,
-                        partial(QueueOrder.record, user=user, ranked=ranked, batch=batch, now=now),
-                    )
+                    self._claim_recorded(annotation_id, waiting[0], ranked, batch)
                 except Conflict:
                     lost = True
                     break
