@@ -28,7 +28,7 @@ from pydantic_settings import (
 )
 from sqlalchemy.engine import make_url
 
-from radloop.dicom_settings import DicomSettings, Section
+from radloop.dicom_settings import DicomSettings, Section, TlsSettings
 from radloop.objectstore import LocalFolder, ObjectStore, ObjectStoreSettings, triton_location
 from radloop.settings_errors import (
     ENV_PREFIX,
@@ -136,17 +136,44 @@ class ReviewSettings(Section):
     # Fraction of validated labels that go to the frozen holdout, decided once per study.
     holdout_fraction: float = Field(0.2, ge=0, le=1)
     session_hours: float = Field(12.0, gt=0)
-    # Send cookies only over HTTPS: set when the service sits behind TLS.
+    # Send cookies only over HTTPS: set when the service sits behind a TLS proxy (implied by
+    # `tls`).
     secure_cookies: bool = False
+    # The site's certificate and key (RADLOOP_REVIEW__TLS__CERT_FILE, __KEY_FILE): the service
+    # then speaks HTTPS only, with Secure cookies and HSTS.
+    tls: TlsSettings | None = None
+    # This many failed logins in a row lock a user name out for `lockout_minutes`; a client
+    # address, four times as many (whatever names it tries).
+    login_attempts: int = Field(5, ge=1)
+    lockout_minutes: float = Field(15.0, gt=0)
     # Unset: the viewer `make install` fetched (`.cache/ohif-<version>/dist`).
     ohif_dir: Path | None = None
     # Unset: the OHIF build with MONAI Label's panel from the monailabel wheel `make install`
     # fetched, served at /ohif/ ("Open with AI tools").
     ohif_ai_dir: Path | None = None
 
+    @field_validator("tls")
+    @classmethod
+    def _no_client_certificates(cls, value: TlsSettings | None) -> TlsSettings | None:
+        if value is not None and value.ca_file is not None:
+            raise ValueError(
+                "the review service does not ask browsers for certificates (ca_file): "
+                "put a TLS proxy that does in front of it"
+            )
+        return value
+
+    @property
+    def local_url(self) -> str:
+        """Where the service answers on its own host (http, or https with `tls`)."""
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
+
     @property
     def base_url(self) -> str:
-        return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
+        return (self.public_url or self.local_url).rstrip("/")
+
+    @property
+    def cookies_secure(self) -> bool:
+        return self.secure_cookies or self.tls is not None
 
 
 class MlflowSettings(Section):

@@ -10,12 +10,14 @@ from urllib.parse import unquote
 import httpx
 import pytest
 from pyorthanc import Orthanc
+from sqlalchemy import select
 
 from agents.nifti import read_label_map
+from agents.review.audit import AuditLog
 from agents.review.auth import Users
 from radloop.app.phantoms import WrittenStudy
 from radloop.app.supervisor import Child
-from radloop.db import Annotation, Store
+from radloop.db import Annotation, Store, Study, utcnow
 from radloop.domain import Role
 from radloop.modelspec import PACKAGED_MODELS, ModelSpec, load_spec
 from radloop.settings import Settings
@@ -54,7 +56,9 @@ def proxied(settings: Settings, store: Store, review_service: Child, tmp_path: P
     return Proxied(review_service.spec.url, study, outcome.annotation_id, tokens, orthanc)
 
 
-def test_dicomweb_reads_need_a_role_and_come_from_orthanc(proxied: Proxied) -> None:
+def test_dicomweb_reads_need_a_role_come_from_orthanc_and_are_audited_as_views(
+    proxied: Proxied, store: Store
+) -> None:
     assert proxied.client().get("/dicom-web/studies").status_code == 401
     studies = proxied.client("mo").get("/dicom-web/studies")
     assert studies.status_code == 200
@@ -70,6 +74,17 @@ def test_dicomweb_reads_need_a_role_and_come_from_orthanc(proxied: Proxied) -> N
         f"/dicom-web/studies/{proxied.study.study_uid}/series/{proxied.study.series_uid}/metadata"
     )
     assert metadata.status_code == 200 and len(metadata.json()) == proxied.study.slices
+    again = f"/dicom-web/studies/{proxied.study.study_uid}/series"
+    assert proxied.client("mo").get(again).status_code == 200
+
+    # Reading a study's instances is a view in the audit log: once per user and study, by
+    # internal id; a search (`/studies`) opens nothing.
+    with store.read() as session:
+        study_id = session.scalar(
+            select(Study.id).where(Study.study_uid == proxied.study.study_uid)
+        )
+    views = [(e["user"], e["action"], e["study_id"]) for e in AuditLog(store, utcnow).events()]
+    assert views == [("ann", "view", study_id), ("mo", "view", study_id)]
 
 
 def test_a_seg_saved_through_the_proxy_becomes_the_correction_and_reaches_orthanc(
@@ -171,7 +186,11 @@ def test_the_ai_viewer_is_served_behind_login_with_the_monailabel_cookies_and_it
 
     with httpx.Client(base_url=proxied.url, timeout=60, follow_redirects=True) as browser:
         login = {"username": "ann", "password": proxied.tokens["ann"], "next": page}
-        assert browser.post("/login", data=login).status_code == 200  # followed to the page
+        opened = browser.post("/login", data=login)
+        assert opened.status_code == 200  # followed to the page
+        # Its own policy: MONAI Label's OHIF compiles WebAssembly, and is never framed.
+        policy = opened.headers["content-security-policy"]
+        assert "'wasm-unsafe-eval'" in policy and "frame-ancestors 'none'" in policy
         cookies = browser.cookies
         assert unquote(cookies["MONAILABEL_SERVER_URL"]) == f"{proxied.url}/monailabel/"
         assert cookies["XSRF-TOKEN"]

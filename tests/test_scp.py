@@ -28,7 +28,7 @@ from tests.dicom_files import (
     truncated,
     with_uid,
 )
-from tests.servers import RadloopProcess, radloop_json
+from tests.servers import RadloopProcess, radloop_json, self_signed_certificate
 
 STORESCU = "/usr/bin/storescu"
 
@@ -278,38 +278,11 @@ def test_completion_timer_survives_a_restart(
     assert events == ["radloop.study.completed"]
 
 
-def _certificate(folder: Path, name: str) -> tuple[Path, Path]:
-    key, cert = folder / f"{name}.key", folder / f"{name}.pem"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-            "-subj",
-            f"/CN={name}",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return key, cert
-
-
 def test_tls_listener_takes_studies_from_a_trusted_caller_only(
     radloop_env: dict[str, str], store: Store, tmp_path: Path
 ) -> None:
-    server_key, server_cert = _certificate(tmp_path, "radloop")
-    client_key, client_cert = _certificate(tmp_path, "pacs")
+    server_key, server_cert = self_signed_certificate(tmp_path, "radloop")
+    client_key, client_cert = self_signed_certificate(tmp_path, "pacs")
     env = {
         **radloop_env,
         "RADLOOP_DICOM__TLS__CERT_FILE": str(server_cert),

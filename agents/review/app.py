@@ -14,7 +14,7 @@ HTML form cannot send.
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from urllib.parse import quote
 
@@ -23,9 +23,10 @@ from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.templating import Jinja2Templates
 
 from agents.review.assist import Assistant
-from agents.review.auth import Users
+from agents.review.auth import LoginThrottle, Users
 from agents.review.cases import ReviewError
 from agents.review.deps import NotLoggedIn
+from agents.review.headers import SecurityHeaders
 from agents.review.proxy import DicomWebProxy, OhifHost
 from agents.review.routes import (
     ai_viewer,
@@ -81,7 +82,14 @@ def create_app(
     app.state.review_settings = settings.review
     app.state.store = store
     app.state.worklist = cases
-    app.state.users = Users(store)
+    app.state.users = Users(
+        store,
+        LoginThrottle(
+            store,
+            settings.review.login_attempts,
+            timedelta(minutes=settings.review.lockout_minutes),
+        ),
+    )
     app.state.templates = Jinja2Templates(directory=Path(__file__).with_name("templates"))
     app.state.proxy = DicomWebProxy(settings.orthanc, cases)
     app.state.ohif = OhifHost(settings.ohif_dir)
@@ -114,6 +122,7 @@ def create_app(
     )
     for routes in routers:
         app.include_router(routes.router)
+    app.add_middleware(SecurityHeaders, https=settings.review.cookies_secure)
     return app
 
 

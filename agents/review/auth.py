@@ -1,23 +1,25 @@
 """Users, roles, API tokens and browser sessions of the review service.
 
 Tokens are 256 random bits, stored as SHA-256 (a slow hash adds nothing at that entropy);
-passwords, which people choose, as scrypt. Browser sessions live in the database (they survive
-a restart and end on logout) behind an HttpOnly, SameSite=Strict cookie, and every form carries
-the session's CSRF token.
+passwords, which people choose, as scrypt (memory-hard). Failed logins lock the name and the
+client address out for a while (`LoginThrottle`). Browser sessions live in the database (they
+survive a restart and end on logout) behind an HttpOnly, SameSite=Strict cookie, and every form
+carries the session's CSRF token.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import secrets
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.exc import IntegrityError
 
-from radloop.db import Store, User, WebSession, utcnow
+from radloop.db import LoginFailure, Store, User, WebSession, insert_ignoring_conflict, utcnow
 from radloop.domain import Role
 
 _SCRYPT = {"n": 2**14, "r": 8, "p": 1}
@@ -28,7 +30,14 @@ VALIDATE = frozenset({Role.REVIEWER, Role.ADMIN})
 ADMINISTER = frozenset({Role.ADMIN})
 
 
+MIN_PASSWORD = 12
+
+
 class UserExists(ValueError):
+    pass
+
+
+class WeakPassword(ValueError):
     pass
 
 
@@ -65,12 +74,75 @@ def check_password(password: str, stored: str) -> bool:
     return hmac.compare_digest(computed.hex(), digest)
 
 
+class LoginLocked(Exception):
+    """Too many failed logins in a row for this user name or client address."""
+
+    def __init__(self, until: datetime) -> None:
+        self.until = until
+        # Whole minutes left, for the person at the login page and `Retry-After`.
+        self.minutes = max(1, math.ceil((until - utcnow()).total_seconds() / 60))
+        super().__init__(f"Too many failed logins: try again in {self.minutes} minutes.")
+
+
+@dataclass(frozen=True)
+class LoginThrottle:
+    """Failed logins in a row, counted in the database per user name (`attempts` lock it) and
+    per client address (4 × `attempts`, whatever names it tries) for `lockout`. Unknown names
+    count like known ones: the lock-out tells nobody which names exist. A success clears the
+    name's count, not the address's."""
+
+    store: Store
+    attempts: int = 5
+    lockout: timedelta = timedelta(minutes=15)
+
+    @staticmethod
+    def keys(name: str, client: str) -> dict[str, int]:
+        """The rows a login from `client` as `name` counts on, with their limits' factor."""
+        return {_sha256(f"name:{name.casefold()}"): 1, _sha256(f"address:{client}"): 4}
+
+    def check(self, keys: dict[str, int]) -> None:
+        now = utcnow()
+        with self.store.read() as session:
+            until = session.scalar(
+                select(func.max(LoginFailure.locked_until)).where(
+                    LoginFailure.key.in_(keys), LoginFailure.locked_until > now
+                )
+            )
+        if until is not None:
+            raise LoginLocked(until)
+
+    def failed(self, keys: dict[str, int]) -> None:
+        now = utcnow()
+        with self.store.transaction() as session:
+            for key, factor in keys.items():
+                values = {"key": key, "failures": 0, "last_failed_at": now}
+                insert_ignoring_conflict(session, LoginFailure.__table__, values)
+                row = session.scalars(
+                    select(LoginFailure).where(LoginFailure.key == key).with_for_update()
+                ).one()
+                # Failures further apart than the lock-out are not "in a row".
+                recent = row.last_failed_at > now - self.lockout
+                row.failures = row.failures + 1 if recent else 1
+                row.last_failed_at = now
+                if row.failures >= self.attempts * factor:
+                    row.locked_until, row.failures = now + self.lockout, 0
+
+    def succeeded(self, keys: dict[str, int]) -> None:
+        name_key = next(iter(keys))
+        with self.store.transaction() as session:
+            session.execute(delete(LoginFailure).where(LoginFailure.key == name_key))
+
+
 class Users:
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, throttle: LoginThrottle | None = None) -> None:
         self.store = store
+        self.throttle = throttle or LoginThrottle(store)
 
     def add(self, name: str, role: Role, password: str | None = None) -> str:
-        """Create a user; returns their API token (shown once, stored only as a hash)."""
+        """Create a user; returns their API token (shown once, stored only as a hash). A
+        password has 12 to 128 characters (OWASP ASVS 2.1.1-2.1.2): `WeakPassword` else."""
+        if password is not None and not MIN_PASSWORD <= len(password) <= 128:
+            raise WeakPassword(f"a password has {MIN_PASSWORD} to 128 characters")
         token = secrets.token_urlsafe(32)
         try:
             with self.store.transaction() as session:
@@ -132,23 +204,32 @@ class Users:
             ).first()
             return Principal(user.name, Role(user.role)) if user else None
 
-    def login(self, name: str, secret: str, hours: float) -> tuple[str, Principal] | None:
-        """Check a password (or the API token) and open a session: (cookie value, principal)."""
+    def login(
+        self, name: str, secret: str, hours: float, client: str
+    ) -> tuple[str, Principal] | None:
+        """Check a password (or the API token) and open a session: (cookie value, principal).
+        `LoginLocked` while the name or the `client` address is locked out (`throttle`): a
+        locked name is not even checked, so guessing gets nowhere while it lasts."""
+        keys = self.throttle.keys(name, client)
+        self.throttle.check(keys)
         with self.store.read() as session:
             user = session.scalars(
                 select(User).where(User.name == name, User.disabled_at.is_(None))
             ).first()
             if user is None:
                 hash_password(secret)  # same work as a real check: no user-name oracle by timing
-                return None
-            ok = (
-                check_password(secret, user.password_hash)
-                if user.password_hash
-                else hmac.compare_digest(_sha256(secret), user.token_hash)
-            )
-            if not ok:
-                return None
-            user_id, role = user.id, Role(user.role)
+                ok = False
+            else:
+                ok = (
+                    check_password(secret, user.password_hash)
+                    if user.password_hash
+                    else hmac.compare_digest(_sha256(secret), user.token_hash)
+                )
+                user_id, role = user.id, Role(user.role)
+        if not ok:
+            self.throttle.failed(keys)
+            return None
+        self.throttle.succeeded(keys)
         cookie, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
         now = utcnow()
         with self.store.transaction() as session:

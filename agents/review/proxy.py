@@ -109,8 +109,9 @@ class DicomWebProxy:
             media_type=answer.headers.get("content-type"),
         )
 
-    async def read(self, path: str, request: Request) -> Response:
-        """QIDO-RS and WADO-RS, streamed from Orthanc."""
+    async def read(self, path: str, request: Request, who: Principal) -> Response:
+        """QIDO-RS and WADO-RS, streamed from Orthanc; a read of a study's instances is a view
+        in the audit log."""
         outgoing = self.client.build_request(
             "GET", path, params=request.query_params, headers=self._headers(request)
         )
@@ -118,6 +119,9 @@ class DicomWebProxy:
             answer = await self.client.send(outgoing, stream=True)
         except httpx.HTTPError as error:
             raise HTTPException(502, f"Orthanc is not answering: {error}") from None
+        parts = path.split("/")
+        if answer.status_code < 400 and len(parts) > 2 and parts[0] == "studies":
+            await run_in_threadpool(self.worklist.audit.viewed, who.name, parts[1])
         # The body goes through as Orthanc encoded it (gzip, if the viewer accepts it).
         headers = {k: v for k, v in answer.headers.items() if k.lower() not in _HOP}
 

@@ -2,11 +2,11 @@
 
 `Worklist` is what the review app, the `radloop queue` CLI and tests hold. It reads the queue
 (in `agents.review.order`'s order, one case, counts per state), hands k readers k cases chosen
-together, sets a model's strategy, marks cases urgent and validates
-corrections into the training set; claims and leases are `agents.review.leases`, taking in
-corrections is `agents.review.intake`, and it delegates to them. Every state change is one
-database transaction guarded by the state it expects, so two readers racing for one case end
-with exactly one winner and a clear refusal for the other.
+together, sets a model's strategy, marks cases urgent, validates corrections into the training
+set and records who did what in the audit log (`agents.review.audit`); claims and leases are
+`agents.review.leases`, taking in corrections is `agents.review.intake`, and it delegates to
+them. Every state change is one database transaction guarded by the state it expects, so two
+readers racing for one case end with exactly one winner and a clear refusal for the other.
 """
 
 from __future__ import annotations
@@ -14,13 +14,14 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Sequence
 from datetime import datetime
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
 from agents.review import leases
+from agents.review.audit import Action, AuditLog, audited
 from agents.review.cases import (
     OPEN_STATES,
     Conflict,
@@ -63,6 +64,7 @@ class Worklist:
         self.spool_dir = spool_dir
         self.datasets = datasets
         self.order = QueueOrder(store, specs)
+        self.audit = AuditLog(store, clock)
         self.intake = CorrectionIntake(
             store, settings, specs, spool_dir, drafts_dir, datasets, clock
         )
@@ -144,7 +146,11 @@ class Worklist:
     ) -> None:
         """`leases.claim`, recording the selection in the claim's transaction."""
         now = self.clock()
-        record = partial(QueueOrder.record, user=user, ranked=ranked, batch=batch, now=now)
+
+        def record(session: Session, annotation: Annotation) -> None:
+            QueueOrder.record(session, annotation, user, ranked, batch, now)
+            audited(session, user, Action.CLAIM, annotation, now)
+
         leases.claim(self.store, annotation_id, user, self.settings.lease_minutes, now, record)
 
     def next_cases(
@@ -195,6 +201,7 @@ class Worklist:
     def release(self, annotation_id: int, user: str, *, force: bool = False) -> dict[str, Any]:
         """Give the case back. Only its holder may, unless `force` (reviewers, admins)."""
         leases.release(self.store, annotation_id, user, self.clock(), force=force)
+        self.audit.record(user, Action.RELEASE, annotation_id)
         return self.item(annotation_id)
 
     def set_strategy(
@@ -205,13 +212,14 @@ class Worklist:
         chosen = self.order.set_strategy(model, strategy, seed, user, self.clock())
         return {"model": model, "strategy": chosen.strategy, "seed": chosen.seed}
 
-    def set_urgent(self, annotation_id: int, urgent: bool) -> dict[str, Any]:
+    def set_urgent(self, annotation_id: int, urgent: bool, user: str) -> dict[str, Any]:
         with self.store.transaction() as session:
             annotation = session.get(Annotation, annotation_id)
             if annotation is None:
                 raise NotFound(f"no annotation {annotation_id}")
             annotation.urgent = urgent
             annotation.updated_at = self.clock()
+            audited(session, user, Action.URGENT, annotation, annotation.updated_at)
         return self.item(annotation_id)
 
     # -- corrections (agents.review.intake) ----------------------------------------------
@@ -225,16 +233,19 @@ class Worklist:
         """A SEG (as OHIF saves it) becomes the correction of the draft; idempotent on its SOP
         Instance UID, so a client's retry of the same save is answered with the same result."""
         self.intake.correct_with_seg(annotation_id, user, data)
+        self.audit.record(user, Action.CORRECT, annotation_id)
         return self.item(annotation_id)
 
     def correct_with_nifti(self, annotation_id: int, user: str, data: bytes) -> dict[str, Any]:
         """A NIfTI label map becomes the correction; radloop writes it as a MANUAL SEG too."""
         self.intake.correct_with_nifti(annotation_id, user, data)
+        self.audit.record(user, Action.CORRECT, annotation_id)
         return self.item(annotation_id)
 
     def accept_draft(self, annotation_id: int, user: str) -> dict[str, Any]:
         """The reader found nothing to change: the draft itself is the correction (Dice 1)."""
         self.intake.accept_draft(annotation_id, user)
+        self.audit.record(user, Action.ACCEPT, annotation_id)
         return self.item(annotation_id)
 
     # -- validation ---------------------------------------------------------------------
@@ -272,4 +283,5 @@ class Worklist:
                 self.datasets,
                 self.settings.holdout_fraction,
             )
+            audited(session, user, Action.VALIDATE, annotation, self.clock())
         return self.item(annotation_id)

@@ -54,6 +54,7 @@ class Reader:
             f"{self.base_url}{path}",
             headers={"authorization": f"Bearer {self.token}"},
             timeout=120,
+            verify=not self.base_url.startswith("https://"),  # radloop's own, on this host
             **kwargs,
         )
         if answer.status_code >= 400:
@@ -76,7 +77,7 @@ class Demo:
         self.console = console
         self.spec = load_specs(settings.effective_models_dir)[MODEL]
         self.root = settings.data_dir / "demo" / "phantoms"
-        self.review_url = f"http://{settings.review.host}:{settings.review.port}"
+        self.review_url = settings.review.local_url
 
     def say(self, text: str) -> None:
         self.console.print(f"[bold cyan]demo[/bold cyan] {text}")

@@ -66,9 +66,11 @@ def _accepts_tcp(host: str, port: int) -> bool:
 
 
 def http_answer(url: str, timeout: float = 3.0) -> str | None:
-    """None when `url` answers a GET below 400; otherwise what went wrong, in a few words."""
+    """None when `url` answers a GET below 400; otherwise what went wrong, in a few words.
+    An https `url` is one of radloop's own services on this host (the review service with
+    `review.tls`): its certificate names the site, not this address, so it is not checked."""
     try:
-        response = httpx.get(url, timeout=timeout)
+        response = httpx.get(url, timeout=timeout, verify=not url.startswith("https://"))
     except httpx.HTTPError as error:
         return type(error).__name__
     return None if response.status_code < 400 else f"HTTP {response.status_code}"
@@ -120,9 +122,7 @@ def probe_all(settings: Settings) -> dict[str, Any]:
             "prefect", settings.prefect.effective_api_url.removesuffix("/api"), "/api/health"
         ),
         probe_http("mlflow", settings.mlflow.effective_tracking_uri, "/health"),
-        probe_http(
-            "review", f"http://{settings.review.host}:{settings.review.port}", "/api/health"
-        ),
+        probe_http("review", settings.review.local_url, "/api/health"),
     ]
     _add_supervision(settings, services)
     return {"services": services, "outbox": outbox, "workers": workers}

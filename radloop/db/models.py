@@ -294,6 +294,32 @@ class WebSession(Base):
     expires_at: Mapped[datetime] = mapped_column(index=True)
 
 
+class LoginFailure(Base):
+    """Failed logins in a row, per user name and per client address (keyed by their SHA-256):
+    enough of them lock that name or address out for a while (OWASP ASVS 2.2.1)."""
+
+    __tablename__ = "login_failures"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    failures: Mapped[int] = mapped_column(Integer)
+    last_failed_at: Mapped[datetime]
+    locked_until: Mapped[datetime | None]
+
+
+class AuditEvent(Base):
+    """Who viewed, claimed, changed or validated which case: a user name, an action and
+    internal ids, never a UID or patient data."""
+
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(index=True)
+    user_name: Mapped[str] = mapped_column(String(64), index=True)
+    action: Mapped[str] = mapped_column(String(32))
+    study_id: Mapped[int | None] = mapped_column(Integer, index=True)
+    annotation_id: Mapped[int | None] = mapped_column(Integer)
+
+
 class OutboxEvent(Base):
     __tablename__ = "outbox"
 

@@ -24,6 +24,7 @@ from agents.review.deps import (
     UsersDep,
     page_principal,
 )
+from agents.review.headers import VIEWER_FILE
 
 router = APIRouter(include_in_schema=False)
 
@@ -54,11 +55,11 @@ async def ohif_ai(
     """The build's files; any other path is one of its client-side routes (the page)."""
     found = ohif.file(path)
     if found is not None:
-        return FileResponse(found)
+        return FileResponse(found, headers=VIEWER_FILE)
     if "." in path.rsplit("/", 1)[-1]:
         raise HTTPException(404, f"no such file: {BASE}{path}")
     who = await page_principal(request, users, READ)
-    page = FileResponse(ohif.index, headers={"cache-control": "no-store"})
+    page = FileResponse(ohif.index, headers={**VIEWER_FILE, "cache-control": "no-store"})
     server = (review.public_url or str(request.base_url)).rstrip("/") + "/monailabel/"
     # The panel unescape()s the cookie: escaped, the URL needs no quoting in the header.
     for name, value in ((SERVER_COOKIE, quote(server, safe="")), (XSRF_COOKIE, who.csrf_token)):
@@ -67,7 +68,7 @@ async def ohif_ai(
             value or "",
             max_age=int(review.session_hours * 3600),
             samesite="strict",
-            secure=review.secure_cookies,
+            secure=review.cookies_secure,
         )
     return page
 
@@ -76,4 +77,4 @@ async def ohif_ai(
 @router.get("/proxy/dicom/wado/{path:path}")
 async def passthrough(path: str, request: Request, who: Reader, proxy: ProxyDep) -> Response:
     """QIDO-RS and WADO-RS for the AI viewer, as `/dicom-web` answers them."""
-    return await proxy.read(path, request)
+    return await proxy.read(path, request, who)

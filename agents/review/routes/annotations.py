@@ -72,4 +72,4 @@ def api_validate(annotation_id: int, who: Reviewer, worklist: WorklistDep) -> di
 def api_urgent(
     annotation_id: int, body: UrgentBody, who: Reviewer, worklist: WorklistDep
 ) -> dict[str, Any]:
-    return worklist.set_urgent(annotation_id, body.urgent)
+    return worklist.set_urgent(annotation_id, body.urgent, who.name)

@@ -1,9 +1,9 @@
-"""`/api`: liveness, who is asking, and the queue as readers see it."""
+"""`/api`: liveness, who is asking, the queue as readers see it, and the audit log."""
 
 from typing import Any
 
-from fastapi import APIRouter, HTTPException
-from pydantic import BaseModel, Field
+from fastapi import APIRouter, HTTPException, Query
+from pydantic import AwareDatetime, BaseModel, Field
 
 from agents.review.auth import CORRECT
 from agents.review.cases import OPEN_STATES
@@ -110,3 +110,16 @@ def _known_strategy(name: str | None) -> None:
 @router.get("/counts", tags=["worklist"])
 def api_counts(who: Reader, worklist: WorklistDep) -> dict[str, int]:
     return worklist.counts()
+
+
+@router.get("/audit", tags=["service"])
+def api_audit(
+    who: Administrator,
+    worklist: WorklistDep,
+    user: str | None = None,
+    study_id: int | None = None,
+    since: AwareDatetime | None = None,
+    limit: int = Query(1000, ge=1, le=100_000),
+) -> list[dict[str, Any]]:
+    """Who viewed, claimed, changed or validated which case (internal ids), newest first."""
+    return worklist.audit.events(user, study_id, since, limit)

@@ -19,4 +19,4 @@ async def stow(request: Request, who: Corrector, proxy: ProxyDep) -> Response:
 @router.get("/{path:path}")
 async def read(path: str, request: Request, who: Reader, proxy: ProxyDep) -> Response:
     """QIDO-RS and WADO-RS, streamed from Orthanc."""
-    return await proxy.read(path, request)
+    return await proxy.read(path, request, who)

@@ -1,4 +1,5 @@
-"""`/login` and `/logout`: browser sessions behind an HttpOnly, SameSite=Strict cookie."""
+"""`/login` and `/logout`: browser sessions behind an HttpOnly, SameSite=Strict cookie; a new
+one at each login, and 429 while the name or address is locked out after failed logins."""
 
 import logging
 from typing import Annotated
@@ -6,6 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
+from agents.review.auth import LoginLocked
 from agents.review.deps import SESSION_COOKIE, FormReader, ReviewSettingsDep, TemplatesDep, UsersDep
 
 log = logging.getLogger(__name__)
@@ -28,7 +30,17 @@ def login(
     templates: TemplatesDep,
     next: Annotated[str, Form()] = "/worklist",
 ) -> Response:
-    opened = users.login(username, password, review.session_hours)
+    try:
+        opened = users.login(username, password, review.session_hours, _client(request))
+    except LoginLocked as locked:
+        log.info("login refused: locked out until %s (%s)", locked.until, _client(request))
+        return templates.TemplateResponse(
+            request,
+            "login.html",
+            {"next": _safe_next(next), "error": str(locked)},
+            status_code=429,
+            headers={"retry-after": str(locked.minutes * 60)},
+        )
     if opened is None:
         log.info("failed login for a user name from %s", _client(request))
         return templates.TemplateResponse(
@@ -37,6 +49,10 @@ def login(
             {"next": _safe_next(next), "error": "Wrong user name or password."},
             status_code=401,
         )
+    # A new session for every login; the one this browser held before (perhaps planted by
+    # someone else: session fixation) ends.
+    if earlier := request.cookies.get(SESSION_COOKIE):
+        users.logout(earlier)
     cookie, who = opened
     log.info("%s logged in", who.name)
     response = RedirectResponse(_safe_next(next), status_code=303)
@@ -46,7 +62,7 @@ def login(
         max_age=int(review.session_hours * 3600),
         httponly=True,
         samesite="strict",
-        secure=review.secure_cookies,
+        secure=review.cookies_secure,
     )
     return response
 

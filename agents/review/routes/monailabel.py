@@ -17,14 +17,15 @@ import tempfile
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, File, Form, HTTPException, UploadFile
+from fastapi import APIRouter, Depends, File, Form, HTTPException, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import OAuth2PasswordRequestForm
 from numpy.typing import NDArray
 
 from agents.nifti import nrrd_label_bytes, write_nifti
-from agents.review.auth import CORRECT
+from agents.review.audit import Action
+from agents.review.auth import CORRECT, LoginLocked
 from agents.review.corrections import is_nifti
 from agents.review.deps import (
     AssistantDep,
@@ -178,6 +179,7 @@ async def datastore_image(image: str, who: Reader, assistant: AssistantDep) -> R
     annotation_id = await run_in_threadpool(assistant.case_for_image, image)
     _, series = await run_in_threadpool(assistant.inputs, annotation_id)
     data = await run_in_threadpool(_nifti_bytes, series.array, series)
+    await run_in_threadpool(assistant.worklist.audit.record, who.name, Action.VIEW, annotation_id)
     return Response(
         data,
         media_type="application/gzip",
@@ -327,12 +329,18 @@ def auth_enabled() -> dict[str, Any]:
 @router.post("/auth/token")
 def auth_token(
     form: Annotated[OAuth2PasswordRequestForm, Depends()],
+    request: Request,
     users: UsersDep,
     review: ReviewSettingsDep,
 ) -> dict[str, Any]:
     """A user name and password (or API token) for a bearer token that lasts as long as a
-    browser session (`review.session_hours`) and ends at logout or when the user is disabled."""
-    opened = users.login(form.username, form.password, review.session_hours)
+    browser session (`review.session_hours`) and ends at logout or when the user is disabled.
+    Failed attempts count towards the login page's lock-out (429 while it lasts)."""
+    client = request.client.host if request.client else ""
+    try:
+        opened = users.login(form.username, form.password, review.session_hours, client)
+    except LoginLocked as locked:
+        raise HTTPException(429, str(locked), {"Retry-After": str(locked.minutes * 60)}) from None
     if opened is None:
         raise HTTPException(401, "wrong user name or password", {"WWW-Authenticate": "Bearer"})
     return {"access_token": opened[0], "token_type": "bearer"}

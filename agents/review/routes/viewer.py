@@ -9,6 +9,7 @@ from fastapi.responses import FileResponse, Response
 
 from agents.review.auth import READ
 from agents.review.deps import OhifDep, UsersDep, page_principal
+from agents.review.headers import VIEWER_FILE
 
 router = APIRouter(include_in_schema=False)
 
@@ -27,8 +28,8 @@ async def static(path: str, request: Request, ohif: OhifDep, users: UsersDep) ->
     """The viewer's files; any other path is one of its client-side routes."""
     found = ohif.file(path)
     if found is not None:
-        return FileResponse(found)
+        return FileResponse(found, headers=VIEWER_FILE)
     if path.startswith(("api/", "dicom-web/", "monailabel/", "proxy/")) or "." in Path(path).name:
         raise HTTPException(404, f"no such file: /{path}")
     await page_principal(request, users, READ)
-    return FileResponse(ohif.index, headers={"cache-control": "no-store"})
+    return FileResponse(ohif.index, headers={**VIEWER_FILE, "cache-control": "no-store"})

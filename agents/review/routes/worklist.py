@@ -165,7 +165,7 @@ def urgent_form(
     urgent: Annotated[str, Form()] = "true",
 ) -> Response:
     try:
-        page.assistant.worklist.set_urgent(annotation_id, urgent == "true")
+        page.assistant.worklist.set_urgent(annotation_id, urgent == "true", who.name)
     except ReviewError as refused:
         return page.render(request, who, str(refused))
     return RedirectResponse("/worklist", status_code=303)

@@ -39,8 +39,17 @@ def serve() -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     app = create_app(settings, open_store(settings, migrate=True), cli_model_specs(settings))
     review = settings.review
+    tls = review.tls
     # No access log: QIDO query strings can carry patient names (OHIF's study search).
-    uvicorn.run(app, host=review.host, port=review.port, access_log=False, log_config=None)
+    uvicorn.run(
+        app,
+        host=review.host,
+        port=review.port,
+        access_log=False,
+        log_config=None,
+        ssl_certfile=tls.cert_file if tls else None,
+        ssl_keyfile=tls.key_file if tls else None,
+    )
 
 
 def _users() -> Users:
@@ -59,14 +68,14 @@ def add(
     as_json: JsonOption = False,
 ) -> None:
     """Create a user; prints their API token once (it is also their login until a password)."""
-    from agents.review.auth import UserExists
+    from agents.review.auth import UserExists, WeakPassword
 
     secret = (
         typer.prompt("password", hide_input=True, confirmation_prompt=True) if password else None
     )
     try:
         token = _users().add(name, role, secret)
-    except UserExists as error:
+    except (UserExists, WeakPassword) as error:
         err_console.print(f"[red]{error}[/red]")
         raise typer.Exit(1) from None
     if as_json:

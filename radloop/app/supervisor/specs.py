@@ -252,12 +252,11 @@ def worker_spec(settings: Settings, queue: WorkerQueue) -> ChildSpec:
 
 def review_spec(settings: Settings) -> ChildSpec:
     """`radloop review serve`: worklist, REST API, OHIF and the DICOMweb proxy."""
-    base = f"http://{settings.review.host}:{settings.review.port}"
     return ChildSpec(
         name="review",
         argv=[str(Path(sys.executable).with_name("radloop")), "review", "serve"],
         log_file=settings.data_dir / "logs" / "review.log",
-        healthy=http_ok(f"{base}/api/health"),
+        healthy=http_ok(f"{settings.review.local_url}/api/health"),
         url=settings.review.base_url,
         ports=[settings.review.port],
         start_timeout=60.0,
