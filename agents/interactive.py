@@ -9,7 +9,7 @@ with clicks on a label it refines that label. Training mixes the cases a reader 
 
 Clicks are (channel, slice, row, column) on the image's own grid; channel 0 is background and
 channel n the label whose value is n. The click maps and the network input are made by
-`model_registry.triton_model.interactive_input`, the code Triton runs, so training sees what
+`model_registry.triton_model.clicks.interactive_input`, the code Triton runs, so training sees what
 serving sees. Clicks are placed with scipy's connected components and distance transform;
 MONAI's `FindDiscrepancyRegionsDeepEditd` / `AddRandomGuidanceDeepEditd` do the same on
 MONAI's dictionary format per label name, which would mean a second click representation
@@ -30,7 +30,8 @@ from scipy import ndimage
 from agents.metrics import dice_per_label
 from agents.trainer import TrainingConfig, TrainingReport, fit
 from model_registry.repository import inference_config
-from model_registry.triton_model import _resample, interactive_input, refine
+from model_registry.triton_model.clicks import interactive_input, refine
+from model_registry.triton_model.window import resample
 from radloop.modelspec import Interactive, ModelSpec
 
 Clicks = NDArray[np.int64]  # n × 4: channel, slice, row, column
@@ -170,8 +171,8 @@ def _small(example: InteractiveExample, size: Sequence[int]) -> InteractiveExamp
     labels = torch.from_numpy(example.labels.astype(np.float32))[None, None]
     hu = torch.from_numpy(example.hu.astype(np.float32))[None, None]
     return InteractiveExample(
-        hu=_resample(hu, size, "trilinear")[0, 0].numpy(),
-        labels=_resample(labels, size, "nearest")[0, 0].numpy().astype(np.uint8),
+        hu=resample(hu, size, "trilinear")[0, 0].numpy(),
+        labels=resample(labels, size, "nearest")[0, 0].numpy().astype(np.uint8),
     )
 
 

@@ -20,7 +20,8 @@ from numpy.typing import NDArray
 
 from agents.metrics import dice_per_label
 from model_registry.repository import inference_config
-from model_registry.triton_model import preprocess, segment
+from model_registry.triton_model.drafting import segment
+from model_registry.triton_model.window import preprocess
 from radloop.modelspec import ModelSpec
 
 

@@ -41,7 +41,7 @@ from numpy.typing import NDArray
 from agents.selection import Candidate, strategy
 from agents.trainer import Example, TrainingConfig, dice_per_volume, prepare, train, trainable
 from model_registry.repository import inference_config
-from model_registry.triton_model import Analysis, analyse
+from model_registry.triton_model.drafting import Analysis, analyse
 from radloop.app.phantoms import generate
 from radloop.app.phantoms.pool import SUBPOPULATIONS, subpopulation_of
 from radloop.modelspec import PACKAGED_MODELS, ModelSpec, load_spec

@@ -36,7 +36,9 @@ from agents.interactive import Clicks, dice_after_clicks, reader_clicks
 from agents.metrics import mean_dice
 from model_registry.inference import TritonBackend
 from model_registry.repository import TritonRepository
-from model_registry.triton_model import load, refine, segment
+from model_registry.triton_model.clicks import refine
+from model_registry.triton_model.drafting import segment
+from model_registry.triton_model.model import load
 from radloop.app.phantoms import generate
 from radloop.app.supervisor import Child, triton_spec
 from radloop.modelspec import PACKAGED_MODELS, ModelSpec, load_spec

@@ -1,17 +1,18 @@
 """Triton version load (issue 11): seconds from the `load_model` call to the new version READY.
 
-For each configuration — a `model.py` (radloop's, or another file given with `--model-py
-NAME=PATH`) × Triton's config auto-completion on or off — a block starts the wheel's
-`tritonserver` on a fresh repository, loads v1, then adds and loads `--loads` new versions one
-after another (each folder appears whole, as `TritonRepository.export` writes it; every
-version of the block has the same `model.py`). Blocks run in turn, `--rounds` times, so
-configurations meet the same background load.
+For each configuration — radloop's model code (`model.py` and its siblings) or another
+`model.py` given with `--model-py NAME=PATH`, × Triton's config auto-completion on or off — a
+block starts the wheel's `tritonserver` on a fresh repository, loads v1, then adds and loads
+`--loads` new versions one after another (each folder appears whole, as
+`TritonRepository.export` writes it; every version of the block has the same code). Blocks
+run in turn, `--rounds` times, so configurations meet the same background load.
 
     python bench/reload.py --json-out bench/results/reload.json
     # before and after issue 11's torch-only model.py:
     git show 2af3a54:model_registry/triton_model.py > /tmp/monai_model.py
+    git show fdd9ef0:model_registry/triton_model.py > /tmp/torch_model.py
     python bench/reload.py --model-py monai=/tmp/monai_model.py \
-        --model-py torch=model_registry/triton_model.py
+        --model-py torch=/tmp/torch_model.py
 """
 
 from __future__ import annotations
@@ -39,14 +40,19 @@ AUTO_COMPLETE_OFF = "--disable-auto-complete-config"
 
 
 def block(
-    spec: ModelSpec, network: torch.jit.ScriptModule, code: bytes, auto: bool, loads: int
+    spec: ModelSpec,
+    network: torch.jit.ScriptModule,
+    code: dict[str, bytes],
+    auto: bool,
+    loads: int,
 ) -> list[float]:
     with tempfile.TemporaryDirectory(prefix="radloop-bench-reload-") as folder:
         settings, _ = configure(Path(folder), {})
         repository = TritonRepository(settings.model_repository)
         repository.export(spec, network)
         model_dir = settings.model_repository / spec.name
-        (model_dir / "1" / "model.py").write_bytes(code)
+        for file, text in code.items():
+            (model_dir / "1" / file).write_bytes(text)
         base = triton_spec(settings)
         argv = [a for a in base.argv if a != AUTO_COMPLETE_OFF]
         child = Child(dataclasses.replace(base, argv=argv if auto else [*argv, AUTO_COMPLETE_OFF]))
@@ -61,7 +67,8 @@ def block(
                 staging = Path(tempfile.mkdtemp(dir=model_dir, prefix=".staging-"))
                 torch.jit.save(network, str(staging / "model.pt"))
                 (staging / "spec.json").write_bytes((model_dir / "1" / "spec.json").read_bytes())
-                (staging / "model.py").write_bytes(code)
+                for file, text in code.items():
+                    (staging / file).write_bytes(text)
                 staging.rename(model_dir / str(version))
                 time.sleep(4)  # the stubs the last load replaced have exited
                 started = time.monotonic()
@@ -80,9 +87,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args()
-    codes = {"radloop": MODEL_CODE.read_bytes()}
+    codes = {"radloop": {path.name: path.read_bytes() for path in MODEL_CODE}}
     if args.model_py:
-        codes = {n: Path(p).read_bytes() for n, p in (m.split("=", 1) for m in args.model_py)}
+        codes = {
+            n: {"model.py": Path(p).read_bytes()}
+            for n, p in (m.split("=", 1) for m in args.model_py)
+        }
     spec = load_spec(PACKAGED_MODELS / "phantom-abdomen.yaml")
     torch.manual_seed(1)  # untrained, seeded: weights do not change load time
     network = torch.jit.script(spec.network.build().eval())

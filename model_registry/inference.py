@@ -1,6 +1,6 @@
 """Inference backends behind one small protocol: Triton for the product, in-process for tests.
 
-Both run `model_registry/triton_model.py`'s `segment`, so a unit test and the served model
+Both run `model_registry/triton_model`'s `segment`, so a unit test and the served model
 compute the same thing.
 """
 
@@ -46,8 +46,8 @@ def _host_port(url: str) -> str:
     return url.split("://", 1)[-1].rstrip("/")
 
 
-# The order of Triton's SCORES output: `triton_model.SCORE_NAMES`, repeated here because that
-# module imports torch and this one is imported by processes that need none.
+# The order of Triton's SCORES output: `triton_model.model.SCORE_NAMES`, repeated here because
+# that module imports torch and this one is imported by processes that need none.
 SCORE_NAMES = ("entropy", "mc_dropout", "flip_tta")
 
 
@@ -190,7 +190,7 @@ class InProcessBackend:
     def infer(
         self, model: str, image: NDArray[Any], spacing: Sequence[float], version: int | None = None
     ) -> InferenceResult:
-        from model_registry.triton_model import analyse
+        from model_registry.triton_model.drafting import analyse
 
         served, network, config = self._network(model, version)
         answer = analyse(network, image, spacing, config)
@@ -211,7 +211,7 @@ class InProcessBackend:
         previous: NDArray[Any] | None,
         version: int | None = None,
     ) -> InferenceResult:
-        from model_registry.triton_model import refine
+        from model_registry.triton_model.clicks import refine
 
         served, network, config = self._network(model, version)
         labels = refine(network, image, clicks, previous, config)
@@ -220,7 +220,7 @@ class InProcessBackend:
     def _network(self, model: str, version: int | None) -> tuple[str, Any, dict[str, Any]]:
         import torch
 
-        from model_registry.triton_model import load
+        from model_registry.triton_model.model import load
 
         if version is None:
             version = self.repository.champion(model)

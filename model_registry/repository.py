@@ -29,7 +29,12 @@ if TYPE_CHECKING:
 
     from radloop.settings import Settings
 
-MODEL_CODE = Path(__file__).resolve().with_name("triton_model.py")
+# The modules Triton imports from each version folder (`model.py` and its siblings).
+MODEL_CODE = sorted(
+    path
+    for path in (Path(__file__).resolve().parent / "triton_model").glob("*.py")
+    if path.name != "__init__.py"
+)
 
 _CONFIG = """\
 # Written by radloop for model spec {name!r}; regenerated on every export.
@@ -210,7 +215,8 @@ class TritonRepository:
 
             torch.jit.save(model, str(folder / "model.pt"))
             (folder / "spec.json").write_text(config)
-            shutil.copyfile(MODEL_CODE, folder / "model.py")
+            for code in MODEL_CODE:
+                shutil.copyfile(code, folder / code.name)
 
         self.store.publish(f"{name}/{version}", write, last="model.py")
         if serve or self.config_text(name) is None:

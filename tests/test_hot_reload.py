@@ -15,7 +15,7 @@ import pytest
 from model_registry.deploy import DeployFailed, StagedVersion, hot_reload, warmup_volume
 from model_registry.inference import InferenceUnavailable, InProcessBackend, TritonBackend
 from model_registry.repository import TritonRepository, inference_config
-from model_registry.triton_model import segment
+from model_registry.triton_model.drafting import segment
 from radloop.app.supervisor import Child
 from radloop.modelspec import PACKAGED_MODELS, ModelSpec, load_spec
 from radloop.settings import Settings

@@ -14,7 +14,7 @@ from agents.interactive import reader_clicks
 from agents.review.assist import clicks_from_params
 from agents.review.cases import Unprocessable
 from model_registry.repository import inference_config
-from model_registry.triton_model import click_maps, interactive_input
+from model_registry.triton_model.clicks import click_maps, interactive_input
 from radloop.modelspec import PACKAGED_MODELS, ModelSpecError, load_spec, load_specs
 
 SPEC = load_spec(PACKAGED_MODELS / "phantom-abdomen.yaml", networks=False)

@@ -35,7 +35,8 @@ from agents.review.auth import Users
 from agents.volume import load_series, series_files
 from model_registry.inference import TritonBackend
 from model_registry.repository import model_repository
-from model_registry.triton_model import load, refine
+from model_registry.triton_model.clicks import refine
+from model_registry.triton_model.model import load
 from radloop.app.supervisor import Child
 from radloop.db import Annotation, Interaction, OutboxEvent, Store
 from radloop.domain import AnnotationState, Role

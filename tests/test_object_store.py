@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 
-from model_registry.repository import model_repository
+from model_registry.repository import MODEL_CODE, model_repository
 from radloop.modelspec import PACKAGED_MODELS, load_spec
 from radloop.settings import Settings
 from tests.conftest import bucket
@@ -31,7 +31,7 @@ def test_versions_on_s3_are_laid_out_for_triton_and_come_and_go_whole(
 
     name = bucket(request.node)
     prefix = f"radloop/model-repository/{spec.name}/"
-    files = ["model.pt", "model.py", "spec.json"]
+    files = sorted(["model.pt", "spec.json", *(code.name for code in MODEL_CODE)])
     assert s3_server.keys(name, prefix) == [
         prefix + key
         for key in ["1/" + f for f in files]

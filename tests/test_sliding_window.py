@@ -1,7 +1,7 @@
 """The served model's sliding window is MONAI's, without MONAI: the torch-only Gaussian
-window in `model_registry/triton_model.py` gives what `sliding_window_inference(mode="gaussian")`
-gives, and loading that file (as Triton's python-backend stub does) imports neither MONAI nor
-radloop."""
+window in `model_registry/triton_model/window.py` gives what
+`sliding_window_inference(mode="gaussian")` gives, and loading the model's files (as Triton's
+python-backend stub does) imports neither MONAI nor radloop."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 from monai.inferers.utils import sliding_window_inference
 
 from model_registry.repository import MODEL_CODE
-from model_registry.triton_model import sliding_window
+from model_registry.triton_model.window import sliding_window
 from tests.conftest_marks import ONCE
 
 pytestmark = ONCE
@@ -75,16 +75,16 @@ def test_a_model_answering_another_shape_is_refused() -> None:
 def test_loading_the_model_file_as_triton_does_imports_neither_monai_nor_radloop(
     tmp_path: Path,
 ) -> None:
-    """Triton's stub imports `model.py` from a version folder, in a fresh process; a module
-    there that pulled in MONAI made every version load seconds slower."""
+    """Triton's stub imports a version folder's `model.py` as `<version>.model`, in a fresh
+    process; a module there that pulled in MONAI made every version load seconds slower."""
     version = tmp_path / "1"
     version.mkdir()
-    (version / "model.py").write_bytes(MODEL_CODE.read_bytes())
-    probe = (
-        "import importlib.util, sys\n"
-        f"spec = importlib.util.spec_from_file_location('model', {str(version / 'model.py')!r})\n"
-        "module = importlib.util.module_from_spec(spec)\n"
-        "spec.loader.exec_module(module)\n"
+    for code in MODEL_CODE:
+        (version / code.name).write_bytes(code.read_bytes())
+    probe = (  # the stub puts the model's folder on sys.path and imports `<version>.model`
+        "import importlib, sys\n"
+        f"sys.path.insert(0, {str(tmp_path)!r})\n"
+        "module = importlib.import_module('1.model')\n"
         "assert hasattr(module, 'TritonPythonModel')\n"
         "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('monai', 'radloop',"
         " 'model_registry', 'agents'))\n"

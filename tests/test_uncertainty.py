@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from model_registry.repository import inference_config
-from model_registry.triton_model import analyse, segment
+from model_registry.triton_model.drafting import analyse, segment
 from radloop.modelspec import PACKAGED_MODELS, load_spec
 
 
