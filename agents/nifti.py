@@ -1,5 +1,5 @@
-"""NIfTI in radloop: the one reader, the one writer and the one LPS→RAS affine; and the NRRD
-label file OHIF's MONAI Label panel reads.
+"""NIfTI in radloop: the one reader, the one writer and the one LPS→RAS affine; and NRRD, the
+label file OHIF's MONAI Label panel reads and 3D Slicer may upload.
 
 Today it writes draft label maps (`agents.drafts`), corrected label maps and the image/label
 training pairs of validated corrections (`agents.review`); it reads uploaded NIfTI corrections
@@ -14,7 +14,8 @@ Two conventions meet here, and only here:
   LPS negated), as nibabel, 3D Slicer and ITK-SNAP read it.
 
 `write_nifti` and `read_nifti` take and give radloop's convention, so no caller transposes an
-array or flips an affine; so does `nrrd_label_bytes` (NRRD keeps LPS, column fastest). Files
+array or flips an affine; so do `nrrd_label_bytes` and `read_nrrd` (NRRD keeps LPS or RAS, column
+fastest). Files
 are written durably (`radloop.durable`), with the s-form and q-form both the scanner's space
 (code 1) and millimetre units.
 """
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import math
 from pathlib import Path
 from typing import Any
 
@@ -126,3 +128,48 @@ def nrrd_label_bytes(labels: NDArray[Any], affine: NDArray[Any]) -> bytes:
     out = io.BytesIO()
     nrrd.write(out, np.ascontiguousarray(labels, dtype=np.uint8), header, index_order="C")
     return out.getvalue()
+
+
+# NRRD spaces radloop reads, as the sign of x and y against DICOM's LPS.
+_NRRD_SPACES = {
+    "left-posterior-superior": 1.0,
+    "lps": 1.0,
+    "right-anterior-superior": -1.0,
+    "ras": -1.0,
+}
+
+
+def read_nrrd(
+    data: bytes, *, max_voxels: int
+) -> tuple[NDArray[Any], NDArray[np.float64], dict[str, Any]]:
+    """An NRRD file's bytes (data attached: a `.nrrd` label map or 3D Slicer's `.seg.nrrd`) as
+    radloop's (slice, row, column) array, its (slice, row, column) -> LPS affine, and the header
+    (a `.seg.nrrd` names its segments there).
+
+    Refused with `NotAVolume`, before any data is read: a detached data file (its path would be
+    opened on this server), anything but 3 dimensions, more than `max_voxels` voxels, a space
+    other than LPS or RAS, or no space directions. pynrrd's own errors for a damaged file pass
+    through."""
+    source = io.BytesIO(data)
+    header = nrrd.read_header(source)
+    if {"data file", "datafile"} & set(header):
+        raise NotAVolume("the NRRD names a detached data file; send one file with its data")
+    sizes = [int(size) for size in header.get("sizes", [])]
+    if int(header.get("dimension", 0)) != 3 or len(sizes) != 3:
+        raise NotAVolume(f"the NRRD's sizes {sizes} are not those of one 3-D volume")
+    if math.prod(sizes) > max_voxels:
+        raise NotAVolume(f"the NRRD holds {math.prod(sizes)} voxels, more than {max_voxels}")
+    sign = _NRRD_SPACES.get(str(header.get("space", "")).lower())
+    if sign is None:
+        raise NotAVolume(f"the NRRD's space {header.get('space')!r} is neither LPS nor RAS")
+    directions = np.asarray(header.get("space directions"), dtype=np.float64)
+    if directions.shape != (3, 3) or not np.all(np.isfinite(directions)):
+        raise NotAVolume("the NRRD has no 3x3 space directions")
+    origin = np.asarray(header.get("space origin", np.zeros(3)), dtype=np.float64)
+    values = nrrd.read_data(header, source, index_order="C")
+    # NRRD's axes go fastest first (column, row, slice); index_order="C" reverses them.
+    affine = np.eye(4)
+    affine[:3, :3] = directions[::-1].T
+    affine[:3, 3] = origin
+    affine[:2] *= sign
+    return np.asarray(values), affine, header

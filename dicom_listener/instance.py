@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from pydicom.dataset import Dataset
 
@@ -41,7 +42,7 @@ class InstanceHeader:
             raise InvalidInstance("not a decodable dataset: no SOP Class/Instance UID", True)
         uids = {}
         for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
-            value = ds.get(keyword)
+            value = _get(ds, keyword)
             if value is None or str(value) == "":
                 raise InvalidInstance(f"{keyword} is missing")
             if not is_valid_uid(str(value)):
@@ -50,22 +51,37 @@ class InstanceHeader:
         if not is_valid_uid(transfer_syntax_uid):
             raise InvalidInstance("transfer syntax UID is not a valid UID")
         _check_native_pixel_data(ds, transfer_syntax_uid)
-        frame_of_reference = ds.get("FrameOfReferenceUID")
-        series_number = ds.get("SeriesNumber")
+        frame_of_reference = _get(ds, "FrameOfReferenceUID")
+        series_number = _get(ds, "SeriesNumber")
+        try:
+            number = int(series_number) if series_number not in (None, "") else None
+        except (TypeError, ValueError, OverflowError):
+            raise InvalidInstance("SeriesNumber is not an integer") from None
         return cls(
             study_uid=uids["StudyInstanceUID"],
             series_uid=uids["SeriesInstanceUID"],
             sop_instance_uid=uids["SOPInstanceUID"],
             sop_class_uid=uids["SOPClassUID"],
             transfer_syntax_uid=transfer_syntax_uid,
-            modality=_text(ds.get("Modality"), 16),
-            series_number=int(series_number) if series_number not in (None, "") else None,
-            series_description=_text(ds.get("SeriesDescription"), 64),
-            study_date=_text(ds.get("StudyDate"), 8),
+            modality=_text(_get(ds, "Modality"), 16),
+            series_number=number,
+            series_description=_text(_get(ds, "SeriesDescription"), 64),
+            study_date=_text(_get(ds, "StudyDate"), 8),
             frame_of_reference_uid=str(frame_of_reference)
             if is_valid_uid(str(frame_of_reference))
             else None,
         )
+
+
+def _get(ds: Dataset, keyword: str) -> Any:
+    """`ds.get(keyword)`; a value pydicom cannot convert (a wrong length for its VR, bytes that
+    are no number) is `InvalidInstance` naming the attribute, not pydicom's exception."""
+    try:
+        return ds.get(keyword)
+    except Exception as error:
+        raise InvalidInstance(
+            f"{keyword} cannot be decoded ({type(error).__name__})", undecodable=True
+        ) from None
 
 
 def _text(value: object, limit: int) -> str | None:
@@ -80,13 +96,13 @@ def _check_native_pixel_data(ds: Dataset, transfer_syntax_uid: str) -> None:
     if "PixelData" not in ds or transfer_syntax_uid.startswith(_ENCAPSULATED_PREFIXES):
         return
     try:
-        rows, columns = int(ds.Rows), int(ds.Columns)
-        bits = int(ds.BitsAllocated)
-        samples = int(ds.get("SamplesPerPixel", 1))
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        rows, columns = int(_get(ds, "Rows")), int(_get(ds, "Columns"))
+        bits = int(_get(ds, "BitsAllocated"))
+        samples = int(_get(ds, "SamplesPerPixel") or 1)
+        frames = int(_get(ds, "NumberOfFrames") or 1)
         # The raw element's length: no conversion (and copy) of megabytes of pixels.
         actual = len(ds.get_item("PixelData").value or b"")
-    except (AttributeError, TypeError, ValueError) as error:
+    except (AttributeError, TypeError, ValueError, OverflowError) as error:
         raise InvalidInstance(
             f"image pixel attributes unreadable: {type(error).__name__}"
         ) from None

@@ -7,6 +7,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from agents.review.app import create_app
@@ -33,9 +34,11 @@ class Review:
     def now(self) -> datetime:
         return utcnow() + self.skew
 
+    def app(self) -> FastAPI:
+        return create_app(self.settings, self.store, {self.spec.name: self.spec}, self.now)
+
     def client(self, user: str | None = None) -> TestClient:
-        app = create_app(self.settings, self.store, {self.spec.name: self.spec}, self.now)
-        client = TestClient(app, follow_redirects=False)
+        client = TestClient(self.app(), follow_redirects=False)
         if user is not None:
             client.headers["authorization"] = f"Bearer {self.tokens[user]}"
         return client

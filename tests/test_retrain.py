@@ -90,7 +90,7 @@ def validate_studies(
         affine = nib.nifti1.load(study.truth).affine  # type: ignore[no-untyped-call]
         labels = label_for(index, truth).transpose(2, 1, 0)
         upload = nib.Nifti1Image(labels.astype(np.uint8), affine)  # type: ignore[no-untyped-call]
-        cases.correct_with_nifti(case, "ann", bytes(upload.to_bytes()))
+        cases.correct_with_volume(case, "ann", bytes(upload.to_bytes()))
 
 
 def splits(store: Store) -> list[str]:

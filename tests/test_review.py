@@ -3,6 +3,7 @@ reviewer makes, and every refusal, through HTTP as clients send it."""
 
 from __future__ import annotations
 
+import io
 import threading
 from collections.abc import Iterator
 from datetime import timedelta
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import nibabel as nib
+import nrrd
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
@@ -17,7 +19,7 @@ from pydicom import dcmread
 from sqlalchemy import select
 
 import agents.review.training_set as training_set
-from agents.nifti import read_label_map, write_nifti
+from agents.nifti import read_label_map, read_nifti, write_nifti
 from agents.review.auth import Users
 from dicom_listener import Ingestor, InstanceHeader
 from radloop.app.phantoms import WrittenStudy
@@ -332,6 +334,63 @@ def test_a_nifti_in_another_orientation_of_the_same_grid_is_accepted(review: Rev
     with review.store.read() as session:
         stored = session.get_one(Annotation, case).correction_path
     assert stored is not None and np.array_equal(read_label_map(Path(stored)), truth)
+
+
+def _nrrd(labels: np.ndarray[Any, Any], study: WrittenStudy, **fields: Any) -> bytes:
+    """`labels` (slice, row, column) on the study's grid as a 3D Slicer-style NRRD in RAS,
+    with extra header `fields` (a `.seg.nrrd`'s segment names)."""
+    _, affine = read_nifti(study.truth)  # radloop's (slice, row, column) -> LPS
+    header = {
+        "space": "right-anterior-superior",
+        "space directions": (affine[:3, 2::-1].T * [-1, -1, 1]),
+        "space origin": affine[:3, 3] * [-1, -1, 1],
+        "kinds": ["domain"] * 3,
+        "encoding": "gzip",
+        **fields,
+    }
+    out = io.BytesIO()
+    nrrd.write(out, np.ascontiguousarray(labels, dtype=np.uint8), header, index_order="C")
+    return out.getvalue()
+
+
+def test_nrrd_labels_from_slicer_are_taken_by_value_or_by_segment_name(review: Review) -> None:
+    """3D Slicer's MONAI Label module uploads `.nrrd` or `.seg.nrrd` when so configured."""
+    (case, study), (named_case, named_study) = review.drafted(44), review.drafted(45)
+    ann = review.client("ann")
+    for annotation in (case, named_case):
+        assert ann.post(f"/api/annotations/{annotation}/claim").status_code == 200
+    truth = truth_labels(study)
+
+    def put(annotation: int, content: bytes) -> tuple[int, str]:
+        answer = ann.put(f"/api/annotations/{annotation}/label", content=content)
+        return answer.status_code, answer.text
+
+    detached = (  # its data would be read from a path on the server
+        b"NRRD0004\ntype: uint8\ndimension: 3\nspace: left-posterior-superior\nsizes: 4 4 4\n"
+        b"space directions: (1,0,0) (0,1,0) (0,0,1)\nencoding: raw\ndata file: /etc/hostname\n\n"
+    )
+    status, why = put(case, detached)
+    assert status == 422 and "detached data file" in why
+    status, why = put(case, _nrrd(truth[:, :, :-2], study))
+    assert status == 422 and "NRRD's grid" in why
+    status, why = put(case, _nrrd(truth, study, Segment0_Name="Tumour", Segment0_LabelValue="1"))
+    assert status == 422 and "unknown segment 'Tumour'" in why
+    status, why = put(case, _nrrd(truth, study))
+    assert status == 200, why
+
+    # A .seg.nrrd stores its own values (here 11, 12, ...) and names each segment.
+    named_truth = truth_labels(named_study)
+    fields = {}
+    for index, label in enumerate(reversed(review.spec.labels)):
+        fields[f"Segment{index}_Name"] = label.name.lower()
+        fields[f"Segment{index}_LabelValue"] = str(label.value + 10)
+    stored_values = np.where(named_truth > 0, named_truth + 10, 0)
+    status, why = put(named_case, _nrrd(stored_values, named_study, **fields))
+    assert status == 200, why
+    for annotation, expected in ((case, truth), (named_case, named_truth)):
+        with review.store.read() as session:
+            stored = session.get_one(Annotation, annotation).correction_path
+        assert stored is not None and np.array_equal(read_label_map(Path(stored)), expected)
 
 
 # -- pages, login, CSRF ------------------------------------------------------------------

@@ -60,6 +60,11 @@ def test_dicomweb_reads_need_a_role_come_from_orthanc_and_are_audited_as_views(
     proxied: Proxied, store: Store
 ) -> None:
     assert proxied.client().get("/dicom-web/studies").status_code == 401
+    # Only DICOMweb: an encoded ".." arrives decoded, and reached Orthanc's REST API (every
+    # patient's name) until the proxy refused it (found by tests/test_fuzz_api.py).
+    for escape in ("%2E%2E/patients", "studies/%2E%2E/%2E%2E/patients", "%2E%2E/system"):
+        answer = proxied.client("mo").get(f"/dicom-web/{escape}")
+        assert answer.status_code == 404, (escape, answer.status_code, answer.text[:200])
     studies = proxied.client("mo").get("/dicom-web/studies")
     assert studies.status_code == 200
     uids = [item["0020000D"]["Value"][0] for item in studies.json()]

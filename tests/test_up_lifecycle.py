@@ -186,7 +186,7 @@ def validated_train_label(settings: Settings, tmp_path: Path) -> None:
         truth = read_label_map(study.truth).transpose(2, 1, 0)
         affine = nib.nifti1.load(study.truth).affine  # type: ignore[no-untyped-call]
         upload = nib.Nifti1Image(truth.astype(np.uint8), affine)  # type: ignore[no-untyped-call]
-        cases.correct_with_nifti(case, "ann", bytes(upload.to_bytes()))
+        cases.correct_with_volume(case, "ann", bytes(upload.to_bytes()))
     finally:
         store.close()
 

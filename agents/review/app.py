@@ -21,6 +21,7 @@ from urllib.parse import quote
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.templating import Jinja2Templates
+from sqlalchemy.exc import DataError, StatementError
 
 from agents.review.assist import Assistant
 from agents.review.auth import LoginThrottle, Users
@@ -103,6 +104,7 @@ def create_app(
 
     app.add_exception_handler(ReviewError, _review_error)  # type: ignore[arg-type]
     app.add_exception_handler(NotLoggedIn, _not_logged_in)
+    app.add_exception_handler(StatementError, _out_of_range)  # type: ignore[arg-type]
     # The viewer's catch-all `/{path:path}` goes last: it answers every GET the others did not.
     app.state.assistant = Assistant(
         store, cases, TritonBackend(settings.triton.base_url), settings.drafts_dir, clock
@@ -130,6 +132,15 @@ async def _review_error(request: Request, error: ReviewError) -> JSONResponse:
     # The reason names internal ids and UIDs only; the operator sees what clients were told.
     log.info("%s %s refused (%d): %s", request.method, request.url.path, error.status, error)
     return JSONResponse({"detail": str(error)}, status_code=error.status)
+
+
+async def _out_of_range(request: Request, error: StatementError) -> JSONResponse:
+    """A request value the database cannot hold (an id beyond PostgreSQL's integer, a date
+    past year 9999) is the client's error, found by tests/test_fuzz_api.py; any other
+    database error stays a 500."""
+    if isinstance(error, DataError) or isinstance(error.orig, OverflowError):
+        return JSONResponse({"detail": "a value is out of the range radloop stores"}, 422)
+    raise error
 
 
 async def _not_logged_in(request: Request, error: Exception) -> RedirectResponse:

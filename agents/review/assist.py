@@ -267,6 +267,6 @@ class Assistant:
         latest = self._latest(annotation_id, user)
         if latest is None:
             raise Conflict(f"you have not refined annotation {annotation_id} with clicks")
-        return self.worklist.correct_with_nifti(
+        return self.worklist.correct_with_volume(
             annotation_id, user, Path(latest.label_path).read_bytes()
         )

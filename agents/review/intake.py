@@ -27,10 +27,10 @@ from agents.nifti import read_label_map, write_nifti
 from agents.review.cases import Case, Conflict, Unprocessable, load_case, load_inputs
 from agents.review.corrections import (
     InvalidLabel,
-    nifti_label_map,
     read_dicom,
     require_not_empty,
     seg_label_map,
+    volume_label_map,
 )
 from agents.review.leases import check_holder
 from agents.review.training_set import add_label, stage_pair
@@ -102,12 +102,13 @@ class CorrectionIntake:
         write_bytes_durably(path, data)
         self._record(case_, user, spec, series, label_map, sop_uid, path)
 
-    def correct_with_nifti(self, annotation_id: int, user: str, data: bytes) -> None:
-        """A NIfTI label map becomes the correction; radloop writes it as a MANUAL SEG too."""
+    def correct_with_volume(self, annotation_id: int, user: str, data: bytes) -> None:
+        """A NIfTI or NRRD label map becomes the correction; radloop writes it as a MANUAL SEG
+        too."""
         case_ = load_case(self.store, annotation_id)
         check_holder(case_, user, self.clock())
         spec, series = self._inputs(case_)
-        label_map = _label(lambda: nifti_label_map(data, series, spec))
+        label_map = _label(lambda: volume_label_map(data, series, spec))
         _label(lambda: require_not_empty(label_map))
         files = write_draft(
             series,

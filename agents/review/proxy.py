@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from io import BytesIO
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 from fastapi import HTTPException, Request
@@ -36,6 +37,18 @@ log = logging.getLogger(__name__)
 # proxy are not Orthanc's business.
 _HOP = {"connection", "keep-alive", "transfer-encoding", "te", "upgrade", "proxy-connection"}
 _DROP_REQUEST = _HOP | {"host", "authorization", "cookie", "content-length"}
+# What a viewer reads over DICOMweb (QIDO-RS and WADO-RS, bulk data included).
+_RESOURCES = {"studies", "series", "instances"}
+
+
+def _resource(path: str) -> str:
+    """`path` as a relative URL under Orthanc's DICOMweb root, or 404: only DICOMweb resources,
+    no `..` (an encoded `%2E%2E` arrives decoded and would reach Orthanc's whole REST API, with
+    every patient's name), no control characters; the rest percent-encoded again."""
+    parts = path.split("/")
+    if parts[0] not in _RESOURCES or {".", ".."} & set(parts) or not path.isprintable():
+        raise HTTPException(404, "not a DICOMweb resource (studies, series or instances)")
+    return quote(path, safe="/,")
 
 
 def split_multipart_related(body: bytes, content_type: str) -> list[bytes]:
@@ -72,6 +85,8 @@ class DicomWebProxy:
 
     async def stow(self, request: Request, who: Principal) -> Response:
         """STOW-RS: SEGs on radloop's drafts become corrections; all goes to Orthanc."""
+        study = request.path_params.get("study_uid")
+        target = _resource("studies" + (f"/{study}" if study else ""))
         body = await request.body()
         content_type = request.headers.get("content-type", "")
         try:
@@ -91,11 +106,8 @@ class DicomWebProxy:
                 log.info("STOW from %s refused: %s", who.name, refused)
                 raise HTTPException(refused.status, str(refused)) from None
             recorded.append(annotation_id)
-        path = "studies" + (
-            f"/{request.path_params['study_uid']}" if "study_uid" in request.path_params else ""
-        )
         try:
-            answer = await self.client.post(path, content=body, headers=self._headers(request))
+            answer = await self.client.post(target, content=body, headers=self._headers(request))
         except httpx.HTTPError as error:
             detail = f"Orthanc did not take the instances: {error}"
             if recorded:
@@ -113,7 +125,7 @@ class DicomWebProxy:
         """QIDO-RS and WADO-RS, streamed from Orthanc; a read of a study's instances is a view
         in the audit log."""
         outgoing = self.client.build_request(
-            "GET", path, params=request.query_params, headers=self._headers(request)
+            "GET", _resource(path), params=request.query_params, headers=self._headers(request)
         )
         try:
             answer = await self.client.send(outgoing, stream=True)

@@ -236,9 +236,10 @@ class Worklist:
         self.audit.record(user, Action.CORRECT, annotation_id)
         return self.item(annotation_id)
 
-    def correct_with_nifti(self, annotation_id: int, user: str, data: bytes) -> dict[str, Any]:
-        """A NIfTI label map becomes the correction; radloop writes it as a MANUAL SEG too."""
-        self.intake.correct_with_nifti(annotation_id, user, data)
+    def correct_with_volume(self, annotation_id: int, user: str, data: bytes) -> dict[str, Any]:
+        """A NIfTI or NRRD label map becomes the correction; radloop writes it as a MANUAL SEG
+        too."""
+        self.intake.correct_with_volume(annotation_id, user, data)
         self.audit.record(user, Action.CORRECT, annotation_id)
         return self.item(annotation_id)
 

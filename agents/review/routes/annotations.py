@@ -7,7 +7,7 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel
 
 from agents.review.auth import VALIDATE
-from agents.review.corrections import is_dicom, is_nifti
+from agents.review.corrections import is_dicom, is_label_volume
 from agents.review.deps import AssistantDep, Corrector, Reader, Reviewer, WorklistDep
 
 router = APIRouter(prefix="/api/annotations", tags=["annotations"])
@@ -52,14 +52,15 @@ def api_accept_refined(
 async def api_label(
     annotation_id: int, request: Request, who: Corrector, worklist: WorklistDep
 ) -> dict[str, Any]:
-    """Upload the correction of a claimed case as a DICOM SEG or a NIfTI label map
-    (`.nii`/`.nii.gz` on the draft series' grid, values = the spec's label numbers)."""
+    """Upload the correction of a claimed case as a DICOM SEG, or as a NIfTI or NRRD label map
+    (`.nii`/`.nii.gz`/`.nrrd` on the draft series' grid, values = the spec's label numbers; a
+    `.seg.nrrd`'s segments are matched to the spec's labels by name)."""
     data = await request.body()
     if is_dicom(data):
         return await run_in_threadpool(worklist.correct_with_seg, annotation_id, who.name, data)
-    if is_nifti(data):
-        return await run_in_threadpool(worklist.correct_with_nifti, annotation_id, who.name, data)
-    raise HTTPException(415, "the body is neither a DICOM SEG (Part 10) nor a NIfTI file")
+    if is_label_volume(data):
+        return await run_in_threadpool(worklist.correct_with_volume, annotation_id, who.name, data)
+    raise HTTPException(415, "the body is neither a DICOM SEG (Part 10) nor a NIfTI or NRRD file")
 
 
 @router.post("/{annotation_id}/validate")

@@ -26,7 +26,7 @@ from numpy.typing import NDArray
 from agents.nifti import nrrd_label_bytes, write_nifti
 from agents.review.audit import Action
 from agents.review.auth import CORRECT, LoginLocked
-from agents.review.corrections import is_nifti
+from agents.review.corrections import is_label_volume
 from agents.review.deps import (
     AssistantDep,
     Corrector,
@@ -272,14 +272,15 @@ async def save_label(
     tag: str = "final",
     params: Annotated[str, Form()] = "{}",
 ) -> dict[str, Any]:
-    """A reader's label for the series (NIfTI on its grid) becomes the correction of its
-    case, through the same intake as `PUT /api/annotations/{id}/label`."""
+    """A reader's label for the series (NIfTI or NRRD on its grid, as 3D Slicer's MONAI Label
+    module saves it) becomes the correction of its case, through the same intake as
+    `PUT /api/annotations/{id}/label`."""
     data = await label.read()
-    if not is_nifti(data):
-        raise HTTPException(415, "the label is not a NIfTI file (.nii or .nii.gz)")
+    if not is_label_volume(data):
+        raise HTTPException(415, "the label is neither NIfTI (.nii, .nii.gz) nor NRRD (.nrrd)")
     annotation_id = await run_in_threadpool(assistant.case_for_image, image)
     await run_in_threadpool(assistant.hold, annotation_id, who.name)
-    item = await run_in_threadpool(worklist.correct_with_nifti, annotation_id, who.name, data)
+    item = await run_in_threadpool(worklist.correct_with_volume, annotation_id, who.name, data)
     return {"image": image, "label": image, "tag": tag, "annotation": item}
 
 
