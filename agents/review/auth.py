@@ -15,6 +15,7 @@ import math
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import NamedTuple
 
 from sqlalchemy import delete, func, select
 from sqlalchemy.exc import IntegrityError
@@ -84,6 +85,14 @@ class LoginLocked(Exception):
         super().__init__(f"Too many failed logins: try again in {self.minutes} minutes.")
 
 
+class LoginKeys(NamedTuple):
+    """The hashed keys of a login's failure counts: its user name's and its address's (whose
+    limit is 4 times the name's)."""
+
+    name: str
+    address: str
+
+
 @dataclass(frozen=True)
 class LoginThrottle:
     """Failed logins in a row, counted in the database per user name (`attempts` lock it) and
@@ -96,11 +105,11 @@ class LoginThrottle:
     lockout: timedelta = timedelta(minutes=15)
 
     @staticmethod
-    def keys(name: str, client: str) -> dict[str, int]:
-        """The rows a login from `client` as `name` counts on, with their limits' factor."""
-        return {_sha256(f"name:{name.casefold()}"): 1, _sha256(f"address:{client}"): 4}
+    def keys(name: str, client: str) -> LoginKeys:
+        """The rows a login from `client` as `name` counts on."""
+        return LoginKeys(_sha256(f"name:{name.casefold()}"), _sha256(f"address:{client}"))
 
-    def check(self, keys: dict[str, int]) -> None:
+    def check(self, keys: LoginKeys) -> None:
         now = utcnow()
         with self.store.read() as session:
             until = session.scalar(
@@ -111,10 +120,10 @@ class LoginThrottle:
         if until is not None:
             raise LoginLocked(until)
 
-    def failed(self, keys: dict[str, int]) -> None:
+    def failed(self, keys: LoginKeys) -> None:
         now = utcnow()
         with self.store.transaction() as session:
-            for key, factor in keys.items():
+            for key, factor in ((keys.name, 1), (keys.address, 4)):
                 values = {"key": key, "failures": 0, "last_failed_at": now}
                 insert_ignoring_conflict(session, LoginFailure.__table__, values)
                 row = session.scalars(
@@ -127,10 +136,9 @@ class LoginThrottle:
                 if row.failures >= self.attempts * factor:
                     row.locked_until, row.failures = now + self.lockout, 0
 
-    def succeeded(self, keys: dict[str, int]) -> None:
-        name_key = next(iter(keys))
+    def succeeded(self, keys: LoginKeys) -> None:
         with self.store.transaction() as session:
-            session.execute(delete(LoginFailure).where(LoginFailure.key == name_key))
+            session.execute(delete(LoginFailure).where(LoginFailure.key == keys.name))
 
 
 class Users:
