@@ -32,10 +32,10 @@ import numpy.typing as npt
 import pydicom
 from highdicom.spatial import get_volume_positions
 from pydicom.dataset import Dataset
-from pydicom.multival import MultiValue
 from pydicom.uid import RTDoseStorage, SegmentationStorage
 from sqlalchemy import select
 
+from agents.header_values import header_problem
 from radloop.db import Instance, Series, Store
 
 ORIENTATION_TOL = 1e-6
@@ -148,63 +148,13 @@ def _read(path: Path, index: int, count: int) -> Dataset:
         raise SeriesRejected(f"file {index + 1} of {count} is not an image (no pixel data)")
     if "TransferSyntaxUID" not in ds.file_meta:
         raise SeriesRejected(f"file {index + 1} of {count} names no transfer syntax")
-    _check_values(ds, f"file {index + 1} of {count}")
+    problem = header_problem(ds)
+    if problem is not None:
+        raise SeriesRejected(f"file {index + 1} of {count}: {problem}")
     kind = _NOT_IMAGES.get(str(ds.get("SOPClassUID", "")))
     if kind is not None:
         raise SeriesRejected(f"file {index + 1} of {count} is {kind}, not an image")
     return ds
-
-
-# The numbers the loader reads from a file's top level, with how many values each holds
-# (negative: integers >= 0).
-_NUMBERS = {
-    "Rows": -1,
-    "Columns": -1,
-    "NumberOfFrames": -1,
-    "SamplesPerPixel": -1,
-    "BitsAllocated": -1,
-    "BitsStored": -1,
-    "HighBit": -1,
-    "PixelRepresentation": -1,
-    "PlanarConfiguration": -1,
-    "PixelSpacing": 2,
-    "ImagePositionPatient": 3,
-    "ImageOrientationPatient": 6,
-    "RescaleSlope": 1,
-    "RescaleIntercept": 1,
-}
-_REQUIRED = ("Rows", "Columns", "BitsAllocated")
-
-
-def _check_values(ds: Dataset, where: str) -> None:
-    """Decode every top-level attribute (pydicom converts a value when it is first read, and
-    raises for one of the wrong length) and check the numbers the loader reads, so a damaged
-    header is refused naming the attribute instead of failing somewhere in the loader."""
-    for tag in list(ds.keys()):
-        try:
-            ds[tag]
-        except Exception as error:
-            reason = f"{where}: attribute {tag} cannot be decoded ({type(error).__name__})"
-            raise SeriesRejected(reason) from None
-    for keyword, count in _NUMBERS.items():
-        value = ds.get(keyword)
-        if keyword not in ds and keyword not in _REQUIRED:
-            continue
-        if value is None or value == "":
-            raise SeriesRejected(f"{where}: {keyword} is {'empty' if keyword in ds else 'missing'}")
-        values = list(value) if isinstance(value, (list, tuple, MultiValue)) else [value]
-        try:
-            numbers = [float(v) for v in values]
-        except (TypeError, ValueError):
-            raise SeriesRejected(f"{where}: {keyword} is not a number") from None
-        if count < 0:
-            usable = len(numbers) == 1 and numbers[0].is_integer() and numbers[0] >= 0
-            expected = "an integer >= 0"
-        else:
-            usable = len(numbers) == count and bool(np.all(np.isfinite(numbers)))
-            expected = f"{count} finite number(s)"
-        if not usable:
-            raise SeriesRejected(f"{where}: {keyword} is not {expected}")
 
 
 def _require_one_value(datasets: Sequence[Dataset], keyword: str, what: str) -> None:
