@@ -2,9 +2,10 @@
 label file OHIF's MONAI Label panel reads and 3D Slicer may upload.
 
 Today it writes draft label maps (`agents.drafts`), corrected label maps and the image/label
-training pairs of validated corrections (`agents.review`); it reads uploaded NIfTI corrections
-(`agents.review.corrections`) and the label maps radloop wrote. The trainer's dataset loading
-and the phantom generator's ground truth are to use it too (they are being restructured).
+training pairs of validated corrections (`agents.review`); it reads uploaded NIfTI and NRRD
+corrections (`agents.review.corrections`) and the label maps radloop wrote. The trainer's
+dataset loading and the phantom generator's ground truth are to use it too (they are being
+restructured).
 
 Two conventions meet here, and only here:
 
@@ -14,10 +15,9 @@ Two conventions meet here, and only here:
   LPS negated), as nibabel, 3D Slicer and ITK-SNAP read it.
 
 `write_nifti` and `read_nifti` take and give radloop's convention, so no caller transposes an
-array or flips an affine; so do `nrrd_label_bytes` and `read_nrrd` (NRRD keeps LPS or RAS, column
-fastest). Files
-are written durably (`radloop.durable`), with the s-form and q-form both the scanner's space
-(code 1) and millimetre units.
+array or flips an affine; so do `nrrd_label_bytes` and `read_nrrd` (NRRD is LPS or RAS, column
+fastest). Files are written durably (`radloop.durable`), with the s-form and q-form both the
+scanner's space (code 1) and millimetre units.
 """
 
 from __future__ import annotations
