@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from functools import cache
@@ -15,6 +16,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 READ_ONLY = "radloop_read_only"
@@ -76,6 +78,8 @@ def schema_revision(engine: Engine) -> str | None:
 # Any fixed number: services that start together on one PostgreSQL (Compose, Kubernetes, a
 # cluster's hosts) take turns to migrate.
 _MIGRATION_LOCK = 0x7261646C  # "radl"
+# Tries at opening a store whose SQLite file another process holds locked (`Store.open`).
+_START_ATTEMPTS = 4
 
 
 def upgrade(engine: Engine) -> None:
@@ -114,16 +118,27 @@ class Store:
         schema, an older one is refused with what to do, rather than migrated under services
         that still run the old code."""
         engine = make_engine(url)
-        current = schema_revision(engine)
+        for attempt in range(1, _START_ATTEMPTS + 1):
+            try:
+                current = schema_revision(engine)
+                if current != schema_head() and (migrate or current is None):
+                    upgrade(engine)
+                    current = schema_head()
+                break
+            except OperationalError as error:
+                # Services opening a new SQLite file in the same instant: one of them once
+                # got "database is locked" past the busy timeout (CI, 2 loaded cores; not
+                # reproduced since). The migration is one transaction and idempotent: retry.
+                if "database is locked" not in str(error) or attempt == _START_ATTEMPTS:
+                    engine.dispose()
+                    raise
+                time.sleep(0.5 * attempt)
         if current != schema_head():
-            if migrate or current is None:
-                upgrade(engine)
-            else:
-                engine.dispose()
-                raise SchemaOutdated(
-                    f"the database schema is at {current}, this radloop needs {schema_head()}: "
-                    "start `radloop up` (or `radloop listen`) once to upgrade it"
-                )
+            engine.dispose()
+            raise SchemaOutdated(
+                f"the database schema is at {current}, this radloop needs {schema_head()}: "
+                "start `radloop up` (or `radloop listen`) once to upgrade it"
+            )
         return cls(engine)
 
     @contextmanager
