@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import struct
 from io import BytesIO
-from pathlib import Path
 
 from hypothesis import assume
 from hypothesis import strategies as st
@@ -117,7 +116,3 @@ def mutated_elements(draw: st.DrawFn, seeds: list[bytes]) -> bytes:
 
 def dicom_inputs(seeds: list[bytes]) -> st.SearchStrategy[bytes]:
     return st.one_of(mutated_bytes(seeds), mutated_elements(seeds))
-
-
-def read_seeds(paths: list[Path]) -> list[bytes]:
-    return [path.read_bytes() for path in paths]
