@@ -11,12 +11,13 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 from pydicom import dcmread
 
 from agents.nifti import read_label_map
-from radloop.app.phantoms import write_study
+from radloop.app.phantoms import WrittenStudy, write_study
 from radloop.db import Store
-from radloop.modelspec import PACKAGED_MODELS, load_spec
+from radloop.modelspec import PACKAGED_MODELS, ModelSpec, load_spec
 from radloop.settings import Settings
 from radloop.wait import wait_until
 from tests.conftest import bucket
@@ -24,6 +25,14 @@ from tests.conftest_marks import ONCE
 from tests.dicom_files import generated_ct
 from tests.drafted import correction_seg, stow_body
 from tests.models import export_version
+from tests.patient_data import (
+    carry_patient_data,
+    hits_in,
+    hits_in_bucket,
+    hits_in_database,
+    hits_in_files,
+    unprivileged_views,
+)
 from tests.servers import RadloopProcess, S3Server, radloop_json
 from tests.test_scp import storescu
 
@@ -43,53 +52,62 @@ def study_has_state(env: dict[str, str], study_uid: str, state: str) -> bool:
 
 
 # The services `radloop up` runs do their work on PostgreSQL in test_cluster (its own server):
-# this one, 140 s, runs in the SQLite pass only. Its shared files are on S3 (the bucket
+# this one, about 4 min, runs in the SQLite pass only. Its shared files are on S3 (the bucket
 # `object_store` gives it): Triton serves from there, the worker reads the task parameters the
-# dispatcher put there, the validated pair lands there.
+# dispatcher put there, the validated pairs and MLflow's artifacts land there.
+#
+# Every study it pushes carries a sentinel patient (name, ID, birth date), accession number and
+# institution; once the loop has turned — drafted, corrected, validated, trained, deployed —
+# and radloop has stopped, no sentinel is anywhere but in the DICOM files and Orthanc.
 @ONCE
+@pytest.mark.timeout(900)
 @pytest.mark.object_store
-def test_up_starts_every_part_ingests_from_each_source_drafts_and_stops_on_ctrl_c(
+def test_up_turns_the_loop_on_studies_from_each_source_leaks_no_patient_data_and_stops(
     radloop_env: dict[str, str],
     settings: Settings,
     tmp_path: Path,
     s3_server: S3Server,
     request: pytest.FixtureRequest,
 ) -> None:
-    spec = load_spec(PACKAGED_MODELS / "phantom-abdomen.yaml")
+    # Retraining after one new train label, short; the gate (test_retrain's subject) let
+    # through whatever it scores, so that the loop reaches deployment here.
+    models = tmp_path / "models"
+    spec = short_retraining(models, threshold=1, epochs=1, steps_per_epoch=2, gate_margin=1.0)
+    env = {
+        **radloop_env,
+        "RADLOOP_MODELS_DIR": str(models),
+        # The first validated study goes to the holdout, the second to training.
+        "RADLOOP_REVIEW__HOLDOUT_FRACTION": "0.5",
+    }
+    settings = settings.model_copy(update={"models_dir": models})
     export_version(settings, spec)
-    up = RadloopProcess(radloop_env, command=("up",)).start(timeout=240)
+    up = RadloopProcess(env, command=("up",)).start(timeout=240)
+    views: dict[str, bytes] = {}
     try:
-        status = radloop_json(radloop_env, "status")
+        status = radloop_json(env, "status")
         services = {s["name"]: s for s in status["services"]}
         assert set(services) >= {"dicom", "database", "orthanc", "prefect", "triton", "review"}
         assert all(s["healthy"] for s in services.values()), services
 
         pushed = generated_ct(tmp_path / "push", 4, seed=1)
-        assert storescu(radloop_env, pushed).returncode == 0
-        orthanc_url = services["orthanc"]["url"]
         uploaded = generated_ct(tmp_path / "orthanc", 3, seed=2)
+        dropped = generated_ct(tmp_path / "drop", 2, seed=3)
+        carry_patient_data([*pushed, *uploaded, *dropped])
+        assert storescu(env, pushed).returncode == 0
+        orthanc_url = services["orthanc"]["url"]
         for path in uploaded:
             httpx.post(f"{orthanc_url}/instances", content=path.read_bytes()).raise_for_status()
-        dropped = generated_ct(tmp_path / "drop", 2, seed=3)
-        shutil.copytree(dropped[0].parent, Path(radloop_env["RADLOOP_DATA_DIR"]) / "incoming" / "x")
+        shutil.copytree(dropped[0].parent, Path(env["RADLOOP_DATA_DIR"]) / "incoming" / "x")
 
         for files in (pushed, uploaded, dropped):
             uid = str(dcmread(files[0]).StudyInstanceUID)
-            wait_until(partial(study_state, radloop_env, uid), timeout=60)
-            wait_until(partial(study_has_state, radloop_env, uid, "complete"), timeout=60)
+            wait_until(partial(study_state, env, uid), timeout=60)
+            wait_until(partial(study_has_state, env, uid, "complete"), timeout=60)
 
         # A phantom CT pushed with storescu is drafted by the served model, no human step.
-        phantom = write_study(tmp_path / "phantoms", 0, seed=5)
-        assert storescu(radloop_env, sorted(phantom.dicom_dir.glob("*.dcm"))).returncode == 0
-
-        def drafted() -> dict[str, object] | None:
-            for row in radloop_json(radloop_env, "queue", "list"):
-                # Offered to readers once its images and draft are in the viewer's Orthanc.
-                if row["study_uid"] == phantom.study_uid and row["state"] == "drafted":
-                    return dict(row) if row["viewable"] else None
-            return None
-
-        draft = wait_until(drafted, timeout=240, interval=2)
+        phantom = phantom_study(tmp_path, 0, seed=5)
+        assert storescu(env, sorted(phantom.dicom_dir.glob("*.dcm"))).returncode == 0
+        draft = wait_until(partial(drafted, env, phantom), timeout=240, interval=2)
         assert draft["model_version"] == "1" and draft["seg_sop_instance_uid"]
         found = httpx.post(
             f"{orthanc_url}/tools/lookup", content=str(draft["seg_sop_instance_uid"])
@@ -97,11 +115,11 @@ def test_up_starts_every_part_ingests_from_each_source_drafts_and_stops_on_ctrl_
         assert [item["Type"] for item in found.json()] == ["Instance"]
 
         # A reader claims it, saves a correction through the review service's DICOMweb proxy
-        # (as OHIF does), a reviewer validates it: it leaves the queue as a training label.
-        reader = radloop_json(radloop_env, "users", "add", "ann", "--role", "reader")
-        radloop_json(radloop_env, "users", "add", "rita", "--role", "reviewer")
+        # (as OHIF does), a reviewer validates it: it leaves the queue as a holdout label.
+        reader = radloop_json(env, "users", "add", "ann", "--role", "reader")
+        radloop_json(env, "users", "add", "rita", "--role", "reviewer")
         case = int(str(draft["annotation_id"]))
-        claimed = radloop_json(radloop_env, "queue", "claim", str(case), "--user", "ann")
+        claimed = radloop_json(env, "queue", "claim", str(case), "--user", "ann")
         assert claimed["state"] == "claimed"
         store = Store.open(settings.effective_database_url)
         seg = correction_seg(
@@ -109,23 +127,41 @@ def test_up_starts_every_part_ingests_from_each_source_drafts_and_stops_on_ctrl_
         )
         store.close()
         body, content_type = stow_body(seg)
+        review_url = services["review"]["url"]
+        as_reader = {"authorization": f"Bearer {reader['token']}"}
         saved = httpx.post(
-            f"{services['review']['url']}/dicom-web/studies",
+            f"{review_url}/dicom-web/studies",
             content=body,
-            headers={"content-type": content_type, "authorization": f"Bearer {reader['token']}"},
+            headers={"content-type": content_type, **as_reader},
             timeout=60,
         )
         assert saved.status_code == 200, saved.text
-        validated = radloop_json(radloop_env, "queue", "validate", str(case), "--user", "rita")
+        validated = radloop_json(env, "queue", "validate", str(case), "--user", "rita")
         assert validated["state"] == "validated" and validated["correction_dice"] < 1.0
-        assert case not in [
-            row["annotation_id"] for row in radloop_json(radloop_env, "queue", "list")
-        ]
+        assert case not in [row["annotation_id"] for row in radloop_json(env, "queue", "list")]
+
+        # A second study, corrected with a NIfTI upload (as 3D Slicer saves one) and validated:
+        # the first train label. It triggers retraining; the challenger is registered in
+        # MLflow, promoted and hot-reloaded, and Triton serves it.
+        second = phantom_study(tmp_path, 1, seed=6)
+        assert storescu(env, sorted(second.dicom_dir.glob("*.dcm"))).returncode == 0
+        other = int(str(wait_until(partial(drafted, env, second), 240, 2)["annotation_id"]))
+        for step, content in (("claim", None), ("label", second.truth.read_bytes())):
+            method = "PUT" if content else "POST"
+            url = f"{review_url}/api/annotations/{other}/{step}"
+            answer = httpx.request(method, url, content=content, headers=as_reader, timeout=60)
+            assert answer.status_code == 200, answer.text
+        radloop_json(env, "queue", "validate", str(other), "--user", "rita")
+        wait_until(partial(served, env, spec.name, 2), timeout=300, interval=2)
+
+        views["anonymous"] = unprivileged_views(review_url, None, [case, other])
+        views["reader"] = unprivileged_views(review_url, reader["token"], [case, other])
+
         name = bucket(request.node)
-        assert f"radloop/model-repository/{spec.name}/1/model.py" in s3_server.keys(name)
+        assert f"radloop/model-repository/{spec.name}/2/model.py" in s3_server.keys(name)
         assert s3_server.keys(name, "radloop/prefect-results/")  # the task's parameters
-        assert len(s3_server.keys(name, f"radloop/datasets/{spec.name}/")) == 2
-        data_dir = Path(radloop_env["RADLOOP_DATA_DIR"])
+        assert len(s3_server.keys(name, f"radloop/datasets/{spec.name}/")) == 4
+        data_dir = Path(env["RADLOOP_DATA_DIR"])
         assert not {"model-repository", "prefect-results", "datasets"} & {
             p.name for p in data_dir.iterdir()
         }
@@ -138,6 +174,57 @@ def test_up_starts_every_part_ingests_from_each_source_drafts_and_stops_on_ctrl_
             raise AssertionError(f"{url} still answers after radloop up stopped")
         except httpx.ConnectError:
             pass
+
+    # Stopped, every log is flushed and every database closed. Searched: the data dir (radloop's
+    # database and logs, Prefect's database and its workers' storage, MLflow's database, Triton's
+    # log, the spool's and watch folder's leftovers), radloop's database column by column, the
+    # bucket (task parameters and results, MLflow's artifacts, model versions, the validated
+    # NIfTI pairs) and what readers and anonymous callers were shown. Not searched: DICOM files
+    # and Orthanc's folder, which stores them and indexes their tags.
+    assert b"== GET /api/worklist 200" in views["reader"]
+    # They went in, and the search finds them where they belong.
+    assert {hit.needle for hit in hits_in_files(data_dir / "orthanc" / "index")} >= {
+        "zqxfamily",
+        "zqxpid4711",
+        "19230417",
+        "zqxacc0815",
+        "zqx institute",
+    }
+    hits = [
+        *hits_in_files(data_dir, skip=[data_dir / "orthanc"]),
+        *hits_in_database(settings.effective_database_url),
+        *hits_in_bucket(s3_server.client(), name),
+        *(hit for who, blob in views.items() for hit in hits_in(f"shown to {who}", blob)),
+    ]
+    assert not hits, "patient data outside the DICOM files:\n" + "\n".join(map(str, hits))
+
+
+def short_retraining(folder: Path, **retraining: float) -> ModelSpec:
+    """The packaged spec in `folder` with its retraining settings changed; the spec."""
+    spec = yaml.safe_load((PACKAGED_MODELS / "phantom-abdomen.yaml").read_text())
+    spec["retraining"].update(retraining)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "phantom-abdomen.yaml").write_text(yaml.safe_dump(spec))
+    return load_spec(folder / "phantom-abdomen.yaml")
+
+
+def phantom_study(tmp_path: Path, index: int, seed: int) -> WrittenStudy:
+    study = write_study(tmp_path / "phantoms", index, seed=seed)
+    carry_patient_data(study.dicom_dir.glob("*.dcm"))
+    return study
+
+
+def drafted(env: dict[str, str], study: WrittenStudy) -> dict[str, object] | None:
+    for row in radloop_json(env, "queue", "list"):
+        # Offered to readers once its images and draft are in the viewer's Orthanc.
+        if row["study_uid"] == study.study_uid and row["state"] == "drafted":
+            return dict(row) if row["viewable"] else None
+    return None
+
+
+def served(env: dict[str, str], model: str, version: int) -> bool:
+    rows = radloop_json(env, "models", "list")
+    return any(r["name"] == model and r["version"] == version and r["served"] for r in rows)
 
 
 @pytest.mark.timeout(900)
