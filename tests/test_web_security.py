@@ -71,10 +71,23 @@ def test_failed_logins_lock_the_name_then_the_address_out_and_tell_nobody_which_
     assert keys and all(len(key) == 64 and "guess" not in key for key in keys)  # hashed
 
 
-def test_a_password_has_at_least_12_characters(review: Review) -> None:
-    with pytest.raises(WeakPassword, match="12 to 128"):
-        Users(review.store).add("pat", Role.READER, password="short")
-    assert Users(review.store).find("pat") is None
+def test_a_password_has_12_to_128_characters_and_is_not_easy_to_guess(review: Review) -> None:
+    users = Users(review.store)
+    refused = {
+        "short": "12 to 128 characters",
+        "x" * 129: "12 to 128 characters",
+        "iloveyou1234": "too easy to guess: This is similar to a commonly used password",
+        "1q2w3e4r5t6y": "too easy to guess: This is a very common password",  # a breached one
+        "abcdefghijklmn": "too easy to guess: Sequences like",
+        # Strong for anyone else, but it is the user's own name and a year.
+        "Zorvath_2026": "too easy to guess: It is easy to guess",
+    }
+    for password, reason in refused.items():
+        with pytest.raises(WeakPassword, match=reason):
+            users.add("zorvath", Role.READER, password=password)
+    assert users.find("zorvath") is None
+    users.add("zorvath", Role.READER, password=PASSWORD)
+    assert users.login("zorvath", PASSWORD, 1.0, "127.0.0.1") is not None
 
 
 def test_each_login_starts_a_new_session_and_ends_the_one_the_browser_had(
@@ -123,7 +136,15 @@ def test_every_answer_carries_the_security_headers(review: Review) -> None:
     proxied = replace(review, settings=review.settings.model_copy(update={"review": behind_tls}))
     answer = _login(proxied.client(), "pat", PASSWORD)
     assert answer.headers["strict-transport-security"] == "max-age=31536000"
-    assert "Secure" in answer.headers["set-cookie"]
+    # A Secure session cookie has the `__Host-` prefix (path /, no domain): a browser takes
+    # it from this host only, and the bare name a sibling subdomain could set means nothing.
+    cookie = answer.headers["set-cookie"]
+    assert cookie.startswith("__Host-radloop_session=") and "Secure" in cookie
+    assert "Path=/;" in cookie and "domain" not in cookie.lower()
+    session = cookie.split(";")[0].split("=", 1)[1]
+    for name, status in (("__Host-radloop_session", 200), ("radloop_session", 303)):
+        page = proxied.client().get("/worklist", headers={"cookie": f"{name}={session}"})
+        assert page.status_code == status, name
 
 
 def test_the_audit_log_says_who_claimed_changed_validated_and_flagged_which_case(
@@ -192,6 +213,7 @@ def test_with_the_sites_certificate_the_service_speaks_https_only(
             assert health.headers["strict-transport-security"] == "max-age=31536000"
             login = client.post("/login", data={"username": "pat", "password": PASSWORD})
             assert login.status_code == 303 and "Secure" in login.headers["set-cookie"]
+            assert login.headers["set-cookie"].startswith("__Host-radloop_session=")
         with pytest.raises(httpx.HTTPError):  # no plain HTTP on the port
             httpx.get(f"http://{settings.review.host}:{settings.review.port}/api/health")
         # The others are not running here: `status` exits 1, and says the review is healthy.

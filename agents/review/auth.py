@@ -1,7 +1,8 @@
 """Users, roles, API tokens and browser sessions of the review service.
 
 Tokens are 256 random bits, stored as SHA-256 (a slow hash adds nothing at that entropy);
-passwords, which people choose, as scrypt (memory-hard). Failed logins lock the name and the
+passwords, which people choose, as scrypt (memory-hard), and only once they are long and hard
+to guess (`password_problem`). Failed logins lock the name and the
 client address out for a while (`LoginThrottle`). Browser sessions live in the database (they
 survive a restart and end on logout) behind an HttpOnly, SameSite=Strict cookie, and every form
 carries the session's CSRF token.
@@ -19,6 +20,7 @@ from typing import NamedTuple
 
 from sqlalchemy import delete, func, select
 from sqlalchemy.exc import IntegrityError
+from zxcvbn import zxcvbn
 
 from radloop.db import LoginFailure, Store, User, WebSession, insert_ignoring_conflict, utcnow
 from radloop.domain import Role
@@ -32,6 +34,9 @@ ADMINISTER = frozenset({Role.ADMIN})
 
 
 MIN_PASSWORD = 12
+MAX_PASSWORD = 128
+# zxcvbn's score 3: an estimated 10^8 guesses or more.
+MIN_PASSWORD_SCORE = 3
 
 
 class UserExists(ValueError):
@@ -56,6 +61,20 @@ class Principal:
 
 def _sha256(value: str) -> str:
     return hashlib.sha256(value.encode()).hexdigest()
+
+
+def password_problem(password: str, name: str) -> str | None:
+    """Why `password` may not be `name`'s, or None: it has 12 to 128 characters (OWASP ASVS
+    2.1.1-2.1.2) and is not guessable (2.1.7). zxcvbn estimates the guesses it needs against
+    30,000 passwords of public breaches, dictionaries, keyboard patterns, repeats, sequences,
+    dates and the user's own name, and must find 10^8 or more."""
+    if not MIN_PASSWORD <= len(password) <= MAX_PASSWORD:
+        return f"a password has {MIN_PASSWORD} to {MAX_PASSWORD} characters"
+    estimate = zxcvbn(password, user_inputs=[name, "radloop"])
+    if estimate["score"] >= MIN_PASSWORD_SCORE:
+        return None
+    warning = estimate["feedback"]["warning"] or "It is easy to guess."
+    return f"that password is too easy to guess: {warning.rstrip('.')}."
 
 
 def hash_password(password: str) -> str:
@@ -148,9 +167,9 @@ class Users:
 
     def add(self, name: str, role: Role, password: str | None = None) -> str:
         """Create a user; returns their API token (shown once, stored only as a hash). A
-        password has 12 to 128 characters (OWASP ASVS 2.1.1-2.1.2): `WeakPassword` else."""
-        if password is not None and not MIN_PASSWORD <= len(password) <= 128:
-            raise WeakPassword(f"a password has {MIN_PASSWORD} to 128 characters")
+        password must pass `password_problem`: `WeakPassword` with the reason else."""
+        if password is not None and (problem := password_problem(password, name)):
+            raise WeakPassword(problem)
         token = secrets.token_urlsafe(32)
         try:
             with self.store.transaction() as session:

@@ -43,6 +43,19 @@ async def get_review_settings(request: Request) -> ReviewSettings:
     return cast(ReviewSettings, request.app.state.review_settings)
 
 
+def session_cookie_name(review: ReviewSettings) -> str:
+    """With Secure cookies, the `__Host-` prefix (OWASP ASVS 3.4.4): a browser then keeps the
+    cookie only when this very host set it over HTTPS, with Path=/ and no Domain, so a sibling
+    subdomain can neither plant nor overwrite a session. Browsers refuse the prefix without
+    Secure: a plain-HTTP service (on loopback) keeps the bare name."""
+    return f"__Host-{SESSION_COOKIE}" if review.cookies_secure else SESSION_COOKIE
+
+
+def session_cookie(request: Request) -> str | None:
+    """The session cookie the request carries, under the name this service gives it."""
+    return request.cookies.get(session_cookie_name(request.app.state.review_settings))
+
+
 async def get_store(request: Request) -> Store:
     return cast(Store, request.app.state.store)
 
@@ -100,14 +113,14 @@ def principal_of(request: Request, users: Users) -> Principal | None:
     if header.lower().startswith("bearer "):
         token = header[7:].strip()
         return users.by_token(token) or users.by_session(token, bearer=True)
-    cookie = request.cookies.get(SESSION_COOKIE)
+    cookie = session_cookie(request)
     return users.by_session(cookie) if cookie else None
 
 
 async def page_principal(request: Request, users: Users, roles: frozenset[Role]) -> Principal:
     """The session's user, if their role is one of `roles`: `NotLoggedIn` without a session,
     403 for another role."""
-    cookie = request.cookies.get(SESSION_COOKIE)
+    cookie = session_cookie(request)
     who = await run_in_threadpool(users.by_session, cookie) if cookie else None
     if who is None:
         raise NotLoggedIn()

@@ -8,7 +8,14 @@ from fastapi import APIRouter, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from agents.review.auth import LoginLocked
-from agents.review.deps import SESSION_COOKIE, FormReader, ReviewSettingsDep, TemplatesDep, UsersDep
+from agents.review.deps import (
+    FormReader,
+    ReviewSettingsDep,
+    TemplatesDep,
+    UsersDep,
+    session_cookie,
+    session_cookie_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +58,13 @@ def login(
         )
     # A new session for every login; the one this browser held before (perhaps planted by
     # someone else: session fixation) ends.
-    if earlier := request.cookies.get(SESSION_COOKIE):
+    if earlier := session_cookie(request):
         users.logout(earlier)
     cookie, who = opened
     log.info("%s logged in", who.name)
     response = RedirectResponse(_safe_next(next), status_code=303)
     response.set_cookie(
-        SESSION_COOKIE,
+        session_cookie_name(review),
         cookie,
         max_age=int(review.session_hours * 3600),
         httponly=True,
@@ -68,10 +75,16 @@ def login(
 
 
 @router.post("/logout")
-def logout(request: Request, who: FormReader, users: UsersDep) -> RedirectResponse:
-    users.logout(request.cookies[SESSION_COOKIE])
+def logout(
+    request: Request, who: FormReader, users: UsersDep, review: ReviewSettingsDep
+) -> RedirectResponse:
+    if cookie := session_cookie(request):
+        users.logout(cookie)
     response = RedirectResponse("/login", status_code=303)
-    response.delete_cookie(SESSION_COOKIE)
+    # With the attributes it was set with: a browser drops a `__Host-` cookie only so.
+    response.delete_cookie(
+        session_cookie_name(review), httponly=True, samesite="strict", secure=review.cookies_secure
+    )
     return response
 
 
