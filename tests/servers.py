@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import psutil
 from pynetdicom import AE
 
 from radloop.app.supervisor import ChildProcess
@@ -106,6 +107,10 @@ class PostgresServer:
         if self.network is not None:
             with open(self.data / "pg_hba.conf", "a") as hba:
                 hba.write(f"host all all {self.network} trust\n")
+        self.resume()
+
+    def resume(self) -> None:
+        """Start the server on its data dir: after `kill`, it recovers from its WAL first."""
         self.process = ChildProcess(
             "postgres",
             self.on(
@@ -128,7 +133,16 @@ class PostgresServer:
             ),
         )
         self.process.start()
-        wait_until(self._ready, timeout=30)
+        wait_until(self._ready, timeout=60)
+
+    def kill(self) -> None:
+        """kill -9 of the postmaster and every backend, in the middle of whatever they do (as
+        the OOM killer would). The postmaster's parent (runuser, or the guard) reaps it, so no
+        process keeps the PID its lock file names and `resume` can start again."""
+        postmaster = psutil.Process(int((self.data / "postmaster.pid").read_text().split()[0]))
+        for process in [postmaster, *postmaster.children(recursive=True)]:
+            process.kill()
+        wait_until(lambda: not psutil.pid_exists(postmaster.pid), timeout=30, what="reaped")
 
     def _ready(self) -> bool:
         probe = subprocess.run(
