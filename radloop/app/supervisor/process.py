@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -102,9 +103,18 @@ class ChildProcess:
             log.info("stopped %s", self.name)
         return self.process.returncode
 
-    def kill(self) -> None:
-        """SIGKILL the group, no goodbye: what a crash does."""
+    def kill(self, timeout: float = 10.0) -> None:
+        """SIGKILL the group, no goodbye: what a crash does. Returns once no process of the
+        group is left (up to `timeout` seconds), so the ports it held are free again."""
         if self.process is not None and self.process.poll() is None:
+            group = self.process.pid
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGKILL)
+                os.killpg(group, signal.SIGKILL)
             self.process.wait()
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                try:
+                    os.killpg(group, 0)
+                except ProcessLookupError:
+                    return
+                time.sleep(0.05)
