@@ -1,0 +1,68 @@
+"""Orthanc (the viewer's store) killed (kill -9) while radloop stores a drafted study and its
+SEG in it, then started again: the case waits with its reason, and the next pass stores the
+study and its draft, each instance once, and offers the case to readers."""
+
+from __future__ import annotations
+
+import threading
+from datetime import timedelta
+from pathlib import Path
+
+import httpx
+from pyorthanc import Orthanc
+
+from agents.viewer_store import ViewerStore, ViewerStoreUnavailable
+from radloop.app.supervisor import Child
+from radloop.db import Store
+from radloop.modelspec import PACKAGED_MODELS, load_spec
+from radloop.settings import Settings
+from radloop.wait import wait_until
+from tests.drafted import annotator, received_phantom
+from tests.models import export_version
+from tests.servers import radloop_json
+
+
+def instances(url: str) -> int:
+    return int(httpx.get(f"{url}/statistics", timeout=5).json()["CountInstances"])
+
+
+def test_orthanc_killed_mid_store_gets_the_study_and_its_draft_once_when_back(
+    store: Store, settings: Settings, orthanc: Child, tmp_path: Path, radloop_env: dict[str, str]
+) -> None:
+    spec = load_spec(PACKAGED_MODELS / "phantom-abdomen.yaml")
+    export_version(settings, spec)
+    study = received_phantom(store, settings, tmp_path, seed=34)
+    client = Orthanc(orthanc.spec.url, timeout=5)
+    failures: list[BaseException] = []
+
+    def draft() -> None:
+        try:
+            annotator(store, settings, client).annotate(study.study_uid, 1, spec)
+        except BaseException as error:
+            failures.append(error)
+
+    drafting = threading.Thread(target=draft)
+    drafting.start()
+    # Some of the study is in Orthanc, not all of it: kill -9 there.
+    wait_until(lambda: instances(orthanc.spec.url) >= 3, timeout=120, interval=0.02)
+    orthanc.kill()
+    drafting.join(120)
+    assert [type(e) for e in failures] == [ViewerStoreUnavailable], failures
+    (case,) = radloop_json(radloop_env, "queue", "list")
+    assert case["state"] == "drafted" and not case["viewable"], case
+    assert case["viewer_error"]
+
+    orthanc.start()
+    orthanc.wait_healthy()
+    kept = instances(orthanc.spec.url)
+    assert 3 <= kept < study.slices + 1  # what Orthanc had made durable before the kill
+    viewer = ViewerStore(store, settings.spool_dir, client)
+    assert viewer.publish_pending(timedelta(0)) == 1
+    (case,) = radloop_json(radloop_env, "queue", "list")
+    assert case["viewable"] and case["viewer_error"] is None
+    found = httpx.post(
+        f"{orthanc.spec.url}/tools/find",
+        json={"Level": "Instance", "Query": {"StudyInstanceUID": study.study_uid}},
+    ).json()
+    assert len(found) == study.slices + 1  # every CT slice and the SEG, once
+    assert viewer.publish_pending(timedelta(0)) == 0
