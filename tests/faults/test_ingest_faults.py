@@ -27,7 +27,11 @@ from tests.test_scp import completed_study
 
 SUCCESS, OUT_OF_RESOURCES = 0x0000, 0xA700
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounts a filesystem, runs postgres")
+# Real processes (`radloop listen`, PostgreSQL); mounting a file system needs root (CI's user).
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(os.geteuid() != 0, reason="mounts a filesystem, runs postgres"),
+]
 
 
 @contextmanager

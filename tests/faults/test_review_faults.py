@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import pytest
 from sqlalchemy import select
 
 from agents.nifti import read_label_map
@@ -24,6 +25,9 @@ from tests.review_cases import Review
 # SEG), and late (perhaps past the commit, the answer not yet sent).
 KILL_AFTER_SECONDS = (0.05, 0.4, 1.2)
 Answer = httpx.Response | Exception
+
+# The review service as its own process; on both databases (a transaction cut by the kill).
+pytestmark = pytest.mark.slow
 
 
 def test_a_save_cut_by_kill_9_is_kept_once_or_taken_when_sent_again(review: Review) -> None:

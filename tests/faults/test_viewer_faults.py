@@ -17,6 +17,7 @@ from radloop.db import Store
 from radloop.modelspec import PACKAGED_MODELS, load_spec
 from radloop.settings import Settings
 from radloop.wait import wait_until
+from tests.conftest_marks import ONCE
 from tests.drafted import annotator, received_phantom
 from tests.models import export_version
 from tests.servers import radloop_json
@@ -26,6 +27,7 @@ def instances(url: str) -> int:
     return int(httpx.get(f"{url}/statistics", timeout=5).json()["CountInstances"])
 
 
+@ONCE  # Orthanc's own storage and radloop's retry pass: nothing database-specific
 def test_orthanc_killed_mid_store_gets_the_study_and_its_draft_once_when_back(
     store: Store, settings: Settings, orthanc: Child, tmp_path: Path, radloop_env: dict[str, str]
 ) -> None:
