@@ -15,16 +15,15 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import yaml
 from sqlalchemy import func, select
 
 from radloop.app.phantoms import WrittenStudy, write_study
 from radloop.app.supervisor import Child, ChildProcess, ChildSpec, orthanc_spec, prefect_spec
 from radloop.db import Annotation, AnnotationJob, Store, Study, Worker, utcnow
 from radloop.domain import JobState
-from radloop.modelspec import PACKAGED_MODELS
 from radloop.settings import Settings, load_settings
 from tests.hosts import Host, Network, network
+from tests.models import write_retraining_spec
 from tests.servers import RADLOOP, PostgresServer, radloop_json
 
 MODEL = "phantom-abdomen"
@@ -101,14 +100,6 @@ class Cluster:
         return list(studies)
 
 
-def write_spec(folder: Path) -> None:
-    """One label trains (the first goes to the holdout), briefly, and any version passes."""
-    spec = yaml.safe_load((PACKAGED_MODELS / f"{MODEL}.yaml").read_text())
-    spec["retraining"].update(threshold=1, epochs=1, steps_per_epoch=1, gate_margin=1.0)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{MODEL}.yaml").write_text(yaml.safe_dump(spec))
-
-
 @contextmanager
 def cluster_on(
     root: Path,
@@ -132,7 +123,10 @@ def cluster_on(
             database = postgres.create_database("radloop")
             postgres.create_database("prefect")
             postgres.create_database("mlflow")
-            write_spec(root / "models")
+            # One label trains (the first goes to the holdout), briefly, and any version passes.
+            write_retraining_spec(
+                root / "models", threshold=1, epochs=1, steps_per_epoch=1, gate_margin=1.0
+            )
             common = {
                 "RADLOOP_SHARED_DIR": str(root / "shared"),
                 "RADLOOP_DATABASE_URL": database,

@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+import yaml
 
 from model_registry.repository import model_repository
-from radloop.modelspec import ModelSpec
+from radloop.modelspec import PACKAGED_MODELS, ModelSpec, load_spec
 from radloop.settings import Settings
 
 
 def scripted_network(spec: ModelSpec, seed: int = 0) -> torch.jit.ScriptModule:
     torch.manual_seed(seed)
     return torch.jit.script(spec.network.build().eval())  # type: ignore[no-any-return]
+
+
+def write_retraining_spec(folder: Path, **retraining: float) -> ModelSpec:
+    """The packaged phantom-abdomen spec with its `retraining` settings changed, written into
+    `folder` (a models dir: the training flow reads specs per run); returns it."""
+    spec = yaml.safe_load((PACKAGED_MODELS / "phantom-abdomen.yaml").read_text())
+    spec["retraining"].update(retraining)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "phantom-abdomen.yaml").write_text(yaml.safe_dump(spec))
+    return load_spec(folder / "phantom-abdomen.yaml")
 
 
 def export_version(settings: Settings, spec: ModelSpec, seed: int = 0) -> int:

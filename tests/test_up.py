@@ -1,4 +1,5 @@
-"""`radloop up` as a user runs it: every part started, healthy, fed, and stopped by Ctrl-C."""
+"""`radloop up` as a user runs it: every part started, healthy, fed, the loop turned once with no
+patient data left outside the DICOM files, and stopped by Ctrl-C."""
 
 from __future__ import annotations
 
@@ -11,20 +12,19 @@ from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 from pydicom import dcmread
 
 from agents.nifti import read_label_map
 from radloop.app.phantoms import WrittenStudy, write_study
 from radloop.db import Store
-from radloop.modelspec import PACKAGED_MODELS, ModelSpec, load_spec
+from radloop.modelspec import PACKAGED_MODELS, load_spec
 from radloop.settings import Settings
 from radloop.wait import wait_until
 from tests.conftest import bucket
 from tests.conftest_marks import ONCE
 from tests.dicom_files import generated_ct
 from tests.drafted import correction_seg, stow_body
-from tests.models import export_version
+from tests.models import export_version, write_retraining_spec
 from tests.patient_data import (
     carry_patient_data,
     hits_in,
@@ -69,10 +69,10 @@ def test_up_turns_the_loop_on_studies_from_each_source_leaks_no_patient_data_and
     s3_server: S3Server,
     request: pytest.FixtureRequest,
 ) -> None:
-    # Retraining after one new train label, short; the gate (test_retrain's subject) let
+    # Retraining after one new train label, short; the gate (test_retrain's subject) lets
     # through whatever it scores, so that the loop reaches deployment here.
     models = tmp_path / "models"
-    spec = short_retraining(models, threshold=1, epochs=1, steps_per_epoch=2, gate_margin=1.0)
+    spec = write_retraining_spec(models, threshold=1, epochs=1, steps_per_epoch=2, gate_margin=1.0)
     env = {
         **radloop_env,
         "RADLOOP_MODELS_DIR": str(models),
@@ -197,15 +197,6 @@ def test_up_turns_the_loop_on_studies_from_each_source_leaks_no_patient_data_and
         *(hit for who, blob in views.items() for hit in hits_in(f"shown to {who}", blob)),
     ]
     assert not hits, "patient data outside the DICOM files:\n" + "\n".join(map(str, hits))
-
-
-def short_retraining(folder: Path, **retraining: float) -> ModelSpec:
-    """The packaged spec in `folder` with its retraining settings changed; the spec."""
-    spec = yaml.safe_load((PACKAGED_MODELS / "phantom-abdomen.yaml").read_text())
-    spec["retraining"].update(retraining)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "phantom-abdomen.yaml").write_text(yaml.safe_dump(spec))
-    return load_spec(folder / "phantom-abdomen.yaml")
 
 
 def phantom_study(tmp_path: Path, index: int, seed: int) -> WrittenStudy:

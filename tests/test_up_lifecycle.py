@@ -18,19 +18,18 @@ import httpx
 import nibabel as nib
 import numpy as np
 import pytest
-import yaml
 from sqlalchemy import select
 
 from agents.nifti import read_label_map
 from radloop.app import runstate
 from radloop.app.supervisor import port_holder
 from radloop.db import Store, TrainingRun
-from radloop.modelspec import PACKAGED_MODELS, load_spec
+from radloop.modelspec import load_spec
 from radloop.settings import Settings
 from radloop.wait import wait_until
 from tests.conftest_marks import ONCE
 from tests.drafted import annotator, received_phantom, worklist
-from tests.models import export_version
+from tests.models import export_version, write_retraining_spec
 from tests.servers import RADLOOP, RadloopProcess, dicom_echo, radloop_json
 
 # Each test runs `radloop up`; nothing in them is database-specific.
@@ -75,10 +74,10 @@ def test_parts_die_with_radloop_up_killed_mid_training_or_hung_up_and_it_starts_
 ) -> None:
     models = tmp_path / "models"
     # Long enough that the kill surely lands during the first training.
-    write_spec(models, epochs=50, steps_per_epoch=8)
+    spec = write_retraining_spec(models, epochs=50, steps_per_epoch=8)
     env = {**radloop_env, "RADLOOP_MODELS_DIR": str(models)}
     settings = settings.model_copy(update={"models_dir": models})
-    export_version(settings, load_spec(models / f"{MODEL}.yaml"))
+    export_version(settings, spec)
     validated_train_label(settings, tmp_path)
 
     # 1. SIGKILL during a training: no goodbye at all. Only radloop itself is killed.
@@ -102,7 +101,7 @@ def test_parts_die_with_radloop_up_killed_mid_training_or_hung_up_and_it_starts_
 
     # 2. The next start on the same data dir is healthy, on processes of its own. It runs as
     # `radloop up | tee log` does.
-    write_spec(models, epochs=1, steps_per_epoch=1)  # the next training: short
+    write_retraining_spec(models, epochs=1, steps_per_epoch=1)  # the next training: short
     errors = Path(env["RADLOOP_DATA_DIR"]) / "up-stderr.log"
     with open(errors, "wb") as stderr:
         piped = subprocess.Popen(
@@ -161,14 +160,6 @@ def test_parts_die_with_radloop_up_killed_mid_training_or_hung_up_and_it_starts_
     finally:
         if piped.poll() is None:
             os.killpg(piped.pid, signal.SIGKILL)
-
-
-def write_spec(folder: Path, epochs: int, steps_per_epoch: int) -> None:
-    """The packaged spec with its training length changed (the flow reads specs per run)."""
-    spec = yaml.safe_load((PACKAGED_MODELS / f"{MODEL}.yaml").read_text())
-    spec["retraining"].update(epochs=epochs, steps_per_epoch=steps_per_epoch)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{MODEL}.yaml").write_text(yaml.safe_dump(spec))
 
 
 def validated_train_label(settings: Settings, tmp_path: Path) -> None:

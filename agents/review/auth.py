@@ -2,10 +2,10 @@
 
 Tokens are 256 random bits, stored as SHA-256 (a slow hash adds nothing at that entropy);
 passwords, which people choose, as scrypt (memory-hard), and only once they are long and hard
-to guess (`password_problem`). Failed logins lock the name and the
-client address out for a while (`LoginThrottle`). Browser sessions live in the database (they
-survive a restart and end on logout) behind an HttpOnly, SameSite=Strict cookie, and every form
-carries the session's CSRF token.
+to guess (`password_problem`). Failed logins lock the name and the client address out for a
+while (`LoginThrottle`). Browser sessions live in the database (they survive a restart and end
+on logout) behind an HttpOnly, SameSite=Strict cookie, and every form carries the session's
+CSRF token.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from typing import NamedTuple
 
 from sqlalchemy import delete, func, select
 from sqlalchemy.exc import IntegrityError
-from zxcvbn import zxcvbn
 
 from radloop.db import LoginFailure, Store, User, WebSession, insert_ignoring_conflict, utcnow
 from radloop.domain import Role
@@ -68,6 +67,8 @@ def password_problem(password: str, name: str) -> str | None:
     2.1.1-2.1.2) and is not guessable (2.1.7). zxcvbn estimates the guesses it needs against
     30,000 passwords of public breaches, dictionaries, keyboard patterns, repeats, sequences,
     dates and the user's own name, and must find 10^8 or more."""
+    from zxcvbn import zxcvbn  # its word lists load in 50 ms: only when a password is set
+
     if not MIN_PASSWORD <= len(password) <= MAX_PASSWORD:
         return f"a password has {MIN_PASSWORD} to {MAX_PASSWORD} characters"
     estimate = zxcvbn(password, user_inputs=[name, "radloop"])
