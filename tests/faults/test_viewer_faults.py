@@ -1,6 +1,7 @@
-"""Orthanc (the viewer's store) killed (kill -9) while radloop stores a drafted study and its
-SEG in it, then started again: the case waits with its reason, and the next pass stores the
-study and its draft, each instance once, and offers the case to readers."""
+"""Orthanc (the viewer's store) killed (kill -9) while radloop stores a drafted study in it (the
+images go first, the SEG last: the kill lands among the images), then started again: the case
+waits with its reason, and the next pass stores the study and its draft, each instance once,
+and offers the case to readers."""
 
 from __future__ import annotations
 
