@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -30,6 +32,19 @@ Answer = httpx.Response | Exception
 pytestmark = pytest.mark.slow
 
 
+def put_label(url: str, upload: bytes, headers: dict[str, str]) -> httpx.Response:
+    """A reader's client saving a label file."""
+    return httpx.put(url, content=upload, headers=headers, timeout=60)
+
+
+def answer_into(answers: list[Answer], call: Callable[[], httpx.Response]) -> None:
+    """`call`'s answer, or the error that came instead of one, into `answers`."""
+    try:
+        answers.append(call())
+    except httpx.HTTPError as error:
+        answers.append(error)
+
+
 def test_a_save_cut_by_kill_9_is_kept_once_or_taken_when_sent_again(review: Review) -> None:
     service = Child(review_spec(review.settings))
     service.start()
@@ -45,25 +60,8 @@ def test_a_save_cut_by_kill_9_is_kept_once_or_taken_when_sent_again(review: Revi
             assert claim.status_code == 200, claim.text
             upload = study.truth.read_bytes()
             answers: list[Answer] = []
-
-            def save(
-                case: int = case,
-                upload: bytes = upload,
-                answers: list[Answer] = answers,
-            ) -> None:
-                try:
-                    answers.append(
-                        httpx.put(
-                            f"{url}/api/annotations/{case}/label",
-                            content=upload,
-                            headers=as_ann,
-                            timeout=60,
-                        )
-                    )
-                except httpx.HTTPError as error:
-                    answers.append(error)
-
-            sender = threading.Thread(target=save)
+            save = partial(put_label, f"{url}/api/annotations/{case}/label", upload, as_ann)
+            sender = threading.Thread(target=answer_into, args=(answers, save))
             sender.start()
             time.sleep(delay)
             service.kill()
@@ -74,12 +72,7 @@ def test_a_save_cut_by_kill_9_is_kept_once_or_taken_when_sent_again(review: Revi
             (answer,) = answers
             if isinstance(answer, Exception):  # no answer: the client sends it again
                 cut += 1
-                again = httpx.put(
-                    f"{url}/api/annotations/{case}/label",
-                    content=upload,
-                    headers=as_ann,
-                    timeout=60,
-                )
+                again = save()
                 # Taken now, or already taken before the kill: then the case is no longer
                 # ann's to change, and the service says it is corrected.
                 assert again.status_code == 200 or (
