@@ -4,7 +4,8 @@ from dicom_listener.assembly import StudyAssembler
 from dicom_listener.ingest import Ingestor, IngestOutcome
 from dicom_listener.instance import InstanceHeader, InvalidInstance
 from dicom_listener.orthanc_follower import OrthancFollower
-from dicom_listener.scp import build_ae
+from dicom_listener.scp import build_server
+from dicom_listener.upper_layer import StoreServer
 from dicom_listener.watch import WatchFolder
 
 __all__ = [
@@ -13,7 +14,8 @@ __all__ = [
     "InstanceHeader",
     "InvalidInstance",
     "OrthancFollower",
+    "StoreServer",
     "StudyAssembler",
     "WatchFolder",
-    "build_ae",
+    "build_server",
 ]

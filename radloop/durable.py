@@ -13,7 +13,8 @@ A failure removes the temporary file and leaves the old target as it was.
 
 Three shapes of the one recipe:
 
-- `write_bytes_durably(target, data)`: the bytes are in memory;
+- `write_bytes_durably(target, data)`: the bytes are in memory (or in two halves:
+  `stage_bytes` writes and fsyncs the temporary file, `replace_durably` puts it in place);
 - `durable_path(target)`: a library writes to a path itself (`nib.save`, `Dataset.save_as`,
   `torch.jit.save`); the temporary name ends with the target's name, so a library that picks
   the format from the extension (`.nii.gz`) picks the same one;
@@ -38,6 +39,21 @@ def write_bytes_durably(
 ) -> None:
     """Put `data` (bytes, or chunks written with one writev each round, never joined) at
     `target` atomically and durably; creates missing folders. `mode` is masked by the umask."""
+    temp = stage_bytes(target, data, mode=mode)
+    try:
+        os.replace(temp, target)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    fsync_folder(target.parent)
+
+
+def stage_bytes(
+    target: Path, data: bytes | Sequence[bytes | memoryview], *, mode: int = DEFAULT_MODE
+) -> Path:
+    """The first half of `write_bytes_durably`: `data` written and fsynced to a temporary file
+    beside `target`, whose path is returned for the caller to `replace_durably` over
+    `target` or to unlink. On failure nothing is left behind."""
     folder = target.parent
     make_folder_durably(folder)
     fd, temp = _create_temp(folder, target.name, mode)
@@ -49,11 +65,10 @@ def write_bytes_durably(
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(temp, target)
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
-    fsync_folder(folder)
+    return temp
 
 
 @contextmanager
@@ -86,7 +101,7 @@ def replace_durably(source: Path, target: Path) -> None:
     make_folder_durably(target.parent)
     os.replace(source, target)
     fsync_folder(target.parent)
-    if source.parent.resolve() != target.parent.resolve():
+    if source.parent != target.parent and source.parent.resolve() != target.parent.resolve():
         fsync_folder(source.parent)
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
 
@@ -13,7 +15,7 @@ import pytest
 from alembic import command
 from alembic.config import Config
 from pydicom import dcmread
-from sqlalchemy import inspect, select
+from sqlalchemy import func, inspect, select
 
 from dicom_listener import Ingestor, IngestOutcome, InstanceHeader, StudyAssembler
 from radloop.db import Instance, OutboxEvent, Store, Study, utcnow
@@ -43,6 +45,69 @@ def test_repeated_sop_instance_is_stored_once(
     with store.transaction() as session:
         assert len(session.scalars(select(Instance)).all()) == 3
     assert len(list(settings.spool_dir.rglob("*.dcm"))) == 3
+
+
+def _header_and_bytes(path: Path) -> tuple[InstanceHeader, bytes]:
+    ds = dcmread(path)
+    return InstanceHeader.from_dataset(ds, str(ds.file_meta.TransferSyntaxUID)), path.read_bytes()
+
+
+def _at_once(ingestor: Ingestor, paths: list[Path]) -> list[IngestOutcome | BaseException]:
+    """Ingest `paths` from as many threads, released together (as concurrent associations)."""
+    inputs = [_header_and_bytes(path) for path in paths]
+    start = threading.Barrier(len(inputs))
+
+    def one(header: InstanceHeader, data: bytes) -> IngestOutcome | BaseException:
+        start.wait()
+        try:
+            return ingestor.ingest(header, data, IngestSource.DIMSE)
+        except Exception as error:
+            return error
+
+    with ThreadPoolExecutor(len(inputs)) as pool:
+        return list(pool.map(lambda pair: one(*pair), inputs))
+
+
+def test_concurrent_senders_store_each_instance_once(
+    store: Store, settings: Settings, tmp_path: Path
+) -> None:
+    """Four senders push the same instance while four push others: whichever groups the indexer
+    makes, each instance ends as one row and one file, and the repeats are duplicates."""
+    paths = generated_ct(tmp_path / "ct", 5)
+    ingestor = Ingestor(store, settings.spool_dir)
+    for _ in range(3):
+        outcomes = _at_once(ingestor, [paths[0]] * 4 + paths[1:])
+        assert not [o for o in outcomes if isinstance(o, BaseException)]
+    with store.read() as session:
+        rows = session.scalars(select(Instance)).all()
+    assert sorted(row.sop_instance_uid for row in rows) == sorted(
+        str(dcmread(path).SOPInstanceUID) for path in paths
+    )
+    assert len(list(settings.spool_dir.rglob("*.dcm"))) == 5
+    assert not [p for p in settings.spool_dir.rglob("*") if ".part-" in p.name]
+
+
+def test_an_instance_whose_file_cannot_be_written_is_refused_and_its_group_indexed(
+    store: Store, settings: Settings, tmp_path: Path
+) -> None:
+    """One study's folder cannot be created (a file is in its way): its instance raises, is not
+    indexed, and leaves no file; the instances received at the same moment are stored."""
+    good = generated_ct(tmp_path / "good", 4)
+    (blocked,) = generated_ct(tmp_path / "blocked", 1)
+    blocked_study = str(dcmread(blocked).StudyInstanceUID)
+    settings.spool_dir.mkdir(parents=True, exist_ok=True)
+    (settings.spool_dir / blocked_study).write_text("not a folder")
+    ingestor = Ingestor(store, settings.spool_dir)
+    outcomes = _at_once(ingestor, [*good, blocked])
+    assert outcomes[:4] == [IngestOutcome.STORED] * 4
+    assert isinstance(outcomes[4], OSError)
+    with store.read() as session:
+        studies = session.scalars(select(Study.study_uid)).all()
+        assert session.scalar(select(func.count()).select_from(Instance)) == 4
+    assert blocked_study not in studies
+    # The admin clears the way; the PACS sends it again.
+    (settings.spool_dir / blocked_study).unlink()
+    assert _ingest_files(ingestor, [blocked]) == [IngestOutcome.STORED]
 
 
 def test_study_completes_once_after_quiet_period(

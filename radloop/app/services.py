@@ -10,13 +10,19 @@ import threading
 from collections.abc import Callable, Mapping
 
 import httpx
-from pynetdicom.transport import ThreadedAssociationServer
 from pyorthanc import Orthanc
 
 from agents.jobs import AnnotationJobs, JobPlanner, JobRef
 from agents.outbox import OutboxDispatcher
 from agents.viewer_store import ViewerStore
-from dicom_listener import Ingestor, OrthancFollower, StudyAssembler, WatchFolder, build_ae
+from dicom_listener import (
+    Ingestor,
+    OrthancFollower,
+    StoreServer,
+    StudyAssembler,
+    WatchFolder,
+    build_server,
+)
 from model_registry.inference import TritonBackend
 from model_registry.repository import model_repository
 from radloop.db import Store
@@ -36,7 +42,7 @@ class Services:
         self.ingestor = Ingestor(store, settings.spool_dir)
         self.assembler = StudyAssembler(store, settings.dicom.quiet_seconds)
         self._threads: list[threading.Thread] = []
-        self._server: ThreadedAssociationServer | None = None
+        self._server: StoreServer | None = None
 
     def _spawn(self, name: str, target: Callable[[threading.Event], None]) -> None:
         # A copy of the context: Prefect's settings (`prefect_client`) reach the thread.
@@ -52,13 +58,8 @@ class Services:
     def start_listener(self) -> None:
         """The C-STORE SCP and the study completion loop."""
         dicom = self.settings.dicom
-        ae, handlers = build_ae(dicom, self.ingestor)
-        self._server = ae.start_server(
-            (dicom.host, dicom.port),
-            block=False,
-            evt_handlers=handlers,
-            ssl_context=dicom.tls.server_context() if dicom.tls else None,
-        )
+        self._server = build_server(dicom, self.ingestor)
+        self._server.serve_in_background()
         self._spawn("assembly", self.assembler.run)
         log.info(
             "DICOM listener %s on %s:%d%s",
@@ -141,7 +142,7 @@ class Services:
     def stop(self) -> None:
         self.stop_event.set()
         if self._server is not None:
-            self._server.shutdown()
+            self._server.stop()
         for thread in self._threads:
             thread.join(timeout=10)
 
