@@ -48,14 +48,20 @@ from pynetdicom.presentation import PresentationContext, build_context, negotiat
 from dicom_listener.wire import (
     C_ECHO_RSP,
     C_STORE_RSP,
-    BadCommand,
     Command,
+    Malformed,
     command_pdus,
     parse_command,
+    pdvs,
     response,
 )
 
 log = logging.getLogger(__name__)
+
+
+class PeerGone(Exception):
+    """The connection closed, timed out or broke the protocol; the association is over."""
+
 
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
 # PDU types (PS3.8 9.3.1)
@@ -82,10 +88,6 @@ def _abort_pdu() -> bytes:
 
 
 _ABORT = _abort_pdu()
-
-
-class PeerGone(Exception):
-    """The connection closed, timed out or broke the protocol; the association is over."""
 
 
 @dataclass
@@ -286,7 +288,12 @@ class Association:
             if kind != P_DATA:
                 self._abort()
                 raise PeerGone(f"unexpected PDU type {kind:#04x}")
-            for context_id, is_command, last, fragment in _pdvs(body):
+            try:
+                items = pdvs(body)
+            except Malformed as error:
+                self._abort()
+                raise PeerGone(f"malformed P-DATA-TF: {error}") from None
+            for context_id, is_command, last, fragment in items:
                 if context_id not in self.contexts:
                     self._abort()
                     raise PeerGone(f"PDV on presentation context {context_id}, not accepted")
@@ -299,7 +306,7 @@ class Association:
                         continue
                     try:
                         parsed = parse_command(b"".join(command))
-                    except BadCommand as error:
+                    except Malformed as error:
                         self._abort()
                         raise PeerGone(f"undecodable command set: {error}") from None
                     command.clear()
@@ -384,19 +391,3 @@ def _close_gracefully(sock: socket.socket) -> None:
 def _encode(pdu: Any, primitive: Any) -> bytes:
     pdu.from_primitive(primitive)
     return bytes(pdu.encode())
-
-
-def _pdvs(body: bytearray) -> list[tuple[int, bool, bool, memoryview]]:
-    """The presentation data values of a P-DATA-TF: (context, is command, is last, fragment)."""
-    view, offset, out = memoryview(body), 0, []
-    while offset < len(body):
-        if offset + 6 > len(body):
-            raise PeerGone("truncated PDV item")
-        length = int.from_bytes(body[offset : offset + 4], "big")
-        if length < 2 or offset + 4 + length > len(body):
-            raise PeerGone("PDV item length does not fit its PDU")
-        header = body[offset + 5]
-        fragment = view[offset + 6 : offset + 4 + length]
-        out.append((body[offset + 4], bool(header & 0x01), bool(header & 0x02), fragment))
-        offset += 4 + length
-    return out

@@ -1,7 +1,7 @@
-"""The few fixed byte layouts the SCP reads and writes for every instance: the request's
-command set, the C-STORE and C-ECHO responses (PS3.7 9.3.1.2 and 9.3.5.2; command sets are
-Implicit VR Little Endian, PS3.7 6.3.1) in their P-DATA-TF PDU (PS3.8 9.3.5), and the Part 10
-file meta header (PS3.10 7.1).
+"""The few fixed byte layouts the SCP reads and writes for every instance: the PDV items of a
+P-DATA-TF PDU (PS3.8 9.3.5.1), the request's command set, the C-STORE and C-ECHO responses
+(PS3.7 9.3.1.2 and 9.3.5.2; command sets are Implicit VR Little Endian, PS3.7 6.3.1) in their
+P-DATA-TF PDU, and the Part 10 file meta header (PS3.10 7.1).
 
 pynetdicom and pydicom build the same bytes through their general Dataset machinery, which
 cost more CPU per instance than the rest of the receive path together (profile in
@@ -92,8 +92,24 @@ def part10_header(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid
     return _PREAMBLE + _explicit(0x0000, b"UL", struct.pack("<L", len(body))) + body
 
 
-class BadCommand(ValueError):
-    """A command set that is not a sequence of group 0000 elements fitting its bytes."""
+class Malformed(ValueError):
+    """Bytes that do not follow the layout they claim: a PDV item or a command set."""
+
+
+def pdvs(body: bytearray) -> list[tuple[int, bool, bool, memoryview]]:
+    """The presentation data values of a P-DATA-TF: (context, is command, is last, fragment)."""
+    view, offset, out = memoryview(body), 0, []
+    while offset < len(body):
+        if offset + 6 > len(body):
+            raise Malformed("truncated PDV item")
+        length = int.from_bytes(body[offset : offset + 4], "big")
+        if length < 2 or offset + 4 + length > len(body):
+            raise Malformed("PDV item length does not fit its PDU")
+        header = body[offset + 5]
+        fragment = view[offset + 6 : offset + 4 + length]
+        out.append((body[offset + 4], bool(header & 0x01), bool(header & 0x02), fragment))
+        offset += 4 + length
+    return out
 
 
 @dataclass(frozen=True)
@@ -113,11 +129,11 @@ def parse_command(data: bytes) -> Command:
     offset = 0
     while offset < len(data):
         if offset + 8 > len(data):
-            raise BadCommand("truncated element header")
+            raise Malformed("truncated element header")
         group, element, length = struct.unpack_from("<HHL", data, offset)
         offset += 8
         if group != 0x0000 or offset + length > len(data):
-            raise BadCommand("element outside group 0000 or past the end")
+            raise Malformed("element outside group 0000 or past the end")
         values[element] = data[offset : offset + length]
         offset += length
 
@@ -126,7 +142,7 @@ def parse_command(data: bytes) -> Command:
         if raw is None:
             return default
         if len(raw) != 2:
-            raise BadCommand(f"(0000,{element:04X}) is not a US value")
+            raise Malformed(f"(0000,{element:04X}) is not a US value")
         return int.from_bytes(raw, "little")
 
     def text(element: int) -> str:

@@ -139,11 +139,32 @@ def test_an_echo_request_has_no_dataset() -> None:
     ],
 )
 def test_a_malformed_command_set_is_refused(data: bytes) -> None:
-    with pytest.raises(wire.BadCommand):
+    with pytest.raises(wire.Malformed):
         wire.parse_command(data)
 
 
 @given(st.binary(max_size=200))
 def test_any_bytes_give_a_command_or_bad_command(data: bytes) -> None:
-    with contextlib.suppress(wire.BadCommand):
+    with contextlib.suppress(wire.Malformed):
         wire.parse_command(data)
+
+
+def test_pdv_items_are_read_in_order_with_their_flags() -> None:
+    body = bytearray(b"\x00\x00\x00\x05\x01\x03abc" + b"\x00\x00\x00\x04\x03\x00de")
+    items = [
+        (cx, command, last, bytes(fragment)) for cx, command, last, fragment in wire.pdvs(body)
+    ]
+    assert items == [(1, True, True, b"abc"), (3, False, False, b"de")]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"\x00\x00",  # shorter than an item header
+        b"\x00\x00\x00\x01\x01\x03",  # a length below the two header bytes
+        b"\x00\x00\x00\x09\x01\x03abc",  # a length past the PDU
+    ],
+)
+def test_a_pdv_item_that_does_not_fit_its_pdu_is_malformed(body: bytes) -> None:
+    with pytest.raises(wire.Malformed):
+        wire.pdvs(bytearray(body))
