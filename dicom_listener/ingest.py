@@ -76,7 +76,7 @@ class Ingestor:
 
     def is_known(self, sop_instance_uid: str) -> bool:
         with self.store.read() as session:
-            found = session.connection().scalar(
+            found = session.scalar(
                 select(Instance.id).where(Instance.sop_instance_uid == sop_instance_uid)
             )
         return found is not None

@@ -41,11 +41,10 @@ def write_bytes_durably(
     `target` atomically and durably; creates missing folders. `mode` is masked by the umask."""
     temp = stage_bytes(target, data, mode=mode)
     try:
-        os.replace(temp, target)
+        replace_durably(temp, target)
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
-    fsync_folder(target.parent)
 
 
 def stage_bytes(
