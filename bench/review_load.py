@@ -30,24 +30,21 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from annotate import configure, machine
-from pydicom import dcmread
 from rich.console import Console
 from rich.table import Table
 from sqlalchemy import func, select
 
-from agents.annotator import Annotator
 from agents.review.auth import Users
-from dicom_listener import Ingestor, InstanceHeader, StudyAssembler
-from model_registry.inference import InProcessBackend
-from model_registry.repository import TritonRepository, model_repository
-from radloop.app.phantoms import write_study
 from radloop.app.supervisor import Child, review_spec
 from radloop.db import Annotation, Store
-from radloop.domain import AnnotationState, IngestSource, Role
+from radloop.domain import AnnotationState, Role
 from radloop.modelspec import PACKAGED_MODELS, load_spec
 from radloop.settings import Settings
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.drafted import annotator, received_phantom
+from tests.models import export_version
 
 LOCUSTFILE = Path(__file__).with_name("review_locust.py")
 
@@ -55,26 +52,12 @@ LOCUSTFILE = Path(__file__).with_name("review_locust.py")
 def drafted_cases(settings: Settings, store: Store, studies: int, root: Path) -> dict[str, str]:
     """`studies` phantoms received and drafted; returns study UID -> ground-truth NIfTI."""
     spec = load_spec(PACKAGED_MODELS / "phantom-abdomen.yaml")
-    torch.manual_seed(0)
-    model_repository(settings).export(spec, torch.jit.script(spec.network.build().eval()))
-    ingestor = Ingestor(store, settings.spool_dir)
-    annotator = Annotator(
-        store,
-        settings.spool_dir,
-        settings.drafts_dir,
-        TritonRepository(settings.model_repository),
-        InProcessBackend(settings.model_repository),
-        None,
-    )
+    export_version(settings, spec)
+    annotate = annotator(store, settings, None)
     labels = {}
     for index in range(studies):
-        study = write_study(root, index, seed=2000 + index)
-        for path in sorted(study.dicom_dir.glob("*.dcm")):
-            ds = dcmread(path)
-            header = InstanceHeader.from_dataset(ds, str(ds.file_meta.TransferSyntaxUID))
-            ingestor.ingest(header, path.read_bytes(), IngestSource.DIMSE)
-        StudyAssembler(store, 1).complete(study.study_uid)
-        annotator.annotate(study.study_uid, 1, spec)
+        study = received_phantom(store, settings, root, seed=2000 + index)
+        annotate.annotate(study.study_uid, 1, spec)
         labels[study.study_uid] = str(study.truth)
     return labels
 

@@ -148,7 +148,7 @@ class StoreServer(socketserver.ThreadingTCPServer):
         return thread
 
     def stop(self) -> None:
-        """Stop accepting and end the associations in progress (their peers see a reset)."""
+        """Stop accepting and end the associations in progress (their sockets are shut down)."""
         self.shutdown()
         self.server_close()
         with self._lock:
