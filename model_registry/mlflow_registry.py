@@ -63,7 +63,13 @@ class Registry:
             raise RegistryUnavailable(f"MLflow at {self.tracking_uri}: {error}") from error
 
     def register(self, model: str, run_id: str, artifact_uri: str, tags: dict[str, str]) -> str:
-        """A new registered version of `model` from a run's artifact; returns its number."""
+        """The registered version of `model` made from run `run_id`'s artifact (created unless
+        the run has one); returns its number.
+
+        One version per run. MLflow's client sends a request again when its answer was lost,
+        POSTs included: MLflow killed after it committed a version, then back, gets the same
+        create again and registers the run twice. The later twin is deleted here.
+        """
         try:
             try:
                 self.client.get_registered_model(model)
@@ -71,12 +77,23 @@ class Registry:
                 self.client.create_registered_model(
                     model, description=f"radloop segmentation model {model}"
                 )
-            created = self.client.create_model_version(
-                model, source=artifact_uri, run_id=run_id, tags=tags
-            )
+            made = self._versions_of_run(model, run_id)
+            if not made:
+                self.client.create_model_version(
+                    model, source=artifact_uri, run_id=run_id, tags=tags
+                )
+                made = self._versions_of_run(model, run_id)
+            kept, *twins = made
+            for twin in twins:
+                log.warning("%s: version %s registers run %s again; deleted", model, twin, run_id)
+                self.client.delete_model_version(model, twin)
         except MlflowException as error:
             raise RegistryUnavailable(f"MLflow at {self.tracking_uri}: {error}") from error
-        return str(created.version)
+        return kept
+
+    def _versions_of_run(self, model: str, run_id: str) -> list[str]:
+        found = self.client.search_model_versions(f"name = '{model}' and run_id = '{run_id}'")
+        return sorted((str(v.version) for v in found), key=int)
 
     def set_alias(self, model: str, alias: str, version: str) -> None:
         try:
