@@ -20,9 +20,6 @@ from radloop.db import OutboxEvent, Store, utcnow
 
 log = logging.getLogger(__name__)
 
-# A claimed batch is retried by anyone after this, should its dispatcher die mid-request.
-LEASE = timedelta(seconds=60)
-
 
 def to_prefect_event(row: OutboxEvent) -> dict[str, Any]:
     return {
@@ -45,6 +42,7 @@ class OutboxDispatcher:
         api_url: str,
         batch_size: int = 100,
         max_backoff_seconds: float = 60.0,
+        lease_seconds: float = 60.0,
         client: httpx.Client | None = None,
         planner: JobPlanner | None = None,
     ) -> None:
@@ -52,6 +50,9 @@ class OutboxDispatcher:
         self.api_url = api_url.rstrip("/")
         self.batch_size = batch_size
         self.max_backoff = max_backoff_seconds
+        # A claimed batch is sent again by anyone after this, should its dispatcher die
+        # mid-request: Prefect dedups events by id, so the event counts once.
+        self.lease = timedelta(seconds=lease_seconds)
         self.client = client or httpx.Client(timeout=httpx.Timeout(20.0, connect=3.0))
         self.planner = planner
         self._wakeup = threading.Event()
@@ -77,7 +78,7 @@ class OutboxDispatcher:
                 .with_for_update(skip_locked=True)
             ).all()
             for row in rows:
-                row.next_attempt_at = now + LEASE
+                row.next_attempt_at = now + self.lease
                 if self.planner is not None:
                     self.planner.plan(session, row.event, row.payload, row.created_at)
             events = [to_prefect_event(row) for row in rows]

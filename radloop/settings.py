@@ -120,6 +120,9 @@ class OutboxSettings(Section):
     poll_seconds: float = Field(0.5, gt=0)
     batch_size: int = Field(100, ge=1)
     max_backoff_seconds: float = Field(60.0, gt=0)
+    # A claimed batch is sent again, by any dispatcher, once this has passed without its
+    # delivery being recorded (its dispatcher died mid-request). Longer than Prefect's answer.
+    lease_seconds: float = Field(60.0, gt=0)
 
 
 class ReviewSettings(Section):

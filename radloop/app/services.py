@@ -92,6 +92,7 @@ class Services:
             self.settings.prefect.effective_api_url,
             batch_size=outbox.batch_size,
             max_backoff_seconds=outbox.max_backoff_seconds,
+            lease_seconds=outbox.lease_seconds,
             planner=JobPlanner(jobs, serving, submit),
         )
         self.assembler.on_complete = dispatcher.wake  # a completed study is submitted at once
