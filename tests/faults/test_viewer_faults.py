@@ -1,7 +1,7 @@
 """Orthanc (the viewer's store) killed (kill -9) while radloop stores a drafted study in it (the
-images go first, the SEG last: the kill lands among the images), then started again: the case
-waits with its reason, and the next pass stores the study and its draft, each instance once,
-and offers the case to readers."""
+images go first, the SEG last), among the images or just as it has stored the SEG, then started
+again: the case waits with its reason, and the next pass stores the study and its draft, each
+instance once, and offers the case to readers."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import httpx
+import pytest
 from pyorthanc import Orthanc
 
 from agents.viewer_store import ViewerStore, ViewerStoreUnavailable
@@ -21,6 +22,7 @@ from radloop.wait import wait_until
 from tests.conftest_marks import ONCE
 from tests.drafted import annotator, received_phantom
 from tests.models import export_version
+from tests.proxy import CuttingProxy
 from tests.servers import radloop_json
 
 
@@ -69,3 +71,48 @@ def test_orthanc_killed_mid_store_gets_the_study_and_its_draft_once_when_back(
     ).json()
     assert len(found) == study.slices + 1  # every CT slice and the SEG, once
     assert viewer.publish_pending(timedelta(0)) == 0
+
+
+@ONCE  # Orthanc's own storage and radloop's retry pass: nothing database-specific
+def test_orthanc_killed_as_it_stores_the_seg_keeps_one_seg_and_offers_the_case_when_back(
+    store: Store, settings: Settings, orthanc: Child, tmp_path: Path, radloop_env: dict[str, str]
+) -> None:
+    """The worst moment for the SEG: Orthanc has stored it and dies before radloop hears so.
+    The next pass stores the same SEG (same SOP Instance UID), not a second one."""
+    spec = load_spec(PACKAGED_MODELS / "phantom-abdomen.yaml")
+    export_version(settings, spec)
+    study = received_phantom(store, settings, tmp_path, seed=35)
+    stores = 0
+
+    def seg_stored(method: str, path: str, status: int) -> bool:
+        nonlocal stores
+        if method == "POST" and path == "/instances" and status == 200:
+            stores += 1
+            return stores == study.slices + 1  # the images go first, the SEG last
+        return False
+
+    proxy = CuttingProxy(orthanc.spec.url, seg_stored, then=orthanc.kill).start()
+    try:
+        client = Orthanc(proxy.url, timeout=5)
+        with pytest.raises(ViewerStoreUnavailable):
+            annotator(store, settings, client).annotate(study.study_uid, 1, spec)
+        assert proxy.cuts == 1
+        (case,) = radloop_json(radloop_env, "queue", "list")
+        assert case["state"] == "drafted" and not case["viewable"] and case["viewer_error"]
+        # Started again from this thread: a child dies with the thread that started it.
+        orthanc.start()
+        orthanc.wait_healthy()
+        proxy.heal()
+        viewer = ViewerStore(store, settings.spool_dir, client)
+        assert viewer.publish_pending(timedelta(0)) == 1
+    finally:
+        proxy.stop()
+    (case,) = radloop_json(radloop_env, "queue", "list")
+    assert case["viewable"] and case["viewer_error"] is None
+    found = httpx.post(
+        f"{orthanc.spec.url}/tools/find",
+        json={"Level": "Instance", "Query": {"StudyInstanceUID": study.study_uid}},
+    ).json()
+    assert len(found) == study.slices + 1  # every CT slice and one SEG
+    seg = httpx.post(f"{orthanc.spec.url}/tools/lookup", content=case["seg_sop_instance_uid"])
+    assert [item["Type"] for item in seg.json()] == ["Instance"]
