@@ -21,7 +21,7 @@ from urllib.parse import quote
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.templating import Jinja2Templates
-from sqlalchemy.exc import DataError, StatementError
+from sqlalchemy.exc import DataError, InterfaceError, OperationalError, StatementError
 
 from agents.review.assist import Assistant
 from agents.review.auth import LoginThrottle, Users
@@ -134,12 +134,27 @@ async def _review_error(request: Request, error: ReviewError) -> JSONResponse:
     return JSONResponse({"detail": str(error)}, status_code=error.status)
 
 
+# How long a client is asked to wait before it tries again while the database is away.
+RETRY_AFTER_SECONDS = 5
+
+
 async def _out_of_range(request: Request, error: StatementError) -> JSONResponse:
     """A request value the database cannot hold (an id beyond PostgreSQL's integer, a date
-    past year 9999) is the client's error, found by tests/test_fuzz_api.py; any other
-    database error stays a 500."""
+    past year 9999) is the client's error, found by tests/test_fuzz_api.py. A database that
+    cannot be reached (PostgreSQL down or restarting, SQLite locked past its wait) is a 503
+    that asks the client to send the request again: the request's transaction was rolled
+    back, so nothing of it is kept. Any other database error stays a 500."""
     if isinstance(error, DataError) or isinstance(error.orig, OverflowError):
         return JSONResponse({"detail": "a value is out of the range radloop stores"}, 422)
+    if isinstance(error, OperationalError | InterfaceError):
+        log.warning(
+            "%s %s: database unavailable (%s)", request.method, request.url.path, type(error.orig)
+        )
+        return JSONResponse(
+            {"detail": "the database is unavailable; nothing was changed, try again shortly"},
+            status_code=503,
+            headers={"retry-after": str(RETRY_AFTER_SECONDS)},
+        )
     raise error
 
 
