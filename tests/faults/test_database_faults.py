@@ -1,8 +1,11 @@
-"""PostgreSQL killed (kill -9, postmaster and backends) under the review service while a reader
-works, then started again (crash recovery from its WAL): meanwhile each request that needs the
-database is answered 503 with the reason and a Retry-After — not a 500, not a hang — and a
-save sent then changes nothing; once PostgreSQL is back the same service process takes the
-save, once."""
+"""PostgreSQL killed (kill -9, postmaster and backends), then started again (crash recovery
+from its WAL), under the review service and under the annotator:
+
+* while a reader works: each request that needs the database is answered 503 with the reason
+  and a Retry-After — not a 500, not a hang — and a save sent then changes nothing; once
+  PostgreSQL is back the same service process takes the save, once;
+* as a draft's transaction commits (its rows sent, COMMIT next): the draft is not kept, and
+  the annotation task's retry after recovery drafts the study once."""
 
 from __future__ import annotations
 
@@ -12,13 +15,19 @@ from pathlib import Path
 
 import httpx
 import pytest
-from sqlalchemy import select
+from sqlalchemy import Connection, event, func, select
+from sqlalchemy.exc import DBAPIError
 
 from radloop.app.supervisor import Child
 from radloop.app.supervisor.specs import review_spec
-from radloop.db import Annotation, OutboxEvent
+from radloop.db import Annotation, OutboxEvent, Store, Study
+from radloop.domain import AnnotationState
 from radloop.events import EventType
+from radloop.modelspec import PACKAGED_MODELS, load_spec
+from radloop.settings import Settings
 from tests.conftest_marks import ONCE
+from tests.drafted import annotator, received_phantom
+from tests.models import export_version
 from tests.review_cases import Review
 from tests.servers import PostgresServer
 
@@ -81,3 +90,46 @@ def test_with_postgresql_killed_the_review_service_answers_503_and_takes_the_sav
             )
         ).all()
     assert state == "corrected" and len(events) == 1
+
+
+@ONCE  # its own PostgreSQL, so it can kill it: the SQLite pass runs it once
+@pytest.mark.timeout(300)
+def test_postgresql_killed_as_a_draft_commits_keeps_no_draft_and_the_retry_drafts_once(
+    store: Store, settings: Settings, own_postgres: PostgresServer, tmp_path: Path
+) -> None:
+    spec = load_spec(PACKAGED_MODELS / "phantom-abdomen.yaml")
+    export_version(settings, spec)
+    study = received_phantom(store, settings, tmp_path, seed=96)
+    drafting = annotator(store, settings, None)
+    cut = {"drafted": False, "killed": False}
+
+    # Where the kill lands, seen from the annotator's own connection: after the transaction
+    # that inserts the draft has sent its statements, before its COMMIT.
+    @event.listens_for(store.engine, "after_cursor_execute")
+    def drafted(conn: Connection, cursor: object, statement: str, *_: object) -> None:
+        cut["drafted"] = cut["drafted"] or statement.startswith("INSERT INTO annotations")
+
+    @event.listens_for(store.engine, "commit")
+    def kill_before_commit(conn: Connection) -> None:
+        if cut["drafted"] and not cut["killed"]:
+            cut["killed"] = True
+            own_postgres.kill()
+
+    with pytest.raises(DBAPIError):
+        drafting.annotate(study.study_uid, 1, spec)
+    assert cut["killed"]
+    own_postgres.resume()  # crash recovery: the cut transaction is gone
+
+    with store.read() as session:
+        assert not session.scalar(select(func.count()).select_from(Annotation))
+    outcome = drafting.annotate(study.study_uid, 1, spec)  # the task's retry
+    assert outcome.state == AnnotationState.DRAFTED
+    assert drafting.annotate(study.study_uid, 1, spec) == outcome  # and any later one
+    with store.read() as session:
+        assert session.scalar(select(func.count()).select_from(Annotation)) == 1
+        events = session.scalars(
+            select(OutboxEvent).where(OutboxEvent.event == EventType.ANNOTATION_DRAFTED.value)
+        ).all()
+        state = session.scalars(select(Study.state)).one()
+    assert len(events) == 1 and events[0].payload["annotation_id"] == outcome.annotation_id
+    assert state == "drafted"
