@@ -51,6 +51,18 @@ def draft_key(study_uid: str, revision: int, model: str, version: str | None) ->
     return f"study:{study_uid}:rev:{revision}:model:{model}:{version or 'none'}"
 
 
+def _remove_cut_attempts(folder: Path, keep: set[Path]) -> None:
+    """Delete the files of earlier attempts at the draft just committed, left when their
+    transaction was cut (PostgreSQL killed at COMMIT, the worker killed). Nothing references
+    them: an attempt that had committed would have been found before this one drafted, and the
+    draft key lets only one commit. A racing attempt still writing loses on the key and
+    removes its own files; its temporary files (named with a leading dot) are left to it."""
+    for path in folder.iterdir():
+        if path not in keep and not path.name.startswith("."):
+            log.warning("removing %s, left by a cut attempt at the same draft", path.name)
+            path.unlink(missing_ok=True)
+
+
 @contextmanager
 def _step(name: str) -> Iterator[None]:
     """Note on any exception which step of drafting raised it (read by `failure_reason`)."""
@@ -131,10 +143,10 @@ class Annotator:
             result = self.backend.infer(spec.name, series.array, series.spacing, champion)
         timings["infer_s"] = time.perf_counter() - started
         started = time.perf_counter()
+        # One folder per draft key: attempts at the same draft write side by side there.
+        folder = self.drafts_dir / study_uid / f"rev{revision}-{spec.name}-v{result.model_version}"
         with _step("write"):
-            files = write_draft(
-                series, result.labels, spec, result.model_version, self.drafts_dir / study_uid
-            )
+            files = write_draft(series, result.labels, spec, result.model_version, folder)
         timings["write_s"] = time.perf_counter() - started
         key = draft_key(study_uid, revision, spec.name, result.model_version)
         try:
@@ -189,6 +201,7 @@ class Annotator:
             if winner is None:
                 raise  # not a race on the draft key: another constraint failed
             return Outcome(winner.id, AnnotationState(winner.state), winner.reason)
+        _remove_cut_attempts(folder, keep={files.seg_path, files.nifti_path})
         # Recorded first, so the Orthanc follower recognises the SEG as radloop's own draft.
         started = time.perf_counter()
         with _step("store"):

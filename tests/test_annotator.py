@@ -147,5 +147,5 @@ def test_the_same_revision_annotated_twice_at_once_keeps_one_draft(
     assert len(outcomes) == 2 and outcomes[0] == outcomes[1]
     with store.read() as session:
         assert session.scalar(select(func.count(Annotation.id))) == 1
-    drafts = list((settings.data_dir / "drafts" / study.study_uid).glob("*.dcm"))
+    drafts = list((settings.data_dir / "drafts" / study.study_uid).glob("*/*.dcm"))
     assert len(drafts) == 1  # the loser's files are removed

@@ -5,7 +5,8 @@ from its WAL), under the review service and under the annotator:
   and a Retry-After — not a 500, not a hang — and a save sent then changes nothing; once
   PostgreSQL is back the same service process takes the save, once;
 * as a draft's transaction commits (its rows sent, COMMIT next): the draft is not kept, and
-  the annotation task's retry after recovery drafts the study once."""
+  the annotation task's retry after recovery drafts the study once and removes the files the
+  cut attempt left."""
 
 from __future__ import annotations
 
@@ -133,3 +134,8 @@ def test_postgresql_killed_as_a_draft_commits_keeps_no_draft_and_the_retry_draft
         state = session.scalars(select(Study.state)).one()
     assert len(events) == 1 and events[0].payload["annotation_id"] == outcome.annotation_id
     assert state == "drafted"
+    # The cut attempt's SEG and NIfTI are gone; the draft's own are there.
+    with store.read() as session:
+        draft = session.get_one(Annotation, outcome.annotation_id)
+        kept = {Path(draft.seg_path or ""), Path(draft.nifti_path or "")}
+    assert set(next(iter(kept)).parent.iterdir()) == kept
