@@ -11,12 +11,12 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
 
 import httpx
 
 # Not relayed: they describe one hop (httpx has already undone any encoding it names).
 HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "content-encoding"}
+NOT_SENT = HOP | {"host"}  # httpx names the upstream
 
 Match = Callable[[str, str, int], bool]  # (method, path, upstream status) → cut here
 
@@ -28,7 +28,6 @@ class CuttingProxy:
         self.then = then
         self.cut = threading.Event()  # set once cut (and `then` done) until `heal()`
         self.cuts = 0
-        self.dropped = 0  # requests dropped while cut
         self._lock = threading.Lock()
         self._client = httpx.Client(timeout=120)
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -53,9 +52,10 @@ class CuttingProxy:
         self._server.server_close()
         self._client.close()
 
-    def _relay(self, method: str, path: str, headers: dict[str, str], body: bytes) -> Any:
+    def _relay(
+        self, method: str, path: str, headers: dict[str, str], body: bytes
+    ) -> httpx.Response | None:
         if self.cut.is_set():
-            self.dropped += 1
             return None
         try:
             answer = self._client.request(
@@ -82,8 +82,7 @@ class CuttingProxy:
             def relay(self) -> None:
                 length = int(self.headers.get("content-length") or 0)
                 body = self.rfile.read(length) if length else b""
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP}
-                headers.pop("Host", None)
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in NOT_SENT}
                 answer = proxy._relay(self.command, self.path, headers, body)
                 if answer is None:  # no answer at all: the caller sees the connection drop
                     self.close_connection = True
