@@ -30,6 +30,12 @@ def instances(url: str) -> int:
     return int(httpx.get(f"{url}/statistics", timeout=5).json()["CountInstances"])
 
 
+def instances_of(url: str, study_uid: str) -> int:
+    """How many instances of the study Orthanc holds."""
+    query = {"Level": "Instance", "Query": {"StudyInstanceUID": study_uid}}
+    return len(httpx.post(f"{url}/tools/find", json=query, timeout=5).json())
+
+
 @ONCE  # Orthanc's own storage and radloop's retry pass: nothing database-specific
 def test_orthanc_killed_mid_store_gets_the_study_and_its_draft_once_when_back(
     store: Store, settings: Settings, orthanc: Child, tmp_path: Path, radloop_env: dict[str, str]
@@ -65,11 +71,8 @@ def test_orthanc_killed_mid_store_gets_the_study_and_its_draft_once_when_back(
     assert viewer.publish_pending(timedelta(0)) == 1
     (case,) = radloop_json(radloop_env, "queue", "list")
     assert case["viewable"] and case["viewer_error"] is None
-    found = httpx.post(
-        f"{orthanc.spec.url}/tools/find",
-        json={"Level": "Instance", "Query": {"StudyInstanceUID": study.study_uid}},
-    ).json()
-    assert len(found) == study.slices + 1  # every CT slice and the SEG, once
+    # every CT slice and the SEG, once
+    assert instances_of(orthanc.spec.url, study.study_uid) == study.slices + 1
     assert viewer.publish_pending(timedelta(0)) == 0
 
 
@@ -109,10 +112,7 @@ def test_orthanc_killed_as_it_stores_the_seg_keeps_one_seg_and_offers_the_case_w
         proxy.stop()
     (case,) = radloop_json(radloop_env, "queue", "list")
     assert case["viewable"] and case["viewer_error"] is None
-    found = httpx.post(
-        f"{orthanc.spec.url}/tools/find",
-        json={"Level": "Instance", "Query": {"StudyInstanceUID": study.study_uid}},
-    ).json()
-    assert len(found) == study.slices + 1  # every CT slice and one SEG
+    # every CT slice and one SEG
+    assert instances_of(orthanc.spec.url, study.study_uid) == study.slices + 1
     seg = httpx.post(f"{orthanc.spec.url}/tools/lookup", content=case["seg_sop_instance_uid"])
     assert [item["Type"] for item in seg.json()] == ["Instance"]
