@@ -1,7 +1,3 @@
 """The work radloop's workers do: annotator and draft writing, volume loading, NIfTI files
 and SEG label maps, the viewer store, training and retraining, the review service, the outbox
 dispatcher."""
-
-from agents.outbox import OutboxDispatcher
-
-__all__ = ["OutboxDispatcher"]

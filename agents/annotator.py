@@ -31,7 +31,7 @@ from agents.volume import LoadedSeries, SeriesRejected, load_series, series_file
 from model_registry.inference import InferenceBackend
 from model_registry.repository import TritonRepository
 from radloop.db import Annotation, Series, Store, Study, utcnow
-from radloop.domain import AnnotationState, StudyState
+from radloop.domain import AnnotationState, StudyState, draft_key
 from radloop.events import AnnotationDrafted, record_event
 from radloop.modelspec import ModelSpec, Orientation
 
@@ -45,10 +45,6 @@ class Outcome:
     annotation_id: int
     state: AnnotationState
     reason: str | None = None
-
-
-def draft_key(study_uid: str, revision: int, model: str, version: str | None) -> str:
-    return f"study:{study_uid}:rev:{revision}:model:{model}:{version or 'none'}"
 
 
 def _remove_cut_attempts(folder: Path, keep: set[Path]) -> None:

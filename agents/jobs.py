@@ -24,15 +24,18 @@ import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
 
 from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from agents.annotator import Outcome, draft_key
 from radloop.db import AnnotationJob, Store, Worker, utcnow
-from radloop.domain import JobState, WorkerQueue
+from radloop.domain import JobState, WorkerQueue, draft_key
 from radloop.events import EventType, StudyCompleted
+
+if TYPE_CHECKING:
+    from agents.annotator import Outcome
 
 log = logging.getLogger(__name__)
 

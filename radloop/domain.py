@@ -14,6 +14,11 @@ def is_valid_uid(value: object) -> bool:
     return isinstance(value, str) and len(value) <= 64 and bool(UID_PATTERN.match(value))
 
 
+def draft_key(study_uid: str, revision: int, model: str, version: str | None) -> str:
+    """What is unique per draft: a study revision × model version (None: no draft yet)."""
+    return f"study:{study_uid}:rev:{revision}:model:{model}:{version or 'none'}"
+
+
 class StudyState(StrEnum):
     RECEIVING = "receiving"
     COMPLETE = "complete"

@@ -7,15 +7,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from agents.volume import LoadedSeries, SeriesRejected, load_series, series_files
 from radloop.db import Annotation, Selection, Store, Study
 from radloop.domain import AnnotationState
 from radloop.modelspec import ModelSpec
+
+if TYPE_CHECKING:
+    from agents.volume import LoadedSeries
 
 # Cases still waiting for a reader.
 OPEN_STATES = (AnnotationState.QUEUED, AnnotationState.DRAFTED, AnnotationState.CLAIMED)
@@ -89,6 +91,10 @@ def load_inputs(
 ) -> tuple[ModelSpec, LoadedSeries]:
     """The spec and the series a label of `case_` is checked against; `Conflict` when either
     is missing."""
+    # Here, not at the top: reading the queue (`radloop queue list`, the worklist) decodes no
+    # DICOM, and pydicom with highdicom take a second to import.
+    from agents.volume import SeriesRejected, load_series, series_files
+
     spec = specs.get(case_.model)
     if spec is None:
         raise Conflict(f"model {case_.model} has no spec loaded; cannot check labels")

@@ -14,8 +14,9 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Sequence
 from datetime import datetime
+from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -33,14 +34,15 @@ from agents.review.cases import (
     load_case,
     load_inputs,
 )
-from agents.review.intake import CorrectionIntake
 from agents.review.order import QueueOrder, Ranked
-from agents.review.training_set import add_label, stage_pair
 from radloop.db import Annotation, AnnotationJob, Store, Study, utcnow
 from radloop.domain import AnnotationState
 from radloop.modelspec import ModelSpec
 from radloop.objectstore import ObjectStore
 from radloop.settings import ReviewSettings
+
+if TYPE_CHECKING:
+    from agents.review.intake import CorrectionIntake
 
 __all__ = ["OPEN_STATES", "Conflict", "NotFound", "ReviewError", "Unprocessable", "Worklist"]
 
@@ -65,8 +67,22 @@ class Worklist:
         self.datasets = datasets
         self.order = QueueOrder(store, specs)
         self.audit = AuditLog(store, clock)
-        self.intake = CorrectionIntake(
-            store, settings, specs, spool_dir, drafts_dir, datasets, clock
+        self.drafts_dir = drafts_dir
+
+    @cached_property
+    def intake(self) -> CorrectionIntake:
+        # Imported on the first correction, with the label readers and the DICOM decoders
+        # (nibabel, SciPy, pydicom, highdicom: a second or two): reading the queue needs none.
+        from agents.review.intake import CorrectionIntake
+
+        return CorrectionIntake(
+            self.store,
+            self.settings,
+            self.specs,
+            self.spool_dir,
+            self.drafts_dir,
+            self.datasets,
+            self.clock,
         )
 
     # -- reading -------------------------------------------------------------------------
@@ -253,6 +269,8 @@ class Worklist:
 
     def validate(self, annotation_id: int, user: str) -> dict[str, Any]:
         """A reviewer accepts the correction: it becomes a label in the training set."""
+        from agents.review.training_set import add_label, stage_pair  # as `intake`
+
         case_ = load_case(self.store, annotation_id)
         if case_.state != AnnotationState.CORRECTED.value:
             raise Conflict(f"annotation {annotation_id} is {case_.state}, not corrected")

@@ -151,6 +151,9 @@ def mlflow_spec(
         url=f"http://{bind}:{port}",
         env={
             "MLFLOW_TRACKING_URI": f"http://{bind}:{port}",
+            # MLflow 3 starts seven huey job-runner processes (GenAI judges, trace rollups)
+            # beside the server, 250 MB each and polling while idle; radloop uses neither.
+            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
             **settings.object_store.environment(),
             # MLflow answers only Host headers it knows: its address on another host's network.
             **(
