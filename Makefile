@@ -2,6 +2,10 @@
 .PHONY: run test test-fast test-sqlite test-postgresql lint bench install fuzz
 
 PYTEST = .venv/bin/python -m pytest
+# Two workers (pytest-xdist): the whole-stack tests (group "stack", tests/conftest_marks.py)
+# run one at a time in one of them, everything else beside them.
+WORKERS ?= 2
+PARALLEL = -n $(WORKERS) --dist loadgroup
 
 install:
 	./scripts/bootstrap
@@ -16,11 +20,11 @@ test-fast: install lint
 	$(PYTEST) -q -m "not slow"
 
 test-sqlite:
-	$(PYTEST) -q --durations=25
+	$(PYTEST) -q $(PARALLEL) --durations=25
 
 # The same suite against PostgreSQL 15, which the fixtures start in a temporary directory.
 test-postgresql:
-	RADLOOP_TEST_DATABASE=postgresql $(PYTEST) -q --durations=25
+	RADLOOP_TEST_DATABASE=postgresql $(PYTEST) -q $(PARALLEL) --durations=25
 
 # Longer fuzzing than make test's: the hypothesis properties with 50 times the examples and
 # fresh randomness, then FUZZ_SECONDS of coverage-guided fuzzing (atheris) per input path.

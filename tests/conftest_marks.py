@@ -12,3 +12,8 @@ ONCE = pytest.mark.skipif(
     os.environ.get("RADLOOP_TEST_DATABASE") == "postgresql",
     reason="no database-specific behaviour: runs in the SQLite pass",
 )
+
+# `make test` runs two pytest-xdist workers. The tests that run the whole stack (or train and
+# serve at length) keep both cores about 80 % busy on their own: they run one at a time, in one
+# worker, while the other worker runs the rest beside them.
+STACK = pytest.mark.xdist_group("stack")

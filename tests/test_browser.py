@@ -35,7 +35,7 @@ from radloop.app.viewer_snapshot import (
 from radloop.modelspec import PACKAGED_MODELS, load_spec
 from radloop.settings import PROJECT_ROOT, Settings
 from radloop.wait import wait_until
-from tests.conftest_marks import ONCE
+from tests.conftest_marks import ONCE, STACK
 from tests.drafted import strip_attributes
 from tests.models import export_interactive, export_version
 from tests.servers import RadloopProcess, radloop_json
@@ -46,6 +46,7 @@ ARTIFACTS = Path(os.environ.get("RADLOOP_TEST_ARTIFACTS", PROJECT_ROOT / "test-a
 
 pytestmark = [
     pytest.mark.slow,
+    STACK,
     pytest.mark.skipif(
         not CHROMIUM.exists(), reason="Debian's chromium is not installed (make install does it)"
     ),

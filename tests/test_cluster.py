@@ -27,13 +27,17 @@ from radloop.domain import JobState
 from radloop.modelspec import load_spec
 from radloop.wait import wait_until
 from tests.cluster import MODEL, Cluster, cluster_on, drafted_by, job, workers
-from tests.conftest_marks import ONCE
+from tests.conftest_marks import ONCE, STACK
 from tests.drafted import correction_seg, stow_body
 from tests.hosts import usable, wait_listening
 from tests.models import export_version
 from tests.servers import radloop_json
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(usable() is not None, reason=str(usable()))]
+pytestmark = [
+    pytest.mark.slow,
+    STACK,
+    pytest.mark.skipif(usable() is not None, reason=str(usable())),
+]
 
 HOSTS = ("gw", "core", "gpu1", "gpu2", "train", "web")
 

@@ -38,13 +38,13 @@ from radloop.modelspec import PACKAGED_MODELS, ModelSpec, load_spec
 from radloop.settings import Settings
 from radloop.wait import wait_until
 from tests.conftest import bucket
-from tests.conftest_marks import ONCE
+from tests.conftest_marks import ONCE, STACK
 from tests.drafted import annotator, received_phantom, worklist
 from tests.models import export_interactive, small_interactive
 from tests.servers import S3Server, radloop_json
 
 # Trains and serves models.
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, STACK]
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from radloop.modelspec import PACKAGED_MODELS, load_spec
 from radloop.settings import Settings
 from radloop.wait import wait_until
 from tests.conftest import bucket
-from tests.conftest_marks import ONCE
+from tests.conftest_marks import ONCE, STACK
 from tests.dicom_files import generated_ct
 from tests.drafted import correction_seg, stow_body
 from tests.models import export_version, write_retraining_spec
@@ -37,7 +37,7 @@ from tests.servers import RadloopProcess, S3Server, radloop_json
 from tests.test_scp import storescu
 
 # Each test runs the whole `radloop up`.
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, STACK]
 
 
 def study_state(env: dict[str, str], study_uid: str) -> str | None:

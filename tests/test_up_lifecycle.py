@@ -27,13 +27,13 @@ from radloop.db import Store, TrainingRun
 from radloop.modelspec import load_spec
 from radloop.settings import Settings
 from radloop.wait import wait_until
-from tests.conftest_marks import ONCE
+from tests.conftest_marks import ONCE, STACK
 from tests.drafted import annotator, received_phantom, worklist
 from tests.models import export_version, write_retraining_spec
 from tests.servers import RADLOOP, RadloopProcess, dicom_echo, radloop_json
 
 # Each test runs `radloop up`; nothing in them is database-specific.
-pytestmark = [pytest.mark.slow, ONCE]
+pytestmark = [pytest.mark.slow, ONCE, STACK]
 
 MODEL = "phantom-abdomen"
 

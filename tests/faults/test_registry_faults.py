@@ -19,13 +19,13 @@ from radloop.db import Store
 from radloop.domain import TrainingState
 from radloop.settings import Settings
 from radloop.wait import wait_until
-from tests.conftest_marks import ONCE
+from tests.conftest_marks import ONCE, STACK
 from tests.models import export_version
 from tests.proxy import CuttingProxy
 from tests.test_retrain import _spec, validate_studies
 
 # Trains a model (one short epoch) against a real MLflow.
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, STACK]
 
 
 @ONCE  # training and MLflow: nothing database-specific

@@ -21,6 +21,7 @@ from radloop.app.supervisor import Child
 from radloop.app.supervisor.specs import review_spec
 from radloop.db import Annotation, OutboxEvent
 from radloop.events import EventType
+from tests.conftest_marks import STACK
 from tests.review_cases import Review
 
 # After the upload went out: early in the save (reading the series), in the middle (writing the
@@ -29,7 +30,7 @@ KILL_AFTER_SECONDS = (0.05, 0.4, 1.2)
 Answer = httpx.Response | Exception
 
 # The review service as its own process; on both databases (a transaction cut by the kill).
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, STACK]
 
 
 def put_label(url: str, upload: bytes, headers: dict[str, str]) -> httpx.Response:
