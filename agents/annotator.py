@@ -24,7 +24,7 @@ from pyorthanc import Orthanc
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from agents.drafts import write_draft
+from agents.drafts import remove_cut_attempts, write_draft
 from agents.selection import embedding_bytes
 from agents.viewer_store import ViewerStore, ViewerStoreUnavailable
 from agents.volume import LoadedSeries, SeriesRejected, load_series, series_files
@@ -45,18 +45,6 @@ class Outcome:
     annotation_id: int
     state: AnnotationState
     reason: str | None = None
-
-
-def _remove_cut_attempts(folder: Path, keep: set[Path]) -> None:
-    """Delete the files of earlier attempts at the draft just committed, left when their
-    transaction was cut (PostgreSQL killed at COMMIT, the worker killed). Nothing references
-    them: an attempt that had committed would have been found before this one drafted, and the
-    draft key lets only one commit. A racing attempt still writing loses on the key and
-    removes its own files; its temporary files (named with a leading dot) are left to it."""
-    for path in folder.iterdir():
-        if path not in keep and not path.name.startswith("."):
-            log.warning("removing %s, left by a cut attempt at the same draft", path.name)
-            path.unlink(missing_ok=True)
 
 
 @contextmanager
@@ -197,7 +185,7 @@ class Annotator:
             if winner is None:
                 raise  # not a race on the draft key: another constraint failed
             return Outcome(winner.id, AnnotationState(winner.state), winner.reason)
-        _remove_cut_attempts(folder, keep={files.seg_path, files.nifti_path})
+        remove_cut_attempts(folder, keep={files.seg_path, files.nifti_path})
         # Recorded first, so the Orthanc follower recognises the SEG as radloop's own draft.
         started = time.perf_counter()
         with _step("store"):

@@ -8,6 +8,7 @@ written durably (`radloop.durable`); `agents.segmentation` reads a SEG back as a
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from importlib.metadata import version as package_version
 from pathlib import Path
@@ -24,6 +25,8 @@ from agents.nifti import write_nifti
 from agents.volume import LoadedSeries
 from radloop.durable import durable_path
 from radloop.modelspec import Code, ModelSpec
+
+log = logging.getLogger(__name__)
 
 DRAFT_SERIES_NUMBER = 9901
 CORRECTION_SERIES_NUMBER = 9902
@@ -104,6 +107,18 @@ def _with_type2_attributes(sources: list[Dataset]) -> list[Dataset]:
             ds = copied
         fixed.append(ds)
     return fixed
+
+
+def remove_cut_attempts(folder: Path, keep: set[Path]) -> None:
+    """Delete from `folder` the files of earlier attempts at what just committed there (a draft,
+    a correction), left when their transaction was cut or refused: PostgreSQL killed at COMMIT,
+    the process killed, a lease lapsed meanwhile. Nothing references them: one attempt per
+    folder commits (the draft key; the case's holder, once). A racing attempt still writing
+    loses and removes its own files; its temporary files (a leading dot) are left to it."""
+    for path in folder.iterdir():
+        if path not in keep and not path.name.startswith("."):
+            log.warning("removing %s, left by a cut attempt", path.name)
+            path.unlink(missing_ok=True)
 
 
 def write_draft(

@@ -174,7 +174,9 @@ def test_nifti_correction_then_a_reviewer_validates_it_into_the_training_set(
     assert [e["annotation_id"] for e in corrected] == [case]
     assert corrected[0]["dice"] == pytest.approx(expected)
     # The NIfTI upload is also kept as a MANUAL SEG a viewer can show.
-    corrections = review.settings.drafts_dir / study.study_uid / "corrections"
+    corrections = (
+        review.settings.drafts_dir / study.study_uid / "corrections" / f"annotation-{case}"
+    )
     seg = dcmread(corrections / f"{body['correction_sop_instance_uid']}.dcm")
     assert seg.SegmentSequence[0].SegmentAlgorithmType == "MANUAL"
 

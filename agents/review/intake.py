@@ -21,7 +21,7 @@ import numpy as np
 from numpy.typing import NDArray
 from sqlalchemy import select
 
-from agents.drafts import write_draft
+from agents.drafts import remove_cut_attempts, write_draft
 from agents.metrics import dice_per_label, mean_dice
 from agents.nifti import read_label_map, write_nifti
 from agents.review.cases import Case, Conflict, Unprocessable, load_case, load_inputs
@@ -98,7 +98,7 @@ class CorrectionIntake:
         check_holder(case_, user, self.clock())
         spec, series = self._inputs(case_)
         label_map = _label(lambda: seg_label_map(ds, series, spec))
-        path = self.drafts_dir / case_.study_uid / "corrections" / f"{sop_uid}.dcm"
+        path = self._corrections(case_) / f"{sop_uid}.dcm"
         write_bytes_durably(path, data)
         self._record(case_, user, spec, series, label_map, sop_uid, path)
 
@@ -115,7 +115,7 @@ class CorrectionIntake:
             label_map,
             spec,
             case_.model_version or "none",
-            self.drafts_dir / case_.study_uid / "corrections",
+            self._corrections(case_),
             reader=user,
         )
         self._record(
@@ -136,6 +136,13 @@ class CorrectionIntake:
         if sop_uid is None or seg_path is None:
             raise Conflict(f"annotation {annotation_id} has no draft SEG to accept")
         self._record(case_, user, spec, series, label_map, sop_uid, Path(seg_path), accepted=True)
+
+    def _corrections(self, case_: Case) -> Path:
+        """The folder of the case's correction: one per case, so that files a cut or refused
+        save left can be told apart from the one that committed (`remove_cut_attempts`)."""
+        return (
+            self.drafts_dir / case_.study_uid / "corrections" / f"annotation-{case_.annotation_id}"
+        )
 
     def _inputs(self, case_: Case) -> tuple[ModelSpec, LoadedSeries]:
         return load_inputs(case_, self.specs, self.store, self.spool_dir)
@@ -217,6 +224,10 @@ class CorrectionIntake:
                     self.datasets,
                     self.settings.holdout_fraction,
                 )
+        if not accepted:  # an accepted draft's files are the draft's own
+            # This correction's files are named after its SEG: <uid>.dcm, .nii.gz, .label.nii.gz
+            mine = seg_path.parent.glob(seg_path.name.removesuffix(".dcm") + ".*")
+            remove_cut_attempts(seg_path.parent, keep=set(mine))
         log.info(
             "annotation %d corrected by %s: Dice(draft, correction) %.3f",
             case_.annotation_id,

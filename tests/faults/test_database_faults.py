@@ -6,7 +6,9 @@ from its WAL), under the review service and under the annotator:
   PostgreSQL is back the same service process takes the save, once;
 * as a draft's transaction commits (its rows sent, COMMIT next): the draft is not kept, and
   the annotation task's retry after recovery drafts the study once and removes the files the
-  cut attempt left."""
+  cut attempt left;
+* as a reader's save commits: the reader is answered 503, the case stays theirs with no
+  correction; the save sent again is kept once, and the cut save's files are removed."""
 
 from __future__ import annotations
 
@@ -139,3 +141,58 @@ def test_postgresql_killed_as_a_draft_commits_keeps_no_draft_and_the_retry_draft
         draft = session.get_one(Annotation, outcome.annotation_id)
         kept = {Path(draft.seg_path or ""), Path(draft.nifti_path or "")}
     assert set(next(iter(kept)).parent.iterdir()) == kept
+
+
+@ONCE  # its own PostgreSQL, so it can kill it: the SQLite pass runs it once
+@pytest.mark.timeout(300)
+def test_postgresql_killed_as_a_save_commits_keeps_nothing_and_the_save_sent_again_once(
+    review: Review, own_postgres: PostgresServer
+) -> None:
+    case, study = review.drafted(97)
+    ann = review.client("ann")
+    assert ann.post(f"/api/annotations/{case}/claim").status_code == 200
+    upload = study.truth.read_bytes()
+    cut = {"corrected": False, "killed": False}
+
+    # Seen from the service's own connection (the app runs in this process): the save's
+    # transaction has sent its rows, the annotation.corrected event last; COMMIT is next.
+    @event.listens_for(review.store.engine, "after_cursor_execute")
+    def corrected(conn: Connection, cursor: object, statement: str, *_: object) -> None:
+        cut["corrected"] = cut["corrected"] or statement.startswith("INSERT INTO outbox ")
+
+    @event.listens_for(review.store.engine, "commit")
+    def kill_before_commit(conn: Connection) -> None:
+        if cut["corrected"] and not cut["killed"]:
+            cut["killed"] = True
+            own_postgres.kill()
+
+    answer = ann.put(f"/api/annotations/{case}/label", content=upload)
+    assert cut["killed"], answer.text
+    assert answer.status_code == 503, answer.text
+    assert answer.headers["retry-after"] == "5"
+    own_postgres.resume()  # crash recovery: the cut transaction is gone
+
+    with review.store.read() as session:
+        annotation = session.get_one(Annotation, case)
+        assert (annotation.state, annotation.claimed_by) == ("claimed", "ann")
+        assert annotation.correction_path is None
+    folder = review.settings.drafts_dir / study.study_uid / "corrections" / f"annotation-{case}"
+    left = set(folder.iterdir())
+    assert left  # the cut save's SEG and label, referenced by nothing
+
+    again = ann.put(f"/api/annotations/{case}/label", content=upload)
+    assert again.status_code == 200, again.text
+    assert again.json()["state"] == "corrected"
+    with review.store.read() as session:
+        kept = Path(session.get_one(Annotation, case).correction_path or "")
+        events = session.scalars(
+            select(OutboxEvent).where(
+                OutboxEvent.event == EventType.ANNOTATION_CORRECTED.value,
+                OutboxEvent.resource_id == f"radloop.annotation.{case}",
+            )
+        ).all()
+    assert len(events) == 1
+    # Only the kept correction's files (its SEG, label and NIfTI) are in its folder.
+    uid = str(again.json()["correction_sop_instance_uid"])
+    assert kept.parent == folder and not left & set(folder.iterdir())
+    assert {p.name for p in folder.iterdir()} == {f"{uid}.dcm", f"{uid}.nii.gz", kept.name}
