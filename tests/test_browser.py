@@ -90,7 +90,8 @@ def test_studies_pushed_and_dropped_open_in_ohif_with_their_ct_and_draft_and_a_s
         shutil.copytree(dropped.dicom_dir, Path(env["RADLOOP_DATA_DIR"]) / "incoming" / "ct")
 
         def both_viewable() -> list[dict[str, Any]] | None:
-            cases = [case_of(env, pushed), case_of(env, dropped)]
+            rows = {row["study_uid"]: row for row in radloop_json(env, "queue", "list")}
+            cases = [rows.get(pushed.study_uid), rows.get(dropped.study_uid)]
             if all(c and c["state"] == "drafted" and c["viewable"] for c in cases):
                 return cases  # type: ignore[return-value]
             return None

@@ -152,7 +152,8 @@ def test_up_turns_the_loop_on_studies_from_each_source_leaks_no_patient_data_and
             answer = httpx.request(method, url, content=content, headers=as_reader, timeout=60)
             assert answer.status_code == 200, answer.text
         radloop_json(env, "queue", "validate", str(other), "--user", "rita")
-        wait_until(partial(served, env, spec.name, 2), timeout=300, interval=2)
+        # Every 5 s: `models list` imports MLflow's client, 3 s of CPU the training needs.
+        wait_until(partial(served, env, spec.name, 2), timeout=300, interval=5)
 
         views["anonymous"] = unprivileged_views(review_url, None, [case, other])
         views["reader"] = unprivileged_views(review_url, reader["token"], [case, other])
