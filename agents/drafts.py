@@ -113,8 +113,10 @@ def remove_cut_attempts(folder: Path, keep: set[Path]) -> None:
     """Delete from `folder` the files of earlier attempts at what just committed there (a draft,
     a correction), left when their transaction was cut or refused: PostgreSQL killed at COMMIT,
     the process killed, a lease lapsed meanwhile. Nothing references them: one attempt per
-    folder commits (the draft key; the case's holder, once). A racing attempt still writing
-    loses and removes its own files; its temporary files (a leading dot) are left to it."""
+    folder commits (the draft key; the case's holder, once). Temporary files (a leading dot)
+    are left to the racing attempt writing them: a draft's loser removes its own files; a
+    correction refused after this one committed (two saves of one case at once) leaves its
+    own, which nothing removes yet."""
     for path in folder.iterdir():
         if path not in keep and not path.name.startswith("."):
             log.warning("removing %s, left by a cut attempt", path.name)

@@ -269,7 +269,8 @@ class Worklist:
 
     def validate(self, annotation_id: int, user: str) -> dict[str, Any]:
         """A reviewer accepts the correction: it becomes a label in the training set."""
-        from agents.review.training_set import add_label, stage_pair  # as `intake`
+        # Imported here for the reason `intake` is: reading the queue needs neither.
+        from agents.review.training_set import add_label, stage_pair
 
         case_ = load_case(self.store, annotation_id)
         if case_.state != AnnotationState.CORRECTED.value:
