@@ -40,6 +40,24 @@ SERVER_FIXTURES = {
 NO_DATABASE = pytest.mark.skip(reason="touches no database: runs in the SQLite pass")
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Refuse a pytest that pytest-xdist's --dist loadgroup cannot group with: its workers
+    would run the whole-stack tests beside each other, and nothing else would say so."""
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    if config.getoption("dist", "no") != "loadgroup":
+        return
+    if Version(version("pytest")) >= Version("9.2") and Version(version("pytest-xdist")) <= Version(
+        "3.8.0"
+    ):
+        raise pytest.UsageError(
+            "pytest >= 9.2 node ids no longer take pytest-xdist <= 3.8's group suffix, so "
+            "--dist loadgroup would not group (pytest-xdist#1386): install the dev extras' pins"
+        )
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         fixtures = set(getattr(item, "fixturenames", ()))
