@@ -108,9 +108,11 @@ def hot_reload(
     version: int,
     *,
     ready_timeout: float = 300.0,
+    training_run: int | None = None,
 ) -> Deployment:
     """Serve `version` (a new one, or a rollback): steps 1 to 3 in turn. On DeployFailed the
-    champion alone is loaded again and still serves."""
+    champion alone is loaded again and still serves. `training_run`: the run that made
+    `version`, recorded with the pointer (`TritonRepository.set_champion`)."""
     started = time.monotonic()
     name = spec.name
     previous = repository.champion(name)
@@ -122,7 +124,7 @@ def hot_reload(
     except (DeployFailed, InferenceUnavailable) as error:
         _restore(repository, backend, name, previous)
         raise DeployFailed(str(error)) from error
-    repository.set_champion(name, version)
+    repository.set_champion(name, version, training_run)
     log.info("%s: drafting switched from v%s to v%d", name, previous, version)
     return Deployment(name, version, previous, load_s, warmup_s, time.monotonic() - started)
 
@@ -185,9 +187,10 @@ class StagedVersion:
         except Exception as error:  # handed to promote(), which raises it as DeployFailed
             self._error = error
 
-    def promote(self) -> Deployment:
-        """Wait for the load; move the pointer if the version answered as itself. Otherwise
-        withdraw it (the champion still serves) and raise DeployFailed."""
+    def promote(self, training_run: int | None = None) -> Deployment:
+        """Wait for the load; move the pointer if the version answered as itself (recording
+        `training_run`, the run that made it). Otherwise withdraw it (the champion still
+        serves) and raise DeployFailed."""
         if self._settled:
             raise RuntimeError(f"{self.spec.name} v{self.version} was already settled")
         self._thread.join()
@@ -195,7 +198,7 @@ class StagedVersion:
         if self._loaded is None:
             self.withdraw()
             raise DeployFailed(f"{name} v{self.version}: {self._error}") from self._error
-        self.repository.set_champion(name, self.version)
+        self.repository.set_champion(name, self.version, training_run)
         self._settled = True
         log.info("%s: drafting switched from v%s to v%d", name, self.previous, self.version)
         load_s, warmup_s = self._loaded

@@ -127,15 +127,27 @@ class TritonRepository:
         candidate = self._pointer(name).get("candidate")
         return int(candidate) if candidate is not None else None
 
-    def set_champion(self, name: str, version: int) -> None:
+    def set_champion(self, name: str, version: int, training_run: int | None = None) -> None:
         """Point drafting at `version` (atomic; the old pointer is kept as `previous`, a
-        candidate mark is cleared: it was judged)."""
+        candidate mark is cleared: it was judged). `training_run`: the run whose challenger
+        `version` is, recorded in the same write, so a run killed right after it can be
+        finished by the next (`serving_run`)."""
         if version not in self.versions(name):
             raise FileNotFoundError(f"{name} has no version {version}")
         current = self.champion(name)
-        self._write_pointer(
-            name, {"version": version, "previous": current if current != version else None}
-        )
+        record: dict[str, Any] = {
+            "version": version,
+            "previous": current if current != version else None,
+        }
+        if training_run is not None:
+            record["training_run"] = training_run
+        self._write_pointer(name, record)
+
+    def serving_run(self, name: str) -> int | None:
+        """The training run whose challenger the champion is, as its deploy recorded it (None
+        for a starter, an imported version or a rollback)."""
+        run = self._pointer(name).get("training_run")
+        return int(run) if isinstance(run, int) else None
 
     def mark_candidate(self, name: str, version: int) -> None:
         """Record, before it is written, that `version` will be a candidate the gate has not
@@ -145,7 +157,7 @@ class TritonRepository:
         champion = self.champion(name)
         if champion is None or champion == version:
             raise ValueError(f"{name}: a candidate needs another version as champion")
-        record = {"version": champion, "previous": self.previous_champion(name)}
+        record = {**self._pointer(name), "version": champion}  # its `training_run` stays
         self._write_pointer(name, {**record, "candidate": version})
 
     def remove_version(self, name: str, version: int) -> None:

@@ -1,7 +1,8 @@
 """An HTTP proxy that cuts an exchange at its worst moment: the server behind it has done the
 work and answered, and the caller never hears the answer — because, at that instant, the
 server or the caller is killed (the test's `then`). A kill -9 timed by sleeping lands anywhere;
-this one lands where a lost answer matters.
+this one lands where a lost answer matters. With `before`, the cut comes the instant the caller
+sends the chosen request, which the server then never gets: the caller dies between two steps.
 
 Between a cut and `heal()` the proxy drops every request unanswered, as a dead server does.
 """
@@ -18,14 +19,17 @@ import httpx
 HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "content-encoding"}
 NOT_SENT = HOP | {"host"}  # httpx names the upstream
 
-Match = Callable[[str, str, int], bool]  # (method, path, upstream status) → cut here
+Match = Callable[[str, str, int], bool]  # (method, path, upstream status; 0 before) → cut
 
 
 class CuttingProxy:
-    def __init__(self, upstream: str, when: Match, then: Callable[[], object]) -> None:
+    def __init__(
+        self, upstream: str, when: Match, then: Callable[[], object], *, before: bool = False
+    ) -> None:
         self.upstream = upstream.rstrip("/")
         self.when = when
         self.then = then
+        self.before = before
         self.cut = threading.Event()  # set once cut (and `then` done) until `heal()`
         self.cuts = 0
         self._lock = threading.Lock()
@@ -55,7 +59,7 @@ class CuttingProxy:
     def _relay(
         self, method: str, path: str, headers: dict[str, str], body: bytes
     ) -> httpx.Response | None:
-        if self.cut.is_set():
+        if self.cut.is_set() or (self.before and self._cuts(method, path, 0)):
             return None
         try:
             answer = self._client.request(
@@ -63,15 +67,21 @@ class CuttingProxy:
             )
         except httpx.HTTPError:
             return None  # the server is down: so is its proxy, for this caller
+        if not self.before and self._cuts(method, path, answer.status_code):
+            return None
+        return answer
+
+    def _cuts(self, method: str, path: str, status: int) -> bool:
+        """Whether this exchange is cut (then, or earlier): `then` has run when it is."""
         with self._lock:
             if self.cut.is_set():
-                return None
-            if self.when(method, path, answer.status_code):
-                self.cuts += 1
-                self.then()
-                self.cut.set()  # after `then`: a test waiting for it finds the kill done
-                return None
-        return answer
+                return True
+            if not self.when(method, path, status):
+                return False
+            self.cuts += 1
+            self.then()
+            self.cut.set()  # after `then`: a test waiting for it finds the kill done
+            return True
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         proxy = self

@@ -20,6 +20,7 @@ from agents.retrain import tracking
 from agents.retrain.card import model_card
 from agents.retrain.dataset import Volume, load_volumes, manifest, train_labels_since
 from agents.retrain.gate import HoldoutScores, decide, judge
+from agents.retrain.recovery import close_abandoned_mlflow_runs, finish_interrupted_deploy
 from agents.retrain.runs import RunBook, selected_by, sigterm_cancels, training_record
 from agents.retrain.scores import HoldoutScoreBook
 from agents.trainer import TrainingConfig, prepare, train, trainable
@@ -205,8 +206,12 @@ class Retrainer:
 
     def _champion(self) -> tuple[int | None, torch.nn.Module | None]:
         """The served champion's Triton version and network (None, None on a cold start). A
-        starter or imported champion is given its MLflow version first ("adopted")."""
-        parent = self.repository.champion(self.spec.name)
+        starter or imported champion is given its MLflow version first ("adopted"); what a
+        killed run left is set right before (`agents.retrain.recovery`)."""
+        name = self.spec.name
+        finish_interrupted_deploy(self.store, self.registry, self.repository, name)
+        close_abandoned_mlflow_runs(self.store, self.registry, name)
+        parent = self.repository.champion(name)
         if parent is None:
             return None, None
         with self.repository.version_folder(self.spec.name, parent) as folder:
@@ -363,16 +368,18 @@ class Retrainer:
         alias champion; events model.promoted and model.deployed."""
         name = self.spec.name
         if staged is not None:
-            deployment = staged.promote()
+            deployment = staged.promote(training_run=run.id)
             triton_version = deployment.version
             run.timings["triton_load_s"] = deployment.load_seconds + deployment.warmup_seconds
         else:
             triton_version = self.repository.export(self.spec, scripted, serve=False)
             if self.backend is not None:
-                hot_reload(self.repository, self.backend, self.spec, triton_version)
+                hot_reload(
+                    self.repository, self.backend, self.spec, triton_version, training_run=run.id
+                )
             else:
                 self.repository.write_config(name, [triton_version])
-                self.repository.set_champion(name, triton_version)
+                self.repository.set_champion(name, triton_version, training_run=run.id)
         self.registry.tag(name, version, "triton_version", triton_version)
         self.registry.set_alias(name, CHAMPION, version)
         with self.store.transaction() as session:
