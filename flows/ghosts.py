@@ -18,7 +18,8 @@ A ghost is ended as Crashed (Cancelled when it was cancelling: Prefect allows no
 with the reason, through Prefect's orchestration, whose ReleaseFlowConcurrencySlots frees the
 slot (and a run that ended meanwhile is left as it is). Then a retrain run's running
 `training_runs` rows end as failed (`end_training_rows`), so the next training is not refused
-as "already training". (Annotation is not a flow run: its background tasks are re-submitted
+as "already training", and what they left in MLflow and the model repository is set right
+(`set_right`). (Annotation is not a flow run: its background tasks are re-submitted
 by the jobs reconciler, `agents.jobs`.)
 """
 
@@ -120,13 +121,42 @@ def end_training_rows(store: Store, run: FlowRun, reason: str) -> list[int]:
     return ended
 
 
+def set_right(store: Store, row_ids: list[int]) -> None:
+    """What the killed runs of `row_ids` left in MLflow and the model repository, set right
+    now rather than by their model's next run (`agents.retrain.recovery`): their MLflow runs
+    closed, a deploy cut after the champion pointer moved finished. Left to that next run
+    when MLflow does not answer (its client would retry for minutes)."""
+    if not row_ids:
+        return
+    from agents.retrain.recovery import close_abandoned_mlflow_runs, finish_interrupted_deploy
+    from model_registry.mlflow_registry import Registry
+    from model_registry.repository import model_repository
+
+    with store.read() as session:
+        query = select(TrainingRun.model_name).where(TrainingRun.id.in_(row_ids))
+        models = sorted(set(session.scalars(query)))
+    settings = load_settings()
+    registry = Registry(settings.mlflow.effective_tracking_uri)
+    if not registry.reachable():
+        log.warning("MLflow does not answer: the next run of %s sets its runs right", models)
+        return
+    repository = model_repository(settings)
+    for model in models:
+        try:
+            finish_interrupted_deploy(store, registry, repository, model)
+            close_abandoned_mlflow_runs(store, registry, model)
+        except Exception:
+            log.warning("%s: left for its next run to set right", model, exc_info=True)
+
+
 def end_training_rows_on_crash(flow: Flow[..., Any], flow_run: FlowRun, state: State[Any]) -> None:
     """The retrain flow's on_crashed hook (the runner calls it when the run's process died
-    under it): end the run's training rows too."""
+    under it): end the run's training rows too, and set right what they left."""
     settings = load_settings()
     store = Store.open(settings.effective_database_url, migrate=False)
     try:
-        end_training_rows(store, flow_run, state.message or "the flow run's process died")
+        rows = end_training_rows(store, flow_run, state.message or "the flow run's process died")
+        set_right(store, rows)
     finally:
         store.close()
 
@@ -194,6 +224,7 @@ class Sweeper:
             rows = end_training_rows(self.store, run, reason)
             if rows:
                 log.warning("training runs %s of flow run %s ended as failed", rows, run.name)
+                set_right(self.store, rows)
         return True
 
     def sweep(self, client: SyncPrefectClient) -> list[Ghost]:

@@ -21,6 +21,7 @@ import pytest
 from sqlalchemy import select
 
 from agents.nifti import read_label_map
+from model_registry.mlflow_registry import Registry
 from radloop.app import runstate
 from radloop.app.supervisor import port_holder
 from radloop.db import Store, TrainingRun
@@ -88,7 +89,7 @@ def test_parts_die_with_radloop_up_killed_mid_training_or_hung_up_and_it_starts_
         def training() -> bool:
             rows = training_rows(settings)
             running = flow_run(settings, ghost)["state_type"] == "RUNNING"
-            return running and bool(rows) and rows[-1].state == "running"
+            return running and bool(rows) and rows[-1].state == "running" and rows[-1].epoch >= 1
 
         wait_until(training, timeout=240, interval=1)
         parts = children(settings)
@@ -137,6 +138,19 @@ def test_parts_die_with_radloop_up_killed_mid_training_or_hung_up_and_it_starts_
         (cut,) = training_rows(settings)
         ended_by = {"cancelled": "cancelled: ", "failed": "crashed"}
         assert cut.state in ended_by and ended_by[cut.state] in (cut.decision or ""), cut.decision
+        # Nor is its MLflow run left RUNNING: closed by the run as it was cancelled, or by the
+        # sweep that ended its row.
+        mlflow_run_id, registry = (
+            cut.mlflow_run_id,
+            Registry(settings.mlflow.effective_tracking_uri),
+        )
+        assert mlflow_run_id is not None
+        wait_until(
+            lambda: registry.client.get_run(mlflow_run_id).info.status in ("KILLED", "FAILED"),
+            timeout=60,
+            interval=1,
+            what="the killed run's MLflow run ended",
+        )
         finished = subprocess.run(
             [RADLOOP, "train", MODEL, "--wait", "--json", "--timeout", "300"],
             env=env,
