@@ -1,7 +1,8 @@
 """What a training run killed outright (SIGKILL, power loss) leaves behind, set right by the
-next run of its model before that run reads the champion. Its row is ended by then (as
-failed, by the training worker's ghost sweep or the stale-heartbeat check); what else it
-left depends on where it died:
+training worker's ghost sweep as it ends a killed flow run (`flows.ghosts.set_right`), and
+by the next run of its model before that run reads the champion (a killed `radloop train
+--local` has no sweep; its row is ended by the stale-heartbeat check). What it left depends
+on where it died:
 
 * **mid-deploy, after the champion pointer moved** to its challenger (Triton serves it)
   and before MLflow heard: the challenger's MLflow version has no `triton_version` and is
@@ -71,7 +72,7 @@ def finish_interrupted_deploy(
             return None
         row.decision = (
             f"{decision or 'promoted'} (its process died as it deployed, after v{served} began "
-            "to serve; the deploy was finished by the next run)"
+            "to serve; radloop finished the deploy)"
         )
         row.state, row.triton_version = TrainingState.PROMOTED.value, served
         row.finished_at = row.finished_at or utcnow()

@@ -143,7 +143,7 @@ def test_a_training_killed_mid_epoch_or_mid_deploy_is_ended_set_right_and_the_ne
     assert (first.state, first.decision) == (TrainingState.FAILED, "no heartbeat: process killed")
     assert second.state == TrainingState.PROMOTED and second.triton_version == 2
     assert second.decision is not None and second.decision.startswith("promoted")
-    assert "the deploy was finished by the next run" in second.decision
+    assert "radloop finished the deploy" in second.decision
     assert (third.id, third.parent_version, third.triton_version) == (
         result["training_run_id"],
         2,
