@@ -23,11 +23,12 @@ from statistics import fmean
 
 from sqlalchemy import select
 
+from agents.retrain.runs import record_deploy
 from model_registry.mlflow_registry import CHAMPION, Registry
 from model_registry.repository import TritonRepository
 from radloop.db import OutboxEvent, Store, TrainingRun, utcnow
 from radloop.domain import TrainingState
-from radloop.events import EventType, ModelEvent, record_event
+from radloop.events import EventType
 
 log = logging.getLogger(__name__)
 
@@ -80,19 +81,8 @@ def finish_interrupted_deploy(
             select(OutboxEvent.payload).where(OutboxEvent.event == EventType.MODEL_DEPLOYED.value)
         )
         if not any(payload.get("training_run_id") == run_id for payload in deployed):
-            for kind in (EventType.MODEL_PROMOTED, EventType.MODEL_DEPLOYED):
-                record_event(
-                    session,
-                    ModelEvent(
-                        kind=kind,
-                        model=model,
-                        training_run_id=run_id,
-                        mlflow_version=mlflow_version,
-                        triton_version=served,
-                        previous_triton_version=parent,
-                        holdout_dice=fmean(dice.values()) if dice else None,
-                    ),
-                )
+            mean = fmean(dice.values()) if dice else None
+            record_deploy(session, model, run_id, mlflow_version, served, parent, mean)
     log.warning(
         "%s: training run %d was killed as it deployed v%d; its deploy is finished",
         model,

@@ -21,7 +21,13 @@ from agents.retrain.card import model_card
 from agents.retrain.dataset import Volume, load_volumes, manifest, train_labels_since
 from agents.retrain.gate import HoldoutScores, decide, judge
 from agents.retrain.recovery import close_abandoned_mlflow_runs, finish_interrupted_deploy
-from agents.retrain.runs import RunBook, selected_by, sigterm_cancels, training_record
+from agents.retrain.runs import (
+    RunBook,
+    record_deploy,
+    selected_by,
+    sigterm_cancels,
+    training_record,
+)
 from agents.retrain.scores import HoldoutScoreBook
 from agents.trainer import TrainingConfig, prepare, train, trainable
 from model_registry.deploy import StagedVersion, hot_reload
@@ -383,19 +389,9 @@ class Retrainer:
         self.registry.tag(name, version, "triton_version", triton_version)
         self.registry.set_alias(name, CHAMPION, version)
         with self.store.transaction() as session:
-            for kind in (EventType.MODEL_PROMOTED, EventType.MODEL_DEPLOYED):
-                record_event(
-                    session,
-                    ModelEvent(
-                        kind=kind,
-                        model=name,
-                        training_run_id=run.id,
-                        mlflow_version=version,
-                        triton_version=triton_version,
-                        previous_triton_version=parent,
-                        holdout_dice=scores.challenger_mean,
-                    ),
-                )
+            record_deploy(
+                session, name, run.id, version, triton_version, parent, scores.challenger_mean
+            )
         return triton_version
 
 

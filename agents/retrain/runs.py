@@ -23,6 +23,7 @@ from types import FrameType
 from typing import Any
 
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
 from model_registry.mlflow_registry import Registry
 from radloop.db import Label, Selection, Store, TrainingRun, utcnow
@@ -161,6 +162,32 @@ class RunBook:
             registry.client.set_terminated(mlflow_run_id, "FAILED" if failed else "KILLED")
         except Exception:  # the row says how it ended; MLflow may be what failed
             log.warning("MLflow run %s of training run %d left open", mlflow_run_id, run_id)
+
+
+def record_deploy(
+    session: Session,
+    model: str,
+    run_id: int,
+    mlflow_version: str,
+    triton_version: int,
+    previous: int | None,
+    holdout_dice: float | None,
+) -> None:
+    """A run's challenger serves: its model.promoted and model.deployed events, in the
+    caller's transaction."""
+    for kind in (EventType.MODEL_PROMOTED, EventType.MODEL_DEPLOYED):
+        record_event(
+            session,
+            ModelEvent(
+                kind=kind,
+                model=model,
+                training_run_id=run_id,
+                mlflow_version=mlflow_version,
+                triton_version=triton_version,
+                previous_triton_version=previous,
+                holdout_dice=holdout_dice,
+            ),
+        )
 
 
 def _describe(error: BaseException) -> str:
