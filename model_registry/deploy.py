@@ -221,6 +221,14 @@ class StagedVersion:
         _unload_removed(self.backend, name)
         log.info("%s: candidate v%d withdrawn, v%s serves", name, self.version, self.previous)
 
+    def withdraw_quietly(self) -> None:
+        """`withdraw` on the way out of a failed or cancelled run: an error here is logged,
+        not raised, so it does not hide why the run ended."""
+        try:
+            self.withdraw()
+        except Exception:
+            log.exception("%s: could not withdraw candidate v%d", self.spec.name, self.version)
+
 
 def _restore(
     repository: TritonRepository, backend: TritonBackend, name: str, previous: int | None

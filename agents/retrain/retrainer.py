@@ -187,7 +187,7 @@ class Retrainer:
                     staged.withdraw()
         except BaseException:
             if staged is not None:  # not judged, or its deploy failed: it must not stay
-                _withdraw_quietly(staged)
+                staged.withdraw_quietly()
             raise
         run.timings["total_s"] = time.monotonic() - run.started
         # The row first: once decided, an interruption (`RunBook.end`) leaves it decided.
@@ -393,11 +393,3 @@ class Retrainer:
                 session, name, run.id, version, triton_version, parent, scores.challenger_mean
             )
         return triton_version
-
-
-def _withdraw_quietly(staged: StagedVersion) -> None:
-    """Withdraw on the way out of a failed or cancelled run, without hiding why it ended."""
-    try:
-        staged.withdraw()
-    except Exception:
-        log.exception("%s: could not withdraw candidate v%d", staged.spec.name, staged.version)
